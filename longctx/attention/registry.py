@@ -1,0 +1,11 @@
+"""The explicit registry of token mixers: backend name -> ``nnx.Module`` class.
+
+Every class here follows the state protocol of ``longctx.model.mixers``. Add a
+backend by importing its class and adding one line; ``grep BACKENDS`` finds all.
+"""
+
+from longctx.model.mixers.full import FullAttention
+
+BACKENDS = {
+    "full": FullAttention,  # exact softmax attention (flash / cuDNN / reference)
+}

@@ -1,0 +1,338 @@
+"""Typed config: one dataclass schema, YAML overlays, dotted ``key=value`` overrides.
+
+    cfg = load_config("experiments/configs/tiny.yaml",
+                      overrides=["model.attention.backend=full", "train.steps=100"])
+
+Resolution order: the dataclass defaults below, then the YAML chain (a file may
+name its parent with a top-level ``base: other.yaml``, resolved relative to the
+file, so ``tiny.yaml`` overlays ``base.yaml``), then the overrides. Values in
+overrides are parsed as YAML scalars (``1e-3``, ``true``, ``null``). YAML is
+safe-loaded only.
+
+Everything is checked at load time: an unknown key names the nearest valid
+ones, a wrong type names the key, the value and the expected type, and
+impossible combinations (``n_heads % n_kv_heads``, an unregistered backend, a
+sequence longer than the KV cache, ...) say which values clash. Each layer reads
+only its own section (``ModelConfig``, ``AttentionConfig``, ...), so a layer can
+be built in a test without a whole config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot work; the message names the key and the values."""
+
+
+# ----------------------------------------------------------------------------
+# Schema
+# ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    backend: str = "full"  # token mixer from longctx.attention.registry.BACKENDS
+    impl: str = "auto"  # exact-attention kernel: auto | xla | flash | cudnn
+    block_q: int = 512  # flash: query rows per block
+    block_k: int = 512  # flash: keys per block
+    window: int | None = None  # sliding-window size in tokens; None = global attention
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    # MaxText names. The MoE layer itself lands with its own issue; until then
+    # num_experts > 0 is refused at load time rather than silently ignored.
+    num_experts: int = 0  # 0: dense SwiGLU feed-forward in every layer
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 256
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 4  # < n_heads: GQA; 1: MQA
+    head_dim: int | None = None  # None: d_model // n_heads
+    mlp_dim: int = 512  # SwiGLU hidden width
+    max_seq_len: int = 4096  # KV-cache length of `full` when decoding or scanning segments
+    segment_len: int = 0  # 0: one pass over the sequence; N: scan over N-token segments
+    bptt_segments: int = 0  # truncate gradients through carried state every N segments; 0: never
+    tie_embeddings: bool = True  # LM head = embedding^T
+    rope_theta: float = 10_000.0
+    rope_scaling: float = 1.0  # position interpolation (Chen et al. 2023): positions / factor
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    dtype: str = "float32"  # compute dtype (params stay float32): float32 | bfloat16
+    remat: str = "none"  # per-block rematerialisation: none | full | dots
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    task: str = "mqar"  # synthetic task: mqar | passkey | copy | selective_copy
+    seq_len: int = 64
+    seed: int = 0  # example i of the stream is a function of (seed, i) only
+    num_kv_pairs: int = 4  # mqar
+    passkey_len: int = 5  # passkey
+    eval_seed: int = 1  # held-out stream for evaluation
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32
+    seed: int = 0  # parameter init
+    log_every: int = 50
+    eval_every: int = 250  # 0: only at the end
+    eval_batches: int = 4
+    run_dir: str = "runs/default"
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-3  # peak learning rate
+    schedule: str = "cosine"  # after warmup: cosine | linear | constant
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio (cosine, linear)
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # AdamW; not applied to norms, biases or embeddings' scale
+    grad_clip: float = 1.0  # global-norm clipping; 0: off
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+REMAT_POLICIES = ("none", "full", "dots")
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+# ----------------------------------------------------------------------------
+# dict <-> dataclass with type checking
+# ----------------------------------------------------------------------------
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value, tp, key: str):
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}={value!r}: expected {' | '.join(_type_name(a) for a in args)}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping (section), got {value!r}")
+        return _from_dict(tp, value, prefix=key + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - schema uses only the types above
+        raise TypeError(f"unsupported config type {tp} for {key}")
+    raise ConfigError(f"{key}={value!r}: expected {_type_name(tp)}, got {type(value).__name__}")
+
+
+def _unknown_key(prefix: str, name: str, valid) -> ConfigError:
+    near = difflib.get_close_matches(name, list(valid), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(prefix + n for n in near)}?" if near else ""
+    return ConfigError(f"unknown config key {prefix + name!r}{hint} "
+                       f"(valid keys under {prefix.rstrip('.') or 'the top level'}: "
+                       f"{', '.join(sorted(valid))})")
+
+
+def _from_dict(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        if k not in names:
+            raise _unknown_key(prefix, str(k), names)
+        kwargs[k] = _coerce(v, hints[k], prefix + k)
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _read_yaml_chain(path: str, seen=()) -> dict:
+    if not os.path.exists(path):
+        raise ConfigError(f"config file not found: {path!r}")
+    if os.path.abspath(path) in seen:
+        raise ConfigError(f"config files include each other in a cycle: {path!r}")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    parent = data.pop("base", None)
+    if parent is None:
+        return data
+    parent_path = os.path.join(os.path.dirname(path), parent)
+    return _merge(_read_yaml_chain(parent_path, seen + (os.path.abspath(path),)), data)
+
+
+def apply_override(data: dict, override: str) -> dict:
+    """``"model.d_model=256"`` -> data with that leaf set (value parsed as YAML)."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like key.sub=value")
+    key, raw = override.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    parts = key.strip().split(".")
+    nested: Any = value
+    for p in reversed(parts):
+        nested = {p: nested}
+    return _merge(data, nested)
+
+
+def load_config(path: str | None = None, overrides=()) -> Config:
+    """Defaults <- YAML chain at ``path`` <- ``overrides``; validated."""
+    data = _read_yaml_chain(path) if path else {}
+    for o in overrides:
+        data = apply_override(data, o)
+    cfg = _from_dict(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: str) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+
+
+# ----------------------------------------------------------------------------
+# Validation of combinations
+# ----------------------------------------------------------------------------
+
+
+def _require(ok: bool, msg: str):
+    if not ok:
+        raise ConfigError(msg)
+
+
+def validate_model(m: ModelConfig) -> None:
+    from longctx.attention.full import IMPLS
+    from longctx.attention.registry import BACKENDS
+
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_dim",
+                 "max_seq_len"):
+        _require(getattr(m, name) >= 1, f"model.{name}={getattr(m, name)} must be >= 1")
+    _require(m.n_heads % m.n_kv_heads == 0,
+             f"model.n_heads={m.n_heads} must be divisible by model.n_kv_heads={m.n_kv_heads}")
+    if m.head_dim is None:
+        _require(m.d_model % m.n_heads == 0,
+                 f"model.d_model={m.d_model} not divisible by model.n_heads={m.n_heads}; "
+                 "set model.head_dim explicitly")
+    _require(m.resolved_head_dim % 2 == 0,
+             f"head_dim={m.resolved_head_dim} must be even (RoPE rotates pairs)")
+    _require(m.segment_len >= 0, f"model.segment_len={m.segment_len} must be >= 0")
+    _require(m.bptt_segments >= 0, f"model.bptt_segments={m.bptt_segments} must be >= 0")
+    _require(m.rope_scaling > 0, f"model.rope_scaling={m.rope_scaling} must be > 0")
+    _require(m.dtype in COMPUTE_DTYPES, f"model.dtype={m.dtype!r}; expected one of {COMPUTE_DTYPES}")
+    _require(m.remat in REMAT_POLICIES, f"model.remat={m.remat!r}; expected one of {REMAT_POLICIES}")
+    a = m.attention
+    _require(a.backend in BACKENDS,
+             f"model.attention.backend={a.backend!r} is not registered; "
+             f"registered backends: {sorted(BACKENDS)}")
+    _require(a.impl in IMPLS, f"model.attention.impl={a.impl!r}; expected one of {IMPLS}")
+    _require(a.block_q >= 1 and a.block_k >= 1,
+             f"model.attention.block_q={a.block_q}, block_k={a.block_k} must be >= 1")
+    _require(a.window is None or a.window >= 1,
+             f"model.attention.window={a.window} must be >= 1 or null")
+    _require(m.moe.num_experts == 0,
+             f"model.moe.num_experts={m.moe.num_experts}: the MoE feed-forward layer is not "
+             "built yet (only 0 = dense is supported)")
+
+
+def validate(cfg: Config) -> None:
+    from longctx.data import synthetic
+
+    m, d, t, o = cfg.model, cfg.data, cfg.train, cfg.optim
+    validate_model(m)
+    _require(d.task in synthetic.TASKS,
+             f"data.task={d.task!r}; expected one of {sorted(synthetic.TASKS)}")
+    _require(d.seq_len >= 1, f"data.seq_len={d.seq_len} must be >= 1")
+    if m.segment_len and m.attention.backend == "full":
+        # `full` carries a KV cache of max_seq_len tokens across segments.
+        _require(d.seq_len <= m.max_seq_len,
+                 f"data.seq_len={d.seq_len} > model.max_seq_len={m.max_seq_len}: with "
+                 f"model.segment_len={m.segment_len} the `full` backend keeps every key of the "
+                 "sequence in its KV cache; raise max_seq_len or use segment_len=0")
+    try:  # the generator knows its own constraints (vocab, length) and names them
+        synthetic.make_batch(d.task, seed=d.seed, start_index=0, batch_size=1,
+                             seq_len=d.seq_len, vocab_size=m.vocab_size, **task_kwargs(cfg))
+    except ValueError as e:
+        raise ConfigError(f"data: {e}") from None
+    _require(t.steps >= 1 and t.batch_size >= 1,
+             f"train.steps={t.steps}, train.batch_size={t.batch_size} must be >= 1")
+    _require(t.log_every >= 1, f"train.log_every={t.log_every} must be >= 1")
+    _require(o.schedule in SCHEDULES, f"optim.schedule={o.schedule!r}; expected one of {SCHEDULES}")
+    _require(0 <= o.warmup_steps <= t.steps,
+             f"optim.warmup_steps={o.warmup_steps} must be in [0, train.steps={t.steps}]")
+    _require(o.lr > 0, f"optim.lr={o.lr} must be > 0")
+
+
+def task_kwargs(cfg: Config) -> dict:
+    """The task-specific generator options of ``cfg.data``."""
+    d = cfg.data
+    return {"mqar": dict(num_kv_pairs=d.num_kv_pairs),
+            "passkey": dict(passkey_len=d.passkey_len)}.get(d.task, {})

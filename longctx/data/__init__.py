@@ -1,0 +1,1 @@
+"""Data pipelines and synthetic tasks for longctx."""

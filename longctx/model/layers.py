@@ -1,0 +1,91 @@
+"""Building blocks: parameters with logical axes, RMSNorm, SwiGLU, RoPE, embedding.
+
+Every parameter is float32 and carries logical axis names in its ``out_sharding``
+metadata (``batch, length, embed, heads, kv_heads, head_dim, mlp, vocab,
+expert``); the trainer maps them onto mesh axes with the config's rules table.
+Layers cast parameters to the compute dtype at use (``dtype``), and keep norms,
+softmax and logits in float32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def param(rngs: nnx.Rngs, shape, axes, *, std=None, value=None) -> nnx.Param:
+    """A float32 ``nnx.Param`` with logical axis names (normal(0, std) or a value).
+
+    ``eager_sharding=False``: logical names are not mesh axes, so the variable is
+    created unsharded and placed later by the trainer (flax FLIP 4844).
+    """
+    assert len(shape) == len(axes), (shape, axes)
+    if value is None:
+        value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * scale (Zhang & Sennrich 2019), computed in float32."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, rngs: nnx.Rngs):
+        self.eps = eps
+        self.scale = param(rngs, (dim,), ("embed",), value=jnp.ones((dim,), jnp.float32))
+
+    def __call__(self, x):
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...]).astype(x.dtype)
+
+
+class SwiGLU(nnx.Module):
+    """down(silu(x W_gate) * (x W_up)) (Shazeer 2020, "GLU Variants")."""
+
+    def __init__(self, d_model: int, hidden: int, *, dtype=jnp.float32, std=0.02,
+                 out_std=None, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.w_gate = param(rngs, (d_model, hidden), ("embed", "mlp"), std=std)
+        self.w_up = param(rngs, (d_model, hidden), ("embed", "mlp"), std=std)
+        self.w_down = param(rngs, (hidden, d_model), ("mlp", "embed"), std=out_std or std)
+
+    def __call__(self, x):  # [B, S, E] -> [B, S, E]
+        dt = self.dtype
+        x = x.astype(dt)
+        gate = jnp.einsum("bse,em->bsm", x, self.w_gate[...].astype(dt))
+        up = jnp.einsum("bse,em->bsm", x, self.w_up[...].astype(dt))
+        return jnp.einsum("bsm,me->bse", jax.nn.silu(gate) * up, self.w_down[...].astype(dt))
+
+
+class Embed(nnx.Module):
+    """Token embedding ``[vocab, embed]``; ``attend`` is the tied LM head."""
+
+    def __init__(self, vocab_size: int, d_model: int, *, std=0.02, rngs: nnx.Rngs):
+        self.embedding = param(rngs, (vocab_size, d_model), ("vocab", "embed"), std=std)
+
+    def __call__(self, tokens, dtype):  # [B, S] int -> [B, S, E]
+        return jnp.take(self.embedding[...], tokens, axis=0).astype(dtype)
+
+    def attend(self, x):  # [B, S, E] -> [B, S, V] float32
+        return jnp.einsum("bse,ve->bsv", x, self.embedding[...].astype(x.dtype),
+                          preferred_element_type=jnp.float32)
+
+
+def rope(x, positions, *, theta: float = 10_000.0, scaling: float = 1.0):
+    """Rotary position embedding (Su et al. 2021) on ``x [B, S, H, D]``.
+
+    ``positions [B, S]`` are absolute token positions (they continue across
+    segments and decode steps). ``scaling > 1`` is position interpolation (Chen
+    et al. 2023): positions are divided by the factor so that a model trained at
+    length L can be run at ``scaling * L`` within its trained angle range.
+    Rotates the two halves of the head dimension (the GPT-NeoX / LLaMA layout).
+    """
+    D = x.shape[-1]
+    inv_freq = theta ** (-jnp.arange(0, D, 2, dtype=jnp.float32) / D)  # [D/2]
+    angles = (positions.astype(jnp.float32) / scaling)[..., None] * inv_freq  # [B, S, D/2]
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
