@@ -18,36 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
 from longctx.attention import full
-
-
-def median_time(fn, *args, repeats=3, warmup=1):
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def matmul_rate(n=2048, repeats=5):
-    """Measured float32 matmul FLOP/s of this device (the CPU's 'peak')."""
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
-    f = jax.jit(lambda a, b: a @ b)
-    return 2 * n**3 / median_time(f, a, b, repeats=repeats)
-
-
-def scratch_bytes(fn, *args):
-    return fn.lower(*args).compile().memory_analysis().temp_size_in_bytes
+from longctx.train.metrics import matmul_rate, median_time, scratch_bytes
 
 
 def fwd_bwd(attn):

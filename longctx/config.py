@@ -40,12 +40,29 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class LinearConfig:
+    # The `linear` backend (longctx/model/mixers/linear.py; kernels in longctx/attention/linear.py).
+    variant: str = "gated_deltanet"  # linear | retnet | gla | deltanet | gated_deltanet
+    feature_map: str | None = None  # on q, k: identity | elu1 | relu | silu; None: variant default
+    chunk_size: int = 64  # tokens per chunk of the chunkwise-parallel form
+    conv_size: int = 4  # short causal depthwise conv on q, k, v (its tail is state); 0: off
+    key_dim: int | None = None  # per-head key dim K; None: model head_dim
+    value_dim: int | None = None  # per-head value dim V; None: model head_dim
+    normalize: bool = False  # divide by q . (decayed sum of k); linear | retnet | gla only
+    gate_low_rank: int = 16  # gla: rank of the data-dependent gate projection
+    gate_normalizer: float = 16.0  # gla: g = logsigmoid(x W1 W2 + b) / gate_normalizer
+    output_norm: bool = True  # RMSNorm over each head's output
+    output_gate: bool = True  # o * silu(x W_gate) before the output projection
+
+
+@dataclass(frozen=True)
 class AttentionConfig:
     backend: str = "full"  # token mixer from longctx.attention.registry.BACKENDS
     impl: str = "auto"  # exact-attention kernel: auto | xla | flash | cudnn
     block_q: int = 512  # flash: query rows per block
     block_k: int = 512  # flash: keys per block
     window: int | None = None  # sliding-window size in tokens; None = global attention
+    linear: LinearConfig = field(default_factory=LinearConfig)  # backend `linear` only
 
 
 @dataclass(frozen=True)
@@ -84,23 +101,32 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
+    source: str = "synthetic"  # synthetic | text (UTF-8 files, bytes) | jsonl | tokens (.bin)
+    path: str | None = None  # file (or comma-separated files) for text / jsonl / tokens
+    token_dtype: str = "uint16"  # tokens: uint16 | uint32
+    eos_id: int | None = None  # tokens: document separator id in the .bin stream
+    text_field: str = "text"  # jsonl: the field holding the text
     task: str = "mqar"  # synthetic task: mqar | passkey | copy | selective_copy
     seq_len: int = 64
     seed: int = 0  # example i of the stream is a function of (seed, i) only
+    shuffle: bool = True  # file sources: shuffle rows (deterministic from seed)
     num_kv_pairs: int = 4  # mqar
     passkey_len: int = 5  # passkey
-    eval_seed: int = 1  # held-out stream for evaluation
+    eval_seed: int = 1  # held-out synthetic stream for evaluation
+    eval_path: str | None = None  # held-out file for file sources; None: no evaluation
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 1000
-    batch_size: int = 32
+    batch_size: int = 32  # global batch (all processes together)
+    grad_accum_steps: int = 1  # microbatches per step; batch_size must divide by it
     seed: int = 0  # parameter init
     log_every: int = 50
     eval_every: int = 250  # 0: only at the end
     eval_batches: int = 4
     run_dir: str = "runs/default"
+    tensorboard: bool = True  # also write TensorBoard events to run_dir/tb
 
 
 @dataclass(frozen=True)
@@ -116,17 +142,44 @@ class OptimConfig:
     grad_clip: float = 1.0  # global-norm clipping; 0: off
 
 
+def _default_rules() -> dict:
+    from longctx.parallel.sharding import DEFAULT_RULES
+
+    return {k: list(v) for k, v in DEFAULT_RULES.items()}
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    # Sizes of the mesh axes data, fsdp, tensor, expert, sequence; -1 = the rest.
+    ici: dict[str, int] = field(default_factory=lambda: {"data": -1})
+    # Multi-slice (DCN) sizes per axis; the mesh axis size is ici * dcn.
+    dcn: dict[str, int] = field(default_factory=dict)
+    # Logical axis name -> mesh axes it is split over (longctx.parallel.sharding).
+    rules: dict[str, list[str]] = field(default_factory=_default_rules)
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 500  # save every N steps (and at the end); 0: only at the end
+    keep: int = 3  # keep the last N checkpoints
+    async_save: bool = True  # write in the background while training continues
+    resume: bool = True  # restore the latest good checkpoint of run_dir at start
+
+
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots")
 SCHEDULES = ("cosine", "linear", "constant")
+DATA_SOURCES = ("synthetic", "text", "jsonl", "tokens")
 
 
 # ----------------------------------------------------------------------------
@@ -153,6 +206,21 @@ def _coerce(value, tp, key: str):
             except ConfigError:
                 pass
         raise ConfigError(f"{key}={value!r}: expected {' | '.join(_type_name(a) for a in args)}")
+    if origin is dict:
+        key_tp, val_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r}: expected a mapping")
+        return {_coerce(k, key_tp, f"{key} key"): _coerce(v, val_tp, f"{key}.{k}")
+                for k, v in value.items()}
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str):  # `embed: fsdp` is shorthand for [fsdp]
+            value = [value]
+        if value is None:
+            value = []
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r}: expected a list")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping (section), got {value!r}")
@@ -298,6 +366,24 @@ def validate_model(m: ModelConfig) -> None:
              f"model.attention.block_q={a.block_q}, block_k={a.block_k} must be >= 1")
     _require(a.window is None or a.window >= 1,
              f"model.attention.window={a.window} must be >= 1 or null")
+    from longctx.model.mixers.linear import FEATURE_MAPS, VARIANTS, normalize_ok
+
+    lin = a.linear
+    _require(lin.variant in VARIANTS, f"model.attention.linear.variant={lin.variant!r}; "
+             f"expected one of {tuple(VARIANTS)}")
+    _require(lin.feature_map is None or lin.feature_map in FEATURE_MAPS,
+             f"model.attention.linear.feature_map={lin.feature_map!r}; expected null or one "
+             f"of {tuple(FEATURE_MAPS)}")
+    _require(lin.chunk_size >= 1 and lin.conv_size >= 0 and lin.gate_low_rank >= 1,
+             f"model.attention.linear.chunk_size={lin.chunk_size}, conv_size={lin.conv_size}, "
+             f"gate_low_rank={lin.gate_low_rank} must be >= 1, >= 0, >= 1")
+    _require((lin.key_dim or 1) >= 1 and (lin.value_dim or 1) >= 1 and lin.gate_normalizer > 0,
+             f"model.attention.linear.key_dim={lin.key_dim}, value_dim={lin.value_dim} must "
+             f"be >= 1 or null, gate_normalizer={lin.gate_normalizer} > 0")
+    _require(not lin.normalize or normalize_ok(lin),
+             f"model.attention.linear.normalize=true needs variant linear | retnet | gla and a "
+             f"non-negative feature map (elu1 | relu); got variant={lin.variant!r}, "
+             f"feature_map={lin.feature_map!r}")
     _require(m.moe.num_experts == 0,
              f"model.moe.num_experts={m.moe.num_experts}: the MoE feed-forward layer is not "
              "built yet (only 0 = dense is supported)")
@@ -308,6 +394,12 @@ def validate(cfg: Config) -> None:
 
     m, d, t, o = cfg.model, cfg.data, cfg.train, cfg.optim
     validate_model(m)
+    _require(d.source in DATA_SOURCES,
+             f"data.source={d.source!r}; expected one of {DATA_SOURCES}")
+    if d.source != "synthetic":
+        _require(d.path is not None, f"data.source={d.source!r} needs data.path")
+    _require(d.token_dtype in ("uint16", "uint32"),
+             f"data.token_dtype={d.token_dtype!r}; expected 'uint16' or 'uint32'")
     _require(d.task in synthetic.TASKS,
              f"data.task={d.task!r}; expected one of {sorted(synthetic.TASKS)}")
     _require(d.seq_len >= 1, f"data.seq_len={d.seq_len} must be >= 1")
@@ -325,10 +417,35 @@ def validate(cfg: Config) -> None:
     _require(t.steps >= 1 and t.batch_size >= 1,
              f"train.steps={t.steps}, train.batch_size={t.batch_size} must be >= 1")
     _require(t.log_every >= 1, f"train.log_every={t.log_every} must be >= 1")
+    _require(t.grad_accum_steps >= 1 and t.batch_size % t.grad_accum_steps == 0,
+             f"train.batch_size={t.batch_size} must be a multiple of "
+             f"train.grad_accum_steps={t.grad_accum_steps}")
+    validate_mesh(cfg.mesh)
+    c = cfg.checkpoint
+    _require(c.every_steps >= 0 and c.keep >= 1,
+             f"checkpoint.every_steps={c.every_steps} must be >= 0 and checkpoint.keep={c.keep} >= 1")
     _require(o.schedule in SCHEDULES, f"optim.schedule={o.schedule!r}; expected one of {SCHEDULES}")
-    _require(0 <= o.warmup_steps <= t.steps,
-             f"optim.warmup_steps={o.warmup_steps} must be in [0, train.steps={t.steps}]")
+    _require(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
     _require(o.lr > 0, f"optim.lr={o.lr} must be > 0")
+
+
+def validate_mesh(m: MeshConfig) -> None:
+    from longctx.parallel.sharding import LOGICAL_AXES, MESH_AXES
+
+    for name, shape in (("ici", m.ici), ("dcn", m.dcn)):
+        for ax, size in shape.items():
+            _require(ax in MESH_AXES, f"mesh.{name}.{ax}: unknown mesh axis; expected one of "
+                                      f"{MESH_AXES}")
+            _require(size >= 1 or (size == -1 and name == "ici"),
+                     f"mesh.{name}.{ax}={size} must be >= 1" + (" or -1" if name == "ici" else ""))
+    _require(sum(v == -1 for v in m.ici.values()) <= 1,
+             f"mesh.ici={m.ici}: at most one axis may be -1")
+    for logical, axes in m.rules.items():
+        _require(logical in LOGICAL_AXES,
+                 f"mesh.rules.{logical}: unknown logical axis; expected one of {LOGICAL_AXES}")
+        for ax in axes:
+            _require(ax in MESH_AXES, f"mesh.rules.{logical}: {ax!r} is not a mesh axis "
+                                      f"{MESH_AXES}")
 
 
 def task_kwargs(cfg: Config) -> dict:

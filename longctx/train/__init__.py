@@ -1,5 +1,8 @@
-"""Training: the loop, optimizer and loss. ``python -m longctx.train --config PATH [k=v ...]``."""
+"""Training: the sharded loop, optimizer, loss, checkpoints, metrics.
 
-from longctx.train.loop import evaluate, loss_fn, make_optimizer, train
+``python -m longctx.train --config PATH [key=value ...]``
+"""
 
-__all__ = ["evaluate", "loss_fn", "make_optimizer", "train"]
+from longctx.train.loop import loss_fn, make_optimizer, train
+
+__all__ = ["loss_fn", "make_optimizer", "train"]

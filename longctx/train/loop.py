@@ -1,11 +1,14 @@
-"""The first training entry point: one device, synthetic tasks, AdamW.
+"""The sharded trainer: ``python -m longctx.train --config PATH [key=value ...]``.
 
-    python -m longctx.train --config experiments/configs/tiny.yaml [key=value ...]
+One ``jax.jit`` with ``NamedSharding``s for the train state and the batch over
+the device mesh (pjit semantics), from one CPU to a TPU pod. ``train()`` reads
+top to bottom in banner sections: processes and run directory, mesh, input
+pipeline, model and optimizer (created sharded), checkpoint restore, the
+update step, the loop (metrics, evaluation, checkpoints, preemption).
 
-Reads top to bottom: run directory and config, input stream, model and
-optimizer, the jitted update step, the loop with its progress bar, evaluation.
-Writes ``config.yaml`` (the resolved config) and ``metrics.jsonl`` (one row per
-log step and per evaluation) into ``train.run_dir``.
+Run directory (``train.run_dir``): ``config.yaml`` (resolved config),
+``metrics.jsonl``, ``tb/`` (TensorBoard), ``checkpoints/`` (orbax). Only process
+0 writes logs and metrics; every process takes part in checkpoints.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 
 import jax
@@ -24,8 +28,12 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from longctx.config import Config, OptimConfig, save_config, task_kwargs
-from longctx.data import synthetic
+from longctx.data.pipeline import build_source, make_dataset, restore_iterator
 from longctx.model import build_model
+from longctx.parallel import distributed
+from longctx.parallel import sharding as shd
+from longctx.train import metrics as M
+from longctx.train.checkpoint import Checkpointer
 
 log = logging.getLogger(__name__)
 
@@ -66,105 +74,299 @@ def make_optimizer(o: OptimConfig, total_steps: int) -> optax.GradientTransforma
 
 
 # ----------------------------------------------------------------------------
-# Loss
+# Loss and steps
 # ----------------------------------------------------------------------------
 
 
-def loss_fn(model, batch):
-    """Masked next-token cross entropy (+ any ``*_loss`` term in aux, already weighted)."""
+def loss_fn(model, batch, denom=None):
+    """Masked next-token cross entropy (+ any ``*_loss`` term in aux, already weighted).
+
+    ``denom``: the number of scored tokens to normalise by; gradient accumulation
+    passes the whole batch's count so that the summed microbatch gradients equal
+    the full batch's gradient exactly.
+    """
     logits, aux = model(batch["tokens"], segment_ids=batch.get("segment_ids"))
     mask = batch["loss_mask"].astype(jnp.float32)
-    denom = jnp.maximum(mask.sum(), 1.0)
+    denom = jnp.maximum(mask.sum(), 1.0) if denom is None else denom
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     loss = (ce * mask).sum() / denom
     loss = loss + sum(v for k, v in aux.items() if k.endswith("_loss"))
-    acc = ((jnp.argmax(logits, -1) == batch["targets"]) * mask).sum() / denom
-    return loss, {"loss": loss, "accuracy": acc, **aux}
+    correct = ((jnp.argmax(logits, -1) == batch["targets"]) * mask).sum()
+    return loss, {"loss": loss, "accuracy": correct / denom, **aux}
 
 
-@nnx.jit
-def train_step(model, optimizer, batch):
-    grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
-    (_, metrics), grads = grad_fn(model, batch)
-    optimizer.update(model, grads)
-    metrics["grad_norm"] = optax.tree.norm(grads)
-    return metrics
+def make_train_step(graphdef, accum_steps: int):
+    """``(state, batch) -> (state, metrics)``: grads (accumulated), one optimizer update."""
+
+    def step(state, batch):
+        model, optimizer = nnx.merge(graphdef, state)
+        model_def, model_state = nnx.split(model)
+        denom = jnp.maximum(batch["loss_mask"].astype(jnp.float32).sum(), 1.0)
+
+        def grads_of(model_state, batch):  # pure in the model's state: safe inside lax.scan
+            fn = lambda m: loss_fn(m, batch, denom)  # noqa: E731
+            (_, metrics), grads = nnx.value_and_grad(fn, has_aux=True)(
+                nnx.merge(model_def, model_state))
+            return grads, metrics
+
+        if accum_steps == 1:
+            grads, metrics = grads_of(model_state, batch)
+        else:
+            micro = jax.tree.map(
+                lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:]), batch)
+
+            def body(carry, mb):  # the model state rides in the carry: nnx forbids closing
+                acc, ms = carry  # over Variables of an outer trace
+                return (jax.tree.map(jnp.add, acc, grads_of(ms, mb)), ms), None
+
+            shapes = jax.eval_shape(grads_of, model_state, jax.tree.map(lambda x: x[0], micro))
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            ((grads, metrics), _), _ = jax.lax.scan(body, (zeros, model_state), micro)
+            # loss / accuracy: sums of terms normalised by the whole batch's count (exact);
+            # other aux statistics are averaged over microbatches.
+            metrics = {k: v if k in ("loss", "accuracy") else v / accum_steps
+                       for k, v in metrics.items()}
+        optimizer.update(model, grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        return nnx.state((model, optimizer)), metrics
+
+    return step
 
 
-@nnx.jit
-def eval_step(model, batch):
-    return loss_fn(model, batch)[1]
+def make_eval_step(graphdef):
+    def step(state, batch):
+        model, _ = nnx.merge(graphdef, state)
+        return loss_fn(model, batch)[1]
+
+    return step
 
 
 # ----------------------------------------------------------------------------
-# Data
+# Input
 # ----------------------------------------------------------------------------
 
 
-def batch_at(cfg: Config, step: int, *, seed: int) -> dict:
-    """Batch ``step`` of the deterministic stream ``seed``: examples step*B .. step*B+B-1."""
-    d, B = cfg.data, cfg.train.batch_size
-    b = synthetic.make_batch(d.task, seed=seed, start_index=step * B, batch_size=B,
-                             seq_len=d.seq_len, vocab_size=cfg.model.vocab_size, **task_kwargs(cfg))
-    return {k: jnp.asarray(b[k]) for k in ("tokens", "targets", "loss_mask")}
+def make_source(cfg: Config, *, eval_split: bool = False):
+    """The random-access source of ``cfg.data`` (None: no evaluation data)."""
+    d, V = cfg.data, cfg.model.vocab_size
+    if d.source == "synthetic":
+        return build_source("synthetic", seq_len=d.seq_len, vocab_size=V, task=d.task,
+                            seed=d.eval_seed if eval_split else d.seed, **task_kwargs(cfg))
+    path = d.eval_path if eval_split else d.path
+    if path is None:
+        return None
+    paths = path.split(",")
+    kw = {"text": dict(paths=paths),
+          "jsonl": dict(path=paths[0], text_field=d.text_field),
+          "tokens": dict(path=paths[0], dtype=d.token_dtype, eos_id=d.eos_id)}[d.source]
+    return build_source(d.source, seq_len=d.seq_len, vocab_size=V, **kw)
 
 
-def evaluate(model, cfg: Config) -> dict:
-    rows = [eval_step(model, batch_at(cfg, i, seed=cfg.data.eval_seed))
-            for i in range(cfg.train.eval_batches)]
-    return {f"eval_{k}": float(np.mean([float(r[k]) for r in rows])) for k in rows[0]}
+def make_input(cfg: Config, *, eval_split: bool = False):
+    source = make_source(cfg, eval_split=eval_split)
+    if source is None:
+        return None
+    return make_dataset(source, global_batch_size=cfg.train.batch_size,
+                        process_index=jax.process_index(), process_count=jax.process_count(),
+                        seed=cfg.data.seed, shuffle=cfg.data.shuffle and not eval_split)
 
 
 # ----------------------------------------------------------------------------
-# Main loop
+# Preemption
 # ----------------------------------------------------------------------------
 
 
-def train(cfg: Config, *, progress: bool = True) -> dict:
-    """Train ``cfg`` and return the final metrics (also written to metrics.jsonl)."""
-    # -- run directory ------------------------------------------------------------
-    t = cfg.train
+class _Preemption:
+    """SIGTERM (preemption notice) sets a flag; the loop saves and stops at a step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        self._prev = None
+
+    def __enter__(self):
+        try:
+            self._prev = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no handler, no preemption saves
+            self._prev = None
+        return self
+
+    def _handle(self, signum, frame):
+        log.warning("SIGTERM received: saving a checkpoint and stopping at the end of this step")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._prev is not None:
+            signal.signal(signal.SIGTERM, self._prev)
+
+
+# ----------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------
+
+
+def train(cfg: Config, *, progress: bool = True, stop_at_step: int | None = None,
+          return_state: bool = False):
+    """Train ``cfg``; returns the last logged metrics (and ``status``).
+
+    ``stop_at_step``: stop (with a checkpoint) after that step, as a preemption
+    would; used by the resume tests. ``return_state``: also return the final
+    train state as a pure dict of (sharded) arrays.
+    """
+    # -- processes and run directory ----------------------------------------------
+    distributed.maybe_initialize()
+    t, lead = cfg.train, jax.process_index() == 0
     os.makedirs(t.run_dir, exist_ok=True)
-    save_config(cfg, os.path.join(t.run_dir, "config.yaml"))
-    metrics_path = os.path.join(t.run_dir, "metrics.jsonl")
-    log.info("run dir %s, device %s", t.run_dir, jax.devices()[0])
+    if lead:
+        save_config(cfg, os.path.join(t.run_dir, "config.yaml"))
 
-    # -- model and optimizer --------------------------------------------------
-    model = build_model(cfg.model, rngs=nnx.Rngs(t.seed))
-    optimizer = nnx.Optimizer(model, make_optimizer(cfg.optim, t.steps), wrt=nnx.Param)
+    # -- mesh -----------------------------------------------------------------------
+    mesh = shd.make_mesh(cfg.mesh.ici, cfg.mesh.dcn)
+    rules = {**shd.DEFAULT_RULES, **cfg.mesh.rules}  # the config overrides defaults per name
+    log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size,
+             jax.process_count())
+
+    # -- input pipeline ---------------------------------------------------------------
+    train_ds = make_input(cfg)
+    eval_ds = make_input(cfg, eval_split=True)
+
+    # -- model and optimizer, created directly in their shards -----------------------
+    tx = make_optimizer(cfg.optim, t.steps)
+
+    def init():
+        model = build_model(cfg.model, rngs=nnx.Rngs(t.seed))
+        return nnx.state((model, nnx.Optimizer(model, tx, wrt=nnx.Param)))
+
+    abstract = nnx.eval_shape(lambda: (lambda m: (m, nnx.Optimizer(m, tx, wrt=nnx.Param)))(
+        build_model(cfg.model, rngs=nnx.Rngs(t.seed))))
+    graphdef, abstract_state = nnx.split(abstract)
+    state_sharding = shd.state_shardings(abstract_state, mesh, rules)
+    with jax.set_mesh(mesh), shd.activation_rules(mesh, rules):
+        state = jax.jit(init, out_shardings=state_sharding)()
+    params = nnx.state(abstract[0], nnx.Param)
+    n_params = sum(math.prod(p.shape) for p in jax.tree.leaves(params))
+    n_embed = cfg.model.vocab_size * cfg.model.d_model * (1 if cfg.model.tie_embeddings else 2)
+    log.info("model: %.2fM parameters (%.2fM non-embedding)", n_params / 1e6,
+             (n_params - n_embed) / 1e6)
+
+    # -- checkpoint restore -----------------------------------------------------------------
+    ckpt = Checkpointer(os.path.join(t.run_dir, "checkpoints"), keep=cfg.checkpoint.keep,
+                        async_save=cfg.checkpoint.async_save)
+    start_step, train_it = 0, iter(train_ds)
+    if cfg.checkpoint.resume:
+        target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                              nnx.to_pure_dict(abstract_state), nnx.to_pure_dict(state_sharding))
+        restored = ckpt.restore_latest(target)
+        if restored is not None:
+            start_step, pure, data = restored
+            nnx.replace_by_pure_dict(state, pure)
+            train_it = restore_iterator(train_ds, data["input"])
+            log.info("resumed from step %d of %s", start_step, ckpt.directory)
+
+    def save(step, wait=False):
+        ckpt.save(step, nnx.to_pure_dict(state), {"input": train_it.get_state(), "step": step},
+                  wait=wait)
+
+    # -- the update step: one jit over the mesh, state donated ---------------------------
+    batch_sharding = shd.batch_sharding(mesh, rules)
+    train_step = jax.jit(make_train_step(graphdef, t.grad_accum_steps),
+                         in_shardings=(state_sharding, batch_sharding),
+                         out_shardings=(state_sharding, None),
+                         donate_argnums=0)  # the old state's buffers hold the new one
+    eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(state_sharding, batch_sharding))
+
+    def device_batch(b):
+        b = {k: v for k, v in b.items() if k in ("tokens", "targets", "loss_mask", "segment_ids")}
+        return shd.to_global(b, mesh, rules)
+
+    def evaluate():
+        if eval_ds is None:
+            return {}
+        it, rows = iter(eval_ds), []
+        for _ in range(t.eval_batches):
+            rows.append(eval_step(state, device_batch(next(it))))
+        return {f"eval_{k}": float(np.mean([float(r[k]) for r in rows])) for k in rows[0]}
+
+    # -- loop -----------------------------------------------------------------------------
     schedule = lr_schedule(cfg.optim, t.steps)
-    n_params = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    log.info("model: %.2fM parameters", n_params / 1e6)
-
-    # -- loop -------------------------------------------------------------------
     tokens_per_step = t.batch_size * cfg.data.seq_len
-    final = {}
-    with open(metrics_path, "a") as mf, tqdm(range(t.steps), disable=not progress,
-                                             desc="train", dynamic_ncols=True) as bar:
-        t_last, steps_since = time.perf_counter(), 0
+    flops_per_step = M.train_flops_per_step(cfg.model, n_params - n_embed,
+                                            batch=t.batch_size, seq_len=cfg.data.seq_len)
+    peak, peak_src = M.peak_flops()
+    log.info("MFU reference: %.1f TFLOP/s per device (%s)", peak / 1e12, peak_src)
+    writer = None
+    if lead and t.tensorboard:
+        from tensorboardX import SummaryWriter
+
+        writer = SummaryWriter(os.path.join(t.run_dir, "tb"))
+    mf = open(os.path.join(t.run_dir, "metrics.jsonl"), "a") if lead else None
+
+    def emit(row, step):
+        if not lead:
+            return
+        mf.write(json.dumps(row) + "\n")
+        mf.flush()
+        if writer is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    writer.add_scalar(k, v, step)
+
+    final, status = {}, "done"
+    last_good = ckpt.steps()[-1] if ckpt.steps() else None
+    memory_logged = False
+    with jax.set_mesh(mesh), shd.activation_rules(mesh, rules), _Preemption() as pre, \
+            tqdm(range(start_step, t.steps), initial=start_step, total=t.steps,
+                 disable=not (progress and lead), desc="train", dynamic_ncols=True) as bar:
+        t_last, since = time.perf_counter(), 0
         for step in bar:
-            metrics = train_step(model, optimizer, batch_at(cfg, step, seed=cfg.data.seed))
-            steps_since += 1
-            last = step + 1 == t.steps
-            if (step + 1) % t.log_every == 0 or last:
+            batch = device_batch(next(train_it))
+            if not memory_logged:
+                mem = M.device_peak_memory()
+                if mem is None:  # CPU: the compiled program's own accounting
+                    ma = train_step.lower(state, batch).compile().memory_analysis()
+                    mem = ma.temp_size_in_bytes + ma.argument_size_in_bytes + ma.output_size_in_bytes
+                log.info("train step memory: %.1f MiB", mem / 2**20)
+                memory_logged = True
+            state, metrics = train_step(state, batch)
+            since += 1
+            done = step + 1
+            if done % t.log_every == 0 or done == t.steps:
                 row = {k: float(v) for k, v in metrics.items()}
                 if not math.isfinite(row["loss"]):
-                    raise FloatingPointError(f"loss is {row['loss']} at step {step + 1}")
-                dt = time.perf_counter() - t_last
-                row.update(step=step + 1, lr=float(schedule(step)),
-                           tokens_per_s=tokens_per_step * steps_since / dt,
-                           step_time_s=dt / steps_since)
-                t_last, steps_since = time.perf_counter(), 0
+                    raise FloatingPointError(
+                        f"loss is {row['loss']} at step {done}; last good checkpoint: "
+                        f"{'none' if last_good is None else f'step {last_good}'} in {ckpt.directory}")
+                dt = (time.perf_counter() - t_last) / since
+                row.update(step=done, lr=float(schedule(step)), step_time_s=dt,
+                           tokens_per_s=tokens_per_step / dt,
+                           tflops_per_s=flops_per_step / dt / 1e12,
+                           mfu=flops_per_step / dt / (peak * jax.device_count()))
+                if mem is not None:
+                    row["memory_bytes"] = float(mem)
+                t_last, since = time.perf_counter(), 0
                 bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.3f}")
-                mf.write(json.dumps(row) + "\n")
-                mf.flush()
+                emit(row, done)
                 final.update(row)
-            if (t.eval_every and (step + 1) % t.eval_every == 0) or last:
-                ev = evaluate(model, cfg)
-                ev["step"] = step + 1
-                mf.write(json.dumps(ev) + "\n")
-                mf.flush()
-                bar.write(f"step {step + 1}: eval loss {ev['eval_loss']:.4f} "
-                          f"accuracy {ev['eval_accuracy']:.4f}")
-                final.update(ev)
-    return final
+            if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
+                ev = evaluate()
+                if ev:
+                    emit({**ev, "step": done}, done)
+                    if lead:
+                        bar.write(f"step {done}: eval loss {ev['eval_loss']:.4f} "
+                                  f"accuracy {ev['eval_accuracy']:.4f}")
+                    final.update(ev)
+            every = cfg.checkpoint.every_steps
+            stop = pre.requested or done == stop_at_step
+            if done == t.steps or stop or (every and done % every == 0):
+                save(done, wait=stop or done == t.steps)
+                last_good = done
+            if stop:
+                status = "preempted" if pre.requested else "stopped"
+                log.warning("stopped after step %d (checkpoint saved)", done)
+                break
+    ckpt.close()
+    if mf is not None:
+        mf.close()
+    if writer is not None:
+        writer.close()
+    final["status"] = status
+    return (final, nnx.to_pure_dict(state)) if return_state else final

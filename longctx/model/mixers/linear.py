@@ -1,0 +1,253 @@
+"""The ``linear`` token mixer: linear attention, RetNet, GLA, DeltaNet, Gated DeltaNet.
+
+One layer, the variant chosen by ``model.attention.linear.variant``; the math is
+in :mod:`longctx.attention.linear` (``linear_attention`` / ``delta_rule``)::
+
+    x [B, S, E] -> q, k [B, S, H, K], v [B, S, H, V]     (projections, H = model.n_heads)
+               -> short causal depthwise conv on q, k, v (conv_size > 0; its tail is state)
+               -> feature map on q, k (identity | elu1 | relu | silu)
+               -> gates and the recurrence of the variant (state S [B, H, K, V] float32)
+               -> RMSNorm per head -> * silu(x W_gate) -> output projection [B, S, E]
+
+Variants (gates in log space, ``g <= 0``):
+
+* ``linear``: ``g = None``, feature map elu+1 (Katharopoulos et al. 2020,
+  "Transformers are RNNs"). ``normalize=true`` adds their denominator.
+* ``retnet``: fixed decay per head ``gamma_h = 1 - 2^(-5-h)``, ``g = log gamma_h``
+  (Sun et al. 2023, "Retentive Network", section 2.2). RetNet's xPos rotation is
+  not used: position enters through the decay only.
+* ``gla``: per-key data-dependent gate ``g = logsigmoid(x W1 W2 + b) / 16`` with a
+  rank-16 ``W1 W2`` (Yang et al. 2023, "Gated Linear Attention", section 4.4).
+* ``deltanet``: the delta rule with ``beta = sigmoid(x W_beta)`` and L2-normalised
+  q, k after a SiLU feature map (Yang et al. 2024, "Parallelizing Linear
+  Transformers with the Delta Rule", section 4).
+* ``gated_deltanet``: DeltaNet plus Mamba-2's decay
+  ``g = -exp(A) * softplus(x W_a + dt_bias)`` per head (Yang, Kautz,
+  Hatamizadeh 2024, "Gated Delta Networks", section 3.4; ``A`` and ``dt_bias``
+  initialised as in Mamba-2).
+
+State protocol: ``init_state(B, dtype)`` is ``{"S": [B, H, K, V'] float32}`` plus,
+with a short conv, ``"conv": {"q", "k", "v"}`` holding the last ``conv_size - 1``
+projected inputs ``[B, conv_size - 1, H, K or V]``. With ``normalize`` the state
+has ``V' = V + 1`` columns: the last one is the decayed key sum ``z`` (the
+normaliser rides along as a value column of ones), so segments and decoding
+normalise exactly as the one-pass forward. ``state=None``: the chunk form over
+the segment, ``new_state`` None. With a state: the chunk form for a segment of
+``S > 1`` tokens, the recurrent form for ``S == 1`` (decoding); both are exact.
+
+``positions`` are not used (no RoPE: order enters through the recurrence).
+
+``segment_ids [B, S]`` (packed documents): no information crosses a document
+boundary. The first token of a document gets the log-gate ``-inf`` (a hard
+reset of ``S`` before its write, which every kernel form takes exactly), and the
+short conv only sums taps of the same document. To find the boundary at the
+start of a segment the state also carries the ids of the last ``max(conv_size -
+1, 1)`` tokens (``"seg"``); a fresh state's ids are 0, and a "boundary" with
+the zero initial state changes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from longctx.attention import linear as linear_ops
+from longctx.config import LinearConfig, ModelConfig
+from longctx.model.layers import DTYPES, param
+
+FEATURE_MAPS = {
+    "identity": lambda x: x,
+    "elu1": lambda x: jax.nn.elu(x) + 1.0,  # Katharopoulos et al. 2020: positive features
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+
+# variant -> its default feature map (model.attention.linear.feature_map = null)
+VARIANTS = {
+    "linear": "elu1",
+    "retnet": "identity",
+    "gla": "identity",
+    "deltanet": "silu",
+    "gated_deltanet": "silu",
+}
+DELTA_VARIANTS = ("deltanet", "gated_deltanet")
+
+
+def feature_map_name(lin: LinearConfig) -> str:
+    return lin.feature_map if lin.feature_map is not None else VARIANTS[lin.variant]
+
+
+def normalize_ok(lin: LinearConfig) -> bool:
+    """``normalize`` needs an additive variant and non-negative features (else z can be ~0)."""
+    return lin.variant not in DELTA_VARIANTS and feature_map_name(lin) in ("elu1", "relu")
+
+
+def retnet_log_decay(n_heads: int):
+    """``log(1 - 2^(-5-h))`` for h = 0..H-1 (RetNet, section 2.2): ``[H]`` float32."""
+    return jnp.log1p(-(2.0 ** (-5.0 - jnp.arange(n_heads, dtype=jnp.float32))))
+
+
+def _l2norm(x, eps=1e-6):
+    xf = x.astype(jnp.float32)
+    return (xf * jax.lax.rsqrt(jnp.sum(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+def _short_conv(x, w, tail, seg=None):
+    """Causal depthwise conv over time: ``y_t = sum_i w_i x_{t - W + 1 + i}``.
+
+    ``x [B, S, H, D]``, ``w [W, H, D]``, ``tail [B, W-1, H, D]`` the inputs before
+    ``x`` (zeros at the sequence start). ``seg [B, W-1+S]``: document ids of the
+    tail and ``x``; a tap from another document than ``t``'s is dropped.
+    Returns ``(y [B, S, H, D], new_tail)``.
+    """
+    W, S = w.shape[0], x.shape[1]
+    xe = jnp.concatenate([tail.astype(x.dtype), x], axis=1)  # [B, W-1+S, H, D]
+    y = 0
+    for i in range(W):
+        tap = xe[:, i:i + S] * w[i].astype(x.dtype)
+        if seg is not None:
+            tap = jnp.where((seg[:, i:i + S] == seg[:, W - 1:])[:, :, None, None], tap, 0)
+        y = y + tap
+    return y, xe[:, S:].astype(tail.dtype)
+
+
+class LinearAttention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        lin = cfg.attention.linear
+        self.lin = lin  # frozen dataclass: static
+        self.n_heads = H = cfg.n_heads
+        self.key_dim = K = lin.key_dim or cfg.resolved_head_dim
+        self.value_dim = V = lin.value_dim or cfg.resolved_head_dim
+        self.dtype = DTYPES[cfg.dtype]
+        self.feature_map = feature_map_name(lin)
+        E, W = cfg.d_model, lin.conv_size
+        std, out_std = cfg.init_std, cfg.init_std / (2 * cfg.n_layers) ** 0.5
+        self.wq = param(rngs, (E, H, K), ("embed", "heads", "head_dim"), std=std)
+        self.wk = param(rngs, (E, H, K), ("embed", "heads", "head_dim"), std=std)
+        self.wv = param(rngs, (E, H, V), ("embed", "heads", "head_dim"), std=std)
+        self.wo = param(rngs, (H, V, E), ("heads", "head_dim", "embed"), std=out_std)
+
+        def conv(D):  # PyTorch Conv1d's default init for a depthwise kernel: U(+-1/sqrt(W))
+            if not W:
+                return nnx.data(None)
+            b = 1 / math.sqrt(W)
+            value = jax.random.uniform(rngs.params(), (W, H, D), jnp.float32, -b, b)
+            return param(rngs, (W, H, D), (None, "heads", "head_dim"), value=value)
+
+        self.conv_q, self.conv_k, self.conv_v = conv(K), conv(K), conv(V)
+        none = lambda: nnx.data(None)  # noqa: E731
+        self.w_gate1 = self.w_gate2 = self.b_gate = none()
+        self.w_beta = self.w_a = self.a_log = self.dt_bias = none()
+        if lin.variant == "gla":
+            r = lin.gate_low_rank
+            self.w_gate1 = param(rngs, (E, r), ("embed", None), std=std)
+            self.w_gate2 = param(rngs, (r, H, K), (None, "heads", "head_dim"), std=std)
+            self.b_gate = param(rngs, (H, K), ("heads", "head_dim"),
+                                value=jnp.zeros((H, K), jnp.float32))
+        if lin.variant in DELTA_VARIANTS:
+            self.w_beta = param(rngs, (E, H), ("embed", "heads"), std=std)
+        if lin.variant == "gated_deltanet":
+            self.w_a = param(rngs, (E, H), ("embed", "heads"), std=std)
+            # Mamba-2 init: A ~ U(1, 16), dt ~ logU(1e-3, 1e-1), dt_bias = softplus^-1(dt).
+            a = jax.random.uniform(rngs.params(), (H,), jnp.float32, 1.0, 16.0)
+            dt = jnp.exp(jax.random.uniform(rngs.params(), (H,), jnp.float32,
+                                            math.log(1e-3), math.log(1e-1)))
+            self.a_log = param(rngs, (H,), ("heads",), value=jnp.log(a))
+            self.dt_bias = param(rngs, (H,), ("heads",), value=dt + jnp.log(-jnp.expm1(-dt)))
+        self.norm_scale = nnx.data(None if not lin.output_norm else param(
+            rngs, (V,), ("head_dim",), value=jnp.ones((V,), jnp.float32)))
+        self.w_out_gate = nnx.data(None if not lin.output_gate else param(
+            rngs, (E, H, V), ("embed", "heads", "head_dim"), std=std))
+
+    # -- state protocol -------------------------------------------------------
+
+    def init_state(self, batch_size: int, dtype=jnp.float32):
+        """``{"S": [B, H, K, V(+1)] float32, "seg": [B, max(W-1, 1)] int32}`` + conv tails."""
+        B, H, K, V, W = batch_size, self.n_heads, self.key_dim, self.value_dim, self.lin.conv_size
+        state = {"S": jnp.zeros((B, H, K, V + int(self.lin.normalize)), jnp.float32),
+                 "seg": jnp.zeros((B, max(W - 1, 1)), jnp.int32)}  # ids of the last tokens
+        if W:
+            state["conv"] = {"q": jnp.zeros((B, W - 1, H, K), dtype),
+                             "k": jnp.zeros((B, W - 1, H, K), dtype),
+                             "v": jnp.zeros((B, W - 1, H, V), dtype)}
+        return state
+
+    def __call__(self, x, *, positions, state=None, segment_ids=None):
+        del positions  # order enters through the recurrence (see the module docstring)
+        lin, dt = self.lin, self.dtype
+        x = x.astype(dt)
+        B, S, _ = x.shape
+        W = lin.conv_size
+        new_state = None if state is None else {}
+        seg_ext = reset = None  # document ids with the carried ones in front; reset gate
+        if segment_ids is not None:
+            seg = segment_ids.astype(jnp.int32)
+            prev = state["seg"] if state is not None else jnp.full(
+                (B, max(W - 1, 1)), -1, jnp.int32)  # no state: nothing before to mask
+            seg_ext = jnp.concatenate([prev, seg], axis=1)  # [B, max(W-1, 1) + S]
+            first = seg != seg_ext[:, -S - 1:-1]  # first token of a document
+            if state is None:
+                first = first.at[:, 0].set(False)
+            reset = jnp.where(first, -jnp.inf, 0.0)[:, :, None]  # [B, S, 1] log-gate
+            seg_ext = seg_ext[:, -(W - 1 + S):] if W else None
+        if state is not None:
+            ids = jnp.zeros((B, S), jnp.int32) if segment_ids is None else segment_ids
+            new_state["seg"] = jnp.concatenate(
+                [state["seg"], ids.astype(jnp.int32)], axis=1)[:, -state["seg"].shape[1]:]
+        q = jnp.einsum("bse,ehk->bshk", x, self.wq[...].astype(dt))  # [B, S, H, K]
+        k = jnp.einsum("bse,ehk->bshk", x, self.wk[...].astype(dt))  # [B, S, H, K]
+        v = jnp.einsum("bse,ehv->bshv", x, self.wv[...].astype(dt))  # [B, S, H, V]
+        if W:
+            tails = state["conv"] if state is not None else self.init_state(B, dt)["conv"]
+            q, tq = _short_conv(q, self.conv_q[...], tails["q"], seg_ext)
+            k, tk = _short_conv(k, self.conv_k[...], tails["k"], seg_ext)
+            v, tv = _short_conv(v, self.conv_v[...], tails["v"], seg_ext)
+            if state is not None:
+                new_state["conv"] = {"q": tq, "k": tk, "v": tv}
+        fmap = FEATURE_MAPS[self.feature_map]
+        q, k = fmap(q), fmap(k)
+        xf = x.astype(jnp.float32)  # gates in float32
+        g = beta = None
+        if lin.variant == "retnet":
+            g = jnp.broadcast_to(retnet_log_decay(self.n_heads), (B, S, self.n_heads))
+        elif lin.variant == "gla":
+            low = jnp.einsum("bse,er->bsr", xf, self.w_gate1[...])
+            logits = jnp.einsum("bsr,rhk->bshk", low, self.w_gate2[...]) + self.b_gate[...]
+            g = jax.nn.log_sigmoid(logits) / lin.gate_normalizer  # [B, S, H, K]
+        elif lin.variant in DELTA_VARIANTS:
+            q, k = _l2norm(q), _l2norm(k)
+            beta = jax.nn.sigmoid(jnp.einsum("bse,eh->bsh", xf, self.w_beta[...]))  # [B, S, H]
+            if lin.variant == "gated_deltanet":
+                dt_ = jax.nn.softplus(jnp.einsum("bse,eh->bsh", xf, self.w_a[...])
+                                      + self.dt_bias[...])
+                g = -jnp.exp(self.a_log[...]) * dt_  # [B, S, H]
+        if reset is not None:  # -inf at the first token of each document: a hard reset
+            H = self.n_heads
+            g = (jnp.broadcast_to(reset, (B, S, H)) if g is None
+                 else g + (reset[..., None] if g.ndim == 4 else reset))
+        if lin.normalize:  # the normaliser z_t is the last value column (module docstring)
+            v = jnp.concatenate([v.astype(jnp.float32),
+                                 jnp.ones(v.shape[:-1] + (1,), jnp.float32)], axis=-1)
+        kw = dict(g=g, initial_state=None if state is None else state["S"],
+                  output_final_state=state is not None, chunk_size=min(lin.chunk_size, S),
+                  form="recurrent" if state is not None and S == 1 else "chunk")
+        if beta is not None:
+            o, S_new = linear_ops.delta_rule(q, k, v, beta, **kw)
+        else:
+            o, S_new = linear_ops.linear_attention(q, k, v, **kw)
+        o = o.astype(jnp.float32)  # [B, S, H, V(+1)]
+        if lin.normalize:
+            o = o[..., :-1] / (o[..., -1:] + linear_ops.NORMALIZE_EPS)
+        if self.norm_scale is not None:  # RMSNorm over each head's V features
+            o = o * jax.lax.rsqrt(jnp.mean(o * o, axis=-1, keepdims=True) + 1e-6)
+            o = o * self.norm_scale[...]
+        o = o.astype(dt)
+        if self.w_out_gate is not None:  # swish output gate (GLA section 4.4, RetNet's swish)
+            o = o * jax.nn.silu(jnp.einsum("bse,ehv->bshv", x, self.w_out_gate[...].astype(dt)))
+        y = jnp.einsum("bshv,hve->bse", o, self.wo[...].astype(dt))
+        if state is not None:
+            new_state["S"] = S_new
+        return y, new_state

@@ -1,0 +1,87 @@
+"""FLOPs, MFU, memory and timing helpers shared by the trainer and the benchmarks.
+
+FLOPs (DESIGN.md "Measuring"): ``6 · N · tokens`` for the matmuls, with N the
+active non-embedding parameters, plus attention ``4 · B · T² · H · D`` forward
+per layer (halved when causal, 3× for forward + backward). MFU divides the
+achieved rate by the device's peak: a table for GPUs / TPUs, and on CPU a float32
+matmul rate measured on this machine (printed beside it, since CPUs have no
+meaningful datasheet peak for XLA).
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+# Dense bf16 peak FLOP/s per chip (vendor datasheets).
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,  # v5e
+    "TPU v5": 459e12,  # v5p
+    "TPU v6 lite": 918e12,  # v6e / Trillium
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+}
+
+
+def median_time(fn, *args, repeats=3, warmup=1):
+    """Median wall time of ``fn(*args)`` (blocking on the result) after warm-up."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@functools.cache
+def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
+    """Measured float32 matmul FLOP/s of the default device."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+    return 2 * n**3 / median_time(jax.jit(jnp.matmul), a, b, repeats=repeats)
+
+
+def peak_flops() -> tuple[float, str]:
+    """(peak FLOP/s per device, where the number comes from)."""
+    kind = jax.devices()[0].device_kind
+    for name, peak in PEAK_FLOPS.items():
+        if kind.startswith(name):
+            return peak, f"datasheet bf16 peak of {kind}"
+    return matmul_rate(), f"measured float32 2048^3 matmul rate on {kind}"
+
+
+def scratch_bytes(jitted, *args) -> int:
+    """Compiled temporary memory of ``jitted(*args)`` (deterministic on CPU)."""
+    return jitted.lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+def attention_flops(*, batch, seq_len, n_heads, head_dim, n_layers, causal=True, window=None):
+    """Forward + backward attention FLOPs (QK^T and PV matmuls)."""
+    keys = seq_len if window is None else min(window, seq_len)
+    fwd = 4 * batch * seq_len * keys * n_heads * head_dim
+    if causal and window is None:
+        fwd /= 2
+    return 3 * fwd * n_layers
+
+
+def train_flops_per_step(model_cfg, n_nonembed_params: int, *, batch: int, seq_len: int) -> float:
+    flops = 6 * n_nonembed_params * batch * seq_len
+    if model_cfg.attention.backend == "full":
+        flops += attention_flops(batch=batch, seq_len=seq_len, n_heads=model_cfg.n_heads,
+                                 head_dim=model_cfg.resolved_head_dim,
+                                 n_layers=model_cfg.n_layers, window=model_cfg.attention.window)
+    return flops
+
+
+def device_peak_memory() -> int | None:
+    """Peak bytes in use on device 0 where the runtime reports it (GPU/TPU), else None."""
+    stats = jax.local_devices()[0].memory_stats()
+    return None if not stats else stats.get("peak_bytes_in_use")
