@@ -62,14 +62,36 @@ class AttentionConfig:
     block_q: int = 512  # flash: query rows per block
     block_k: int = 512  # flash: keys per block
     window: int | None = None  # sliding-window size in tokens; None = global attention
+    # `full`: short causal depthwise conv on q, k, v before RoPE ("smeared keys",
+    # Olsson et al. 2022; canon layers, Allen-Zhu 2025); 0: off.
+    conv_size: int = 0
     linear: LinearConfig = field(default_factory=LinearConfig)  # backend `linear` only
 
 
 @dataclass(frozen=True)
 class MoEConfig:
-    # MaxText names. The MoE layer itself lands with its own issue; until then
-    # num_experts > 0 is refused at load time rather than silently ignored.
-    num_experts: int = 0  # 0: dense SwiGLU feed-forward in every layer
+    # Mixture-of-Experts feed-forward (longctx/model/moe.py); MaxText names where they exist.
+    num_experts: int = 0  # routed experts E; 0: dense SwiGLU feed-forward in every layer
+    num_experts_per_tok: int = 2  # k: experts each token is routed to (token choice)
+    expert_dim: int | None = None  # width of each expert (fine-grained: < mlp_dim); None: mlp_dim
+    shared_experts: int = 0  # always-on experts: a dense SwiGLU of width shared_experts*expert_dim
+    every: int = 1  # after first_dense_layers, every k-th layer is MoE (2: layers n+1, n+3, ...)
+    first_dense_layers: int = 0  # the first n layers keep the dense SwiGLU
+    router: str = "softmax_topk"  # softmax_topk | topk_softmax (softmax over the k) | sigmoid
+    norm_topk_prob: bool = False  # softmax_topk, sigmoid: renormalise the k weights to sum to 1
+    routed_scaling_factor: float = 1.0  # multiplies the routed experts' combine weights
+    n_groups: int = 1  # group-limited routing: experts split into n_groups equal groups, and ...
+    topk_groups: int = 1  # ... each token picks its experts inside its topk_groups best groups
+    jitter_noise: float = 0.0  # training mode only: router input *= U(1 - eps, 1 + eps); 0: off
+    dispatch: str | None = None  # dropless | capacity; null: capacity iff capacity_factor > 0
+    capacity_factor: float = 0.0  # <= 0: dropless; > 0: ceil(cf * T * k / E) slots/expert/sequence
+    dropless_impl: str = "auto"  # auto (CPU: blocks, GPU/TPU: ragged_dot) | blocks | ragged_dot
+    load_balance_loss_weight: float = 0.01  # x Switch loss E * sum_i f_i P_i (aux moe_lb_loss)
+    router_z_loss_weight: float = 0.0  # x ST-MoE z-loss mean(logsumexp(logits)^2) (aux moe_z_loss)
+    routed_bias_update_rate: float = 0.0  # aux-free balancing: bias += rate*sign(mean_load - load)
+    expert_parallel: bool = False  # experts over the `expert` mesh axis (if > 1), all-to-all
+    expert_choice: bool = False  # experts pick their tokens (Zhou et al. 2022): sees later tokens
+    acknowledge_expert_choice_leaks: bool = False  # required by expert_choice: it leaks the future
 
 
 @dataclass(frozen=True)
@@ -322,9 +344,23 @@ def load_config(path: str | None = None, overrides=()) -> Config:
     return cfg
 
 
+def with_overrides(cfg: Config, overrides) -> Config:
+    """A validated copy of ``cfg`` with dotted ``key=value`` overrides applied."""
+    data = to_dict(cfg)
+    for o in overrides:
+        data = apply_override(data, o)
+    new = _from_dict(Config, data)
+    validate(new)
+    return new
+
+
+def config_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def save_config(cfg: Config, path: str) -> None:
     with open(path, "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+        f.write(config_yaml(cfg))
 
 
 # ----------------------------------------------------------------------------
@@ -364,6 +400,7 @@ def validate_model(m: ModelConfig) -> None:
     _require(a.impl in IMPLS, f"model.attention.impl={a.impl!r}; expected one of {IMPLS}")
     _require(a.block_q >= 1 and a.block_k >= 1,
              f"model.attention.block_q={a.block_q}, block_k={a.block_k} must be >= 1")
+    _require(a.conv_size >= 0, f"model.attention.conv_size={a.conv_size} must be >= 0")
     _require(a.window is None or a.window >= 1,
              f"model.attention.window={a.window} must be >= 1 or null")
     from longctx.model.mixers.linear import FEATURE_MAPS, VARIANTS, normalize_ok
@@ -384,9 +421,61 @@ def validate_model(m: ModelConfig) -> None:
              f"model.attention.linear.normalize=true needs variant linear | retnet | gla and a "
              f"non-negative feature map (elu1 | relu); got variant={lin.variant!r}, "
              f"feature_map={lin.feature_map!r}")
-    _require(m.moe.num_experts == 0,
-             f"model.moe.num_experts={m.moe.num_experts}: the MoE feed-forward layer is not "
-             "built yet (only 0 = dense is supported)")
+    _validate_moe(m)
+
+
+def _validate_moe(m: ModelConfig) -> None:
+    e = m.moe
+    _require(e.num_experts >= 0, f"model.moe.num_experts={e.num_experts} must be >= 0")
+    if e.num_experts == 0:
+        return
+    from longctx.model.moe import DISPATCHES, DROPLESS_IMPLS, ROUTERS, moe_layers
+
+    E, k = e.num_experts, e.num_experts_per_tok
+    _require(1 <= k <= E, f"model.moe.num_experts_per_tok={k} must be in [1, num_experts={E}]")
+    _require((e.expert_dim or 1) >= 1 and e.shared_experts >= 0,
+             f"model.moe.expert_dim={e.expert_dim} must be >= 1 or null, "
+             f"shared_experts={e.shared_experts} >= 0")
+    _require(e.every >= 1 and e.first_dense_layers >= 0,
+             f"model.moe.every={e.every} must be >= 1, "
+             f"first_dense_layers={e.first_dense_layers} >= 0")
+    _require(bool(moe_layers(m)),
+             f"model.moe.first_dense_layers={e.first_dense_layers}, every={e.every} leave no MoE "
+             f"layer among model.n_layers={m.n_layers}; use model.moe.num_experts=0 for dense")
+    _require(e.router in ROUTERS, f"model.moe.router={e.router!r}; expected one of {ROUTERS}")
+    _require(e.n_groups >= 1 and E % e.n_groups == 0 and 1 <= e.topk_groups <= e.n_groups,
+             f"model.moe.n_groups={e.n_groups} must divide num_experts={E} and "
+             f"topk_groups={e.topk_groups} be in [1, n_groups]")
+    _require(k <= e.topk_groups * (E // e.n_groups),
+             f"model.moe.num_experts_per_tok={k} > topk_groups={e.topk_groups} * "
+             f"{E // e.n_groups} experts per group")
+    _require(e.routed_scaling_factor > 0 and 0 <= e.jitter_noise < 1,
+             f"model.moe.routed_scaling_factor={e.routed_scaling_factor} must be > 0 and "
+             f"jitter_noise={e.jitter_noise} in [0, 1)")
+    _require(min(e.load_balance_loss_weight, e.router_z_loss_weight,
+                 e.routed_bias_update_rate) >= 0,
+             f"model.moe.load_balance_loss_weight={e.load_balance_loss_weight}, "
+             f"router_z_loss_weight={e.router_z_loss_weight}, "
+             f"routed_bias_update_rate={e.routed_bias_update_rate} must be >= 0")
+    _require(e.dispatch is None or e.dispatch in DISPATCHES,
+             f"model.moe.dispatch={e.dispatch!r}; expected null or one of {DISPATCHES}")
+    _require(not (e.dispatch == "capacity" and e.capacity_factor <= 0),
+             f"model.moe.dispatch='capacity' needs capacity_factor > 0; got {e.capacity_factor}")
+    _require(not (e.dispatch == "dropless" and e.capacity_factor > 0),
+             f"model.moe.dispatch='dropless' contradicts capacity_factor={e.capacity_factor} > 0 "
+             "(capacity_factor <= 0 means dropless)")
+    _require(e.dropless_impl in DROPLESS_IMPLS,
+             f"model.moe.dropless_impl={e.dropless_impl!r}; expected one of {DROPLESS_IMPLS}")
+    if e.expert_choice:
+        _require(e.acknowledge_expert_choice_leaks,
+                 "model.moe.expert_choice=true: each expert picks tokens among the whole "
+                 "sequence, so an output depends on later tokens -- it leaks the future in this "
+                 "causal LM. Set model.moe.acknowledge_expert_choice_leaks=true to run it anyway")
+        _require(e.capacity_factor > 0 and not e.expert_parallel
+                 and e.routed_bias_update_rate == 0,
+                 f"model.moe.expert_choice=true needs capacity_factor > 0 (got "
+                 f"{e.capacity_factor}), expert_parallel=false (got {e.expert_parallel}) and "
+                 f"routed_bias_update_rate=0 (got {e.routed_bias_update_rate})")
 
 
 def validate(cfg: Config) -> None:

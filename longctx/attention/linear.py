@@ -333,7 +333,7 @@ def _chunked(block, q, k, v, extras, S0, chunk_size):
     """``lax.scan`` over chunks carrying the float32 state; each chunk is one checkpoint."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    C = chunk_size
+    C = max(1, min(chunk_size, T))  # a sequence shorter than a chunk is one chunk
     N = -(-T // C)
     pad = N * C - T
 
@@ -404,7 +404,7 @@ def delta_rule(q, k, v, beta, *, g=None, scale=None, initial_state=None,
 
     ``S_t = exp(g_t) S_{t-1}; S_t += k_t^T (beta_t (v_t - k_t S_t)); o_t = (scale q_t) S_t``.
     Keys are used as given (the layer L2-normalises them: with ``|k| <= 1`` and
-    ``beta`` in ``(0, 1)`` every step is a contraction).
+    ``beta`` in ``(0, 1)`` the map ``I - beta k^T k`` of every step is non-expansive).
     Returns ``(o [B, T, H, V], final_state [B, H, K, V] float32 or None)``.
     """
     _check("delta_rule", q, k, v, g, beta, initial_state, form, chunk_size, per_key_ok=False)

@@ -89,3 +89,23 @@ def rope(x, positions, *, theta: float = 10_000.0, scaling: float = 1.0):
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
+
+
+def causal_conv(x, w, tail, seg=None):
+    """Short causal depthwise convolution over time: ``y_t = sum_i w_i x_{t-W+1+i}``.
+
+    ``x [B, S, H, D]``, ``w [W, H, D]``, ``tail [B, W-1, H, D]``: the inputs just
+    before ``x`` (zeros at the start of a sequence), so that segments and decode
+    steps continue exactly. ``seg [B, W-1+S]``: document ids of the tail and of
+    ``x``; a tap from another document than position ``t``'s is dropped.
+    Returns ``(y [B, S, H, D], new_tail [B, W-1, H, D])``.
+    """
+    W, S = w.shape[0], x.shape[1]
+    xe = jnp.concatenate([tail.astype(x.dtype), x], axis=1)  # [B, W-1+S, H, D]
+    y = 0
+    for i in range(W):
+        tap = xe[:, i:i + S] * w[i].astype(x.dtype)
+        if seg is not None:
+            tap = jnp.where((seg[:, i:i + S] == seg[:, W - 1:])[:, :, None, None], tap, 0)
+        y = y + tap
+    return y, xe[:, S:].astype(tail.dtype)

@@ -33,6 +33,12 @@ from flax import nnx
 
 from longctx.config import ModelConfig, validate_model
 from longctx.model.layers import DTYPES, Embed, RMSNorm, SwiGLU, param
+from longctx.model.moe import MoE, moe_layers
+from longctx.parallel.sharding import constrain
+
+# Activations between blocks: batch over the data-parallel axes, length over
+# `sequence`, the embedding dimension whole (a no-op outside the trainer's mesh).
+ACTIVATION_AXES = ("batch", "length", None)
 
 REMAT_POLICIES = {
     "full": None,  # save nothing inside a block: recompute it all in the backward pass
@@ -41,24 +47,34 @@ REMAT_POLICIES = {
 
 
 class Block(nnx.Module):
-    """Pre-norm residual block: mixer then feed-forward."""
+    """Pre-norm residual block: mixer then feed-forward (dense SwiGLU or MoE, by layer)."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, layer: int = 0):
         from longctx.attention.registry import BACKENDS  # registry imports the mixers
 
         dtype = DTYPES[cfg.dtype]
         self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
         self.mixer = BACKENDS[cfg.attention.backend](cfg, rngs=rngs)
         self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
-        self.mlp = SwiGLU(cfg.d_model, cfg.mlp_dim, dtype=dtype, std=cfg.init_std,
-                          out_std=cfg.init_std / (2 * cfg.n_layers) ** 0.5, rngs=rngs)
+        out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
+        if layer in moe_layers(cfg):  # model.moe.every / first_dense_layers
+            self.mlp = MoE(cfg.d_model, cfg.moe, mlp_dim=cfg.mlp_dim, dtype=dtype,
+                           std=cfg.init_std, out_std=out_std, rngs=rngs)
+        else:
+            self.mlp = SwiGLU(cfg.d_model, cfg.mlp_dim, dtype=dtype, std=cfg.init_std,
+                              out_std=out_std, rngs=rngs)
 
     def __call__(self, x, *, positions, state=None, segment_ids=None):
         h, new_state = self.mixer(self.attn_norm(x), positions=positions, state=state,
                                   segment_ids=segment_ids)
         x = x + h.astype(x.dtype)
-        x = x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
-        return x, new_state, {}
+        aux = {}
+        if isinstance(self.mlp, MoE):
+            h, aux = self.mlp(self.mlp_norm(x))  # aux: MoE losses and load statistics
+        else:
+            h = self.mlp(self.mlp_norm(x))
+        x = x + h.astype(x.dtype)
+        return x, new_state, aux
 
 
 def _apply_block(graphdef, params, x, positions, state, segment_ids):
@@ -77,7 +93,7 @@ class Transformer(nnx.Module):
         self.cfg = cfg  # frozen dataclass: static and hashable
         self.dtype = DTYPES[cfg.dtype]
         self.embed = Embed(cfg.vocab_size, cfg.d_model, std=cfg.init_std, rngs=rngs)
-        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.blocks = nnx.List([Block(cfg, rngs=rngs, layer=i) for i in range(cfg.n_layers)])
         self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
         self.lm_head = nnx.data(None if cfg.tie_embeddings else param(
             rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), std=cfg.init_std))
@@ -126,7 +142,7 @@ class Transformer(nnx.Module):
         return tokens
 
     def _forward(self, tokens, positions, layer_states, segment_ids):
-        x = self.embed(tokens, self.dtype)  # [B, S, E]
+        x = constrain(self.embed(tokens, self.dtype), ACTIVATION_AXES)  # [B, S, E]
         new_states, auxes = [], []
         for i, block in enumerate(self.blocks):
             state = None if layer_states is None else layer_states[i]
@@ -137,6 +153,7 @@ class Transformer(nnx.Module):
                 f = jax.checkpoint(functools.partial(_apply_block, graphdef),
                                    policy=REMAT_POLICIES[self.cfg.remat])
                 x, state, aux = f(params, x, positions, state, segment_ids)
+            x = constrain(x, ACTIVATION_AXES)
             new_states.append(state)
             auxes.append(aux)
         x = self.final_norm(x)

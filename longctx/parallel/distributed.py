@@ -5,9 +5,12 @@ Where the coordinator comes from, in order:
 1. ``LONGCTX_COORDINATOR`` (``host:port``), ``LONGCTX_NUM_PROCESSES``,
    ``LONGCTX_PROCESS_ID``: explicit, used by ``launch/local.sh`` and tests;
 2. SLURM (``SLURM_NTASKS > 1``): JAX reads the node list and task ids itself;
-3. Cloud TPU pods (``TPU_WORKER_HOSTNAMES`` names several workers, or a
-   multi-slice ``MEGASCALE_COORDINATOR_ADDRESS``): JAX finds the coordinator
-   through the TPU metadata.
+3. ``LONGCTX_DISTRIBUTED=1`` (set by ``launch/tpu_pod.py`` on every worker) or a
+   Cloud TPU environment that names several workers (``TPU_WORKER_HOSTNAMES``
+   with commas, as on GKE, or a multi-slice ``MEGASCALE_COORDINATOR_ADDRESS``):
+   ``jax.distributed.initialize()`` with no arguments, which finds the
+   coordinator through the cluster's own discovery (the TPU metadata server on
+   TPU VMs, which do not export those variables themselves).
 
 Otherwise this is a single process and nothing is initialised. On CPU the
 cross-process collectives use gloo.
@@ -42,7 +45,8 @@ def maybe_initialize() -> None:
                              "LONGCTX_NUM_PROCESSES and LONGCTX_PROCESS_ID too") from None
     elif int(env.get("SLURM_NTASKS", "1")) > 1:
         kwargs = {}
-    elif "," in env.get("TPU_WORKER_HOSTNAMES", "") or "MEGASCALE_COORDINATOR_ADDRESS" in env:
+    elif (env.get("LONGCTX_DISTRIBUTED") == "1" or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+          or "MEGASCALE_COORDINATOR_ADDRESS" in env):
         kwargs = {}
     if kwargs is None:
         _initialized = True

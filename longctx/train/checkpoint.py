@@ -21,18 +21,19 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 log = logging.getLogger(__name__)
 
 
 class Checkpointer:
     def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        # Remote paths (gs://...) stay as they are; orbax writes them through epath.
+        self.directory = directory if "://" in directory else os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
@@ -73,11 +74,11 @@ class Checkpointer:
 
     def _move_aside(self, steps):
         if jax.process_index() == 0:
-            aside = self.directory + ".unreadable"
-            os.makedirs(aside, exist_ok=True)
+            aside = epath.Path(self.directory + ".unreadable")
+            aside.mkdir(parents=True, exist_ok=True)
             for step in steps:
-                dest = os.path.join(aside, f"{step}-{int(time.time())}")
-                shutil.move(os.path.join(self.directory, str(step)), dest)
+                dest = aside / f"{step}-{int(time.time())}"
+                (epath.Path(self.directory) / str(step)).rename(dest)
                 log.warning("moved unreadable checkpoint step %d to %s", step, dest)
         from jax.experimental import multihost_utils
 

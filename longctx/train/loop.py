@@ -24,10 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 from tqdm.auto import tqdm
 
-from longctx.config import Config, OptimConfig, save_config, task_kwargs
+from longctx.config import Config, OptimConfig, config_yaml, task_kwargs
 from longctx.data.pipeline import build_source, make_dataset, restore_iterator
 from longctx.model import build_model
 from longctx.parallel import distributed
@@ -97,6 +98,7 @@ def loss_fn(model, batch, denom=None):
 
 def make_train_step(graphdef, accum_steps: int):
     """``(state, batch) -> (state, metrics)``: grads (accumulated), one optimizer update."""
+    from longctx.model.moe import update_router_bias
 
     def step(state, batch):
         model, optimizer = nnx.merge(graphdef, state)
@@ -127,6 +129,7 @@ def make_train_step(graphdef, accum_steps: int):
             metrics = {k: v if k in ("loss", "accuracy") else v / accum_steps
                        for k, v in metrics.items()}
         optimizer.update(model, grads)
+        update_router_bias(model, grads)  # MoE aux-loss-free balancing (no-op without MoE bias)
         metrics["grad_norm"] = optax.tree.norm(grads)
         return nnx.state((model, optimizer)), metrics
 
@@ -215,9 +218,10 @@ def train(cfg: Config, *, progress: bool = True, stop_at_step: int | None = None
     # -- processes and run directory ----------------------------------------------
     distributed.maybe_initialize()
     t, lead = cfg.train, jax.process_index() == 0
-    os.makedirs(t.run_dir, exist_ok=True)
+    run_dir = epath.Path(t.run_dir)  # local or remote (gs://...): written through epath
     if lead:
-        save_config(cfg, os.path.join(t.run_dir, "config.yaml"))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_yaml(cfg))
 
     # -- mesh -----------------------------------------------------------------------
     mesh = shd.make_mesh(cfg.mesh.ici, cfg.mesh.dcn)
@@ -249,7 +253,7 @@ def train(cfg: Config, *, progress: bool = True, stop_at_step: int | None = None
              (n_params - n_embed) / 1e6)
 
     # -- checkpoint restore -----------------------------------------------------------------
-    ckpt = Checkpointer(os.path.join(t.run_dir, "checkpoints"), keep=cfg.checkpoint.keep,
+    ckpt = Checkpointer(str(run_dir / "checkpoints"), keep=cfg.checkpoint.keep,
                         async_save=cfg.checkpoint.async_save)
     start_step, train_it = 0, iter(train_ds)
     if cfg.checkpoint.resume:
@@ -297,8 +301,8 @@ def train(cfg: Config, *, progress: bool = True, stop_at_step: int | None = None
     if lead and t.tensorboard:
         from tensorboardX import SummaryWriter
 
-        writer = SummaryWriter(os.path.join(t.run_dir, "tb"))
-    mf = open(os.path.join(t.run_dir, "metrics.jsonl"), "a") if lead else None
+        writer = SummaryWriter(str(run_dir / "tb"))  # tensorboardX writes gs:// itself
+    mf = (run_dir / "metrics.jsonl").open("a") if lead else None
 
     def emit(row, step):
         if not lead:

@@ -232,7 +232,7 @@ class LinearAttention(nnx.Module):
             v = jnp.concatenate([v.astype(jnp.float32),
                                  jnp.ones(v.shape[:-1] + (1,), jnp.float32)], axis=-1)
         kw = dict(g=g, initial_state=None if state is None else state["S"],
-                  output_final_state=state is not None, chunk_size=min(lin.chunk_size, S),
+                  output_final_state=state is not None, chunk_size=lin.chunk_size,
                   form="recurrent" if state is not None and S == 1 else "chunk")
         if beta is not None:
             o, S_new = linear_ops.delta_rule(q, k, v, beta, **kw)

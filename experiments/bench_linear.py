@@ -1,0 +1,199 @@
+"""Benchmark: linear attention forms (chunk, recurrent, parallel) vs flash attention, fwd+bwd.
+
+    python -m experiments.bench_linear                        # 4K..1M tokens, B=1 H=4 K=V=64
+    python -m experiments.bench_linear --lengths 4096 16384 --repeats 2
+    python -m experiments.bench_linear --op gated_deltanet --max-flash 0
+
+For each length and form it prints the median fwd+bwd time (after one warm-up
+run; expensive runs are repeated fewer times, see ``--time-budget``) and the
+compiled scratch memory (``jit(f).lower(...).compile().memory_analysis()
+.temp_size_in_bytes``, deterministic on CPU). Forms are skipped above their
+length limits (the quadratic parallel form and the per-token recurrent scan get
+slow, flash is quadratic in time) or when their scratch memory exceeds
+``--mem-budget-gib``. Below the table: the log-log slope of chunk time from 16K
+to the longest length (1.0 = linear), the chunk/recurrent speed ratio at 64K and
+the crossover length from which chunked linear attention beats flash.
+
+``--op`` picks the kernel: ``linear`` (no gate), ``retnet`` (one log-decay per
+head and step, ``g [B, T, H]``: RetNet / simple GLA), ``gla`` (per-key gate
+``g [B, T, H, K]``), ``deltanet`` and ``gated_deltanet`` (the delta rule).
+Gradients are taken with respect to q, k, v and the gate / beta.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from longctx.attention import full, linear
+
+OPS = ("linear", "retnet", "gla", "deltanet", "gated_deltanet")
+
+
+def timed(fn, *args, repeats=3, budget_s=60.0):
+    """Median seconds of ``fn(*args)`` after one warm-up; fewer repeats for slow runs."""
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))  # warm-up (compiled already by scratch_bytes)
+    first = time.perf_counter() - t0
+    n = max(1, min(repeats, int(budget_s // max(first, 1e-9))))
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def scratch_bytes(fn, *args):
+    return fn.lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+def inputs(op, B, T, H, D, seed=0):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 5)
+    q = jax.random.normal(ks[0], (B, T, H, D), jnp.float32)
+    k = jax.random.normal(ks[1], (B, T, H, D), jnp.float32)
+    v = jax.random.normal(ks[2], (B, T, H, D), jnp.float32)
+    if op in ("deltanet", "gated_deltanet"):
+        k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+    extra = {}
+    if op in ("retnet", "gated_deltanet"):
+        extra["g"] = jax.nn.log_sigmoid(jax.random.normal(ks[3], (B, T, H)) + 4.0)
+    if op == "gla":
+        extra["g"] = jax.nn.log_sigmoid(jax.random.normal(ks[3], (B, T, H, D)) + 4.0) / 16
+    if op in ("deltanet", "gated_deltanet"):
+        extra["beta"] = jax.nn.sigmoid(jax.random.normal(ks[4], (B, T, H)))
+    return (q, k, v), extra
+
+
+def fwd_bwd_linear(op, form, chunk_size):
+    def loss(qkv, extra):
+        q, k, v = qkv
+        if op in ("deltanet", "gated_deltanet"):
+            o, _ = linear.delta_rule(q, k, v, extra["beta"], g=extra.get("g"),
+                                     chunk_size=chunk_size, form=form)
+        else:
+            o, _ = linear.linear_attention(q, k, v, g=extra.get("g"), chunk_size=chunk_size,
+                                           form=form)
+        return jnp.sum(o.astype(jnp.float32) ** 2)
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+
+def fwd_bwd_flash(block):
+    def loss(qkv, extra):
+        o = full.attention(*qkv, causal=True, impl="flash", block_q=block, block_k=block)
+        return jnp.sum(o.astype(jnp.float32) ** 2)
+
+    return jax.jit(jax.grad(loss, argnums=0))
+
+
+def slope(points):
+    """Least-squares slope of log(time) against log(T)."""
+    xs = [math.log(t) for t, _ in points]
+    ys = [math.log(s) for _, s in points]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    return (sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+            / sum((x - mx) ** 2 for x in xs))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--lengths", type=int, nargs="+",
+                   default=[4096, 8192, 16384, 32768, 65536, 262144, 1048576])
+    p.add_argument("--op", choices=OPS, default="retnet")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=64, help="K = V")
+    p.add_argument("--chunk-size", type=int, default=64)
+    p.add_argument("--flash-block", type=int, default=full.DEFAULT_BLOCK_Q)
+    p.add_argument("--max-parallel", type=int, default=16384, help="longest parallel run")
+    p.add_argument("--max-recurrent", type=int, default=65536, help="longest recurrent run")
+    p.add_argument("--max-flash", type=int, default=32768, help="longest flash run")
+    p.add_argument("--mem-budget-gib", type=float, default=12.0,
+                   help="skip a run whose compiled scratch memory is larger")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--time-budget", type=float, default=60.0,
+                   help="seconds of timed repeats per run (at least one repeat)")
+    p.add_argument("--json", default=None, help="also write the rows to this JSONL file")
+    args = p.parse_args(argv)
+
+    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), "
+          f"jax {jax.__version__}; op={args.op} B={args.batch} H={args.heads} "
+          f"K=V={args.head_dim} chunk={args.chunk_size} flash block={args.flash_block}")
+    fns = {form: fwd_bwd_linear(args.op, form, args.chunk_size) for form in linear.FORMS}
+    fns["flash"] = fwd_bwd_flash(args.flash_block)
+    limits = {"chunk": 1 << 62, "recurrent": args.max_recurrent,
+              "parallel": args.max_parallel, "flash": args.max_flash}
+    forms = ("chunk", "recurrent", "parallel", "flash")
+
+    header = ("| T | " + " | ".join(f"{f} s" for f in forms) + " | chunk us/token "
+              "| recurrent/chunk | flash/chunk | " + " | ".join(f"{f} MiB" for f in forms) + " |")
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1), flush=True)
+    rows = []
+    for T in args.lengths:
+        qkv, extra = inputs(args.op, args.batch, T, args.heads, args.head_dim)
+        row = {"T": T, "op": args.op}
+        for form in forms:
+            if T > limits[form]:
+                continue
+            mem = scratch_bytes(fns[form], qkv, extra)
+            row[f"{form}_scratch"] = mem
+            if mem > args.mem_budget_gib * 2**30:
+                row[f"{form}_skipped"] = f"scratch {mem / 2**30:.1f} GiB > budget"
+                continue
+            row[f"{form}_s"] = timed(fns[form], qkv, extra, repeats=args.repeats,
+                                     budget_s=args.time_budget)
+        rows.append(row)
+        del qkv, extra
+
+        def s(f):
+            return f"{row[f + '_s']:.3f}" if f + "_s" in row else "-"
+
+        def mib(f):
+            return f"{row[f + '_scratch'] / 2**20:.1f}" if f + "_scratch" in row else "-"
+
+        def ratio(f):
+            return f"{row[f + '_s'] / row['chunk_s']:.1f}x" if f + "_s" in row else "-"
+
+        per_tok = row["chunk_s"] / (args.batch * T) * 1e6
+        print(f"| {T} | " + " | ".join(s(f) for f in forms) + f" | {per_tok:.2f} | "
+              f"{ratio('recurrent')} | {ratio('flash')} | "
+              + " | ".join(mib(f) for f in forms) + " |", flush=True)
+
+    long = [(r["T"], r["chunk_s"]) for r in rows if r["T"] >= 16384 and "chunk_s" in r]
+    if len(long) >= 2:
+        print(f"\nchunk time log-log slope {long[0][0]}..{long[-1][0]}: {slope(long):.3f} "
+              "(1.0 = linear; target <= 1.1)")
+    at64 = [r for r in rows if r["T"] == 65536 and "recurrent_s" in r]
+    if at64:
+        print(f"chunk vs recurrent at 64K: {at64[0]['recurrent_s'] / at64[0]['chunk_s']:.1f}x "
+              "faster (target >= 10x)")
+    both = [r for r in rows if "flash_s" in r]
+    wins = [r["T"] for r in both if r["chunk_s"] < r["flash_s"]]
+    if both:
+        if wins and all(r["chunk_s"] < r["flash_s"] for r in both if r["T"] >= wins[0]):
+            where = (f"<= {wins[0]}" if wins[0] == both[0]["T"] else
+                     f"between {max(r['T'] for r in both if r['T'] < wins[0])} and {wins[0]}")
+            print(f"crossover: chunked linear attention beats flash from T {where}")
+        else:
+            print(f"crossover: flash is faster at every measured length up to {both[-1]['T']}")
+    mem = [(r["T"], r["chunk_scratch"]) for r in rows if "chunk_scratch" in r]
+    if len(mem) >= 2:
+        print(f"chunk scratch per token: {mem[0][1] / mem[0][0]:.0f} B at {mem[0][0]}, "
+              f"{mem[-1][1] / mem[-1][0]:.0f} B at {mem[-1][0]}")
+    if args.json:
+        with open(args.json, "a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""experiments.context_sweep: outputs, resume, budget skipping."""
+
+import json
+import os
+
+from experiments import context_sweep
+
+SMALL = ["model.d_model=32", "model.mlp_dim=32", "model.n_layers=1", "model.n_heads=2",
+         "model.n_kv_heads=2", "data.num_kv_pairs=2"]
+
+
+def _rows(out):
+    return [json.loads(l) for l in open(os.path.join(out, "results.jsonl"))]
+
+
+def test_two_lengths_write_every_output(tmp_path):
+    out = str(tmp_path / "sweep")
+    context_sweep.main(["--backends", "flash", "xla", "--lengths", "64", "128", "--out", out,
+                        "--repeats", "1", *SMALL])
+    rows = _rows(out)
+    assert {(r["backend"], r["length"]) for r in rows} == {
+        ("flash", 64), ("flash", 128), ("xla", 64), ("xla", 128)}
+    for r in rows:
+        assert set(r) == set(context_sweep.FIELDS)
+        assert r["status"] == "ok", r
+        assert r["step_s"] > 0 and r["scratch_bytes"] > 0 and r["tokens_per_s"] > 0
+        assert r["jax_version"] and r["device_kind"]
+    with open(os.path.join(out, "frontier.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "| flash | 64 | ok |" in open(os.path.join(out, "results.md")).read()
+
+
+def test_existing_results_are_resumed_not_recomputed(tmp_path):
+    out = str(tmp_path / "sweep")
+    os.makedirs(out)
+    fake = {k: None for k in context_sweep.FIELDS}
+    fake.update(backend="xla", length=64, status="ok", step_s=123.0, scratch_bytes=1,
+                tokens_per_s=1.0)
+    with open(os.path.join(out, "results.jsonl"), "w") as f:
+        f.write(json.dumps(fake) + "\n")
+    context_sweep.main(["--backends", "xla", "--lengths", "64", "128", "--out", out,
+                        "--repeats", "1", *SMALL])
+    rows = _rows(out)
+    assert [(r["backend"], r["length"]) for r in rows] == [("xla", 64), ("xla", 128)]
+    assert rows[0]["step_s"] == 123.0  # untouched
+
+
+def test_over_budget_is_skipped_not_run(tmp_path):
+    out = str(tmp_path / "sweep")
+    # A budget below what the shortest length compiles to: `oom` without running,
+    # and every longer length is skipped from then on.
+    context_sweep.main(["--backends", "xla", "--lengths", "64", "256", "--out", out,
+                        "--repeats", "1", "--budget-gb", "1e-6", *SMALL])
+    rows = {r["length"]: r for r in _rows(out)}
+    assert rows[64]["status"] == "oom" and rows[64]["step_s"] is None
+    assert rows[256]["status"] == "oom" and "shorter length" in rows[256]["message"]
+    # Prediction from two measured lengths: xla scratch grows ~T^2.
+    out2 = str(tmp_path / "sweep2")
+    context_sweep.main(["--backends", "xla", "--lengths", "64", "128", "--out", out2,
+                        "--repeats", "1", *SMALL])
+    measured = {r["length"]: r["scratch_bytes"] for r in _rows(out2)}
+    budget_gb = measured[128] * 3 / 2**30  # 128 fits; 1024 predicted far above
+    context_sweep.main(["--backends", "xla", "--lengths", "64", "128", "1024", "--out", out2,
+                        "--repeats", "1", "--budget-gb", str(budget_gb), *SMALL])
+    rows = {r["length"]: r for r in _rows(out2)}
+    assert rows[1024]["status"] == "oom-predicted" and rows[1024]["compile_s"] is None
