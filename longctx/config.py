@@ -56,6 +56,18 @@ class LinearConfig:
 
 
 @dataclass(frozen=True)
+class RecurrentConfig:
+    # The `recurrent` backend (longctx/model/mixers/recurrent.py); carries state only when
+    # model.segment_len > 0 (segment_len 0: one segment of model.max_seq_len tokens).
+    cache_segments: int = 1  # Transformer-XL: previous segments kept as post-RoPE k/v (no grad)
+    compressive: str = "none"  # Infini-attention matrix memory update: none | linear | delta
+    knn_size: int = 0  # Memorizing Transformer: past (k, v) per kv head in the kNN store; 0: off
+    knn_topk: int = 32  # kNN: pairs retrieved per query and head, 1 <= knn_topk <= knn_size
+    knn_approx: bool = False  # kNN: jax.lax.approx_max_k (TPU-fast) instead of exact top_k
+    knn_recall: float = 0.95  # kNN: recall_target of approx_max_k
+
+
+@dataclass(frozen=True)
 class AttentionConfig:
     backend: str = "full"  # token mixer from longctx.attention.registry.BACKENDS
     impl: str = "auto"  # exact-attention kernel: auto | xla | flash | cudnn
@@ -66,6 +78,7 @@ class AttentionConfig:
     # Olsson et al. 2022; canon layers, Allen-Zhu 2025); 0: off.
     conv_size: int = 0
     linear: LinearConfig = field(default_factory=LinearConfig)  # backend `linear` only
+    recurrent: RecurrentConfig = field(default_factory=RecurrentConfig)  # backend `recurrent`
 
 
 @dataclass(frozen=True)
@@ -421,6 +434,18 @@ def validate_model(m: ModelConfig) -> None:
              f"model.attention.linear.normalize=true needs variant linear | retnet | gla and a "
              f"non-negative feature map (elu1 | relu); got variant={lin.variant!r}, "
              f"feature_map={lin.feature_map!r}")
+    rec = a.recurrent
+    _require(rec.cache_segments >= 0 and rec.knn_size >= 0,
+             f"model.attention.recurrent.cache_segments={rec.cache_segments}, "
+             f"knn_size={rec.knn_size} must be >= 0")
+    _require(rec.compressive in ("none", "linear", "delta"),
+             f"model.attention.recurrent.compressive={rec.compressive!r}; expected one of "
+             f"('none', 'linear', 'delta')")
+    _require(not rec.knn_size or 1 <= rec.knn_topk <= rec.knn_size,
+             f"model.attention.recurrent.knn_topk={rec.knn_topk} must be in "
+             f"[1, knn_size={rec.knn_size}]")
+    _require(0 < rec.knn_recall <= 1,
+             f"model.attention.recurrent.knn_recall={rec.knn_recall} must be in (0, 1]")
     _validate_moe(m)
 
 

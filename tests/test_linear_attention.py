@@ -87,7 +87,8 @@ def naive(q, k, v, *, g=None, beta=None, initial_state=None, normalize=False, ep
             z = z * (d[..., 0])
         kt, vt, qt = k[:, t], v[:, t], q[:, t]  # [B, H, K], [B, H, V]
         if beta is not None:
-            u = np.asarray(beta, np.float64)[:, t, :, None] * (vt - np.einsum("bhk,bhkv->bhv", kt, S))
+            bt = np.asarray(beta, np.float64)[:, t, :, None]  # [B, H, 1]
+            u = bt * (vt - np.einsum("bhk,bhkv->bhv", kt, S))
             S = S + kt[..., :, None] * u[..., None, :]
         else:
             S = S + kt[..., :, None] * vt[..., None, :]
@@ -205,7 +206,8 @@ def test_final_state_only_when_asked_and_scale_default():
      r"delta_rule: g must be one of the shapes \(1, 6, 2\) \(None"),
     (lambda q, k, v, b: delta_rule(q, k, v, b[:, :3]), r"beta must be \[B, T, H\] = \(1, 6, 2\)"),
     (lambda q, k, v, b: linear_attention(q, k, v, initial_state=jnp.zeros((1, 2, 8, 4))),
-     r"initial_state must be \[B, H, K, V\] = \(1, 2, 8, 8\); got initial_state.shape=\(1, 2, 8, 4\)"),
+     r"initial_state must be \[B, H, K, V\] = \(1, 2, 8, 8\); "
+     r"got initial_state.shape=\(1, 2, 8, 4\)"),
     (lambda q, k, v, b: linear_attention(q[0], k[0], v[0]), r"expects q, k \[B, T, H, K\]"),
 ])
 def test_bad_inputs_fail_with_their_values(call, match):

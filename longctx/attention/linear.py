@@ -50,11 +50,11 @@ states and every gradient):
   ``D_ij = exp(G_i - G_j)`` (``G`` the cumulative log-gate, masked to ``j <= i``
   *before* the exp, so ``exp`` never sees a positive number). The delta rule is
   the WY / UT form below applied to the whole sequence as one block (a ``T x T``
-  triangular solve).
+  unit-triangular inverse).
 * ``"recurrent"``: ``lax.scan`` over time, one rank-one update per step: the
   naive recurrence, and the decoding form (one token = one step).
 * ``"chunk"``: chunkwise parallel (Yang et al. 2023, "Gated Linear Attention
-  Transformers with Hardware-Efficient Training", section 3): ``lax.scan`` over
+  Transformers with Hardware-Efficient Training"): ``lax.scan`` over
   chunks of ``chunk_size`` tokens carrying the float32 state; inside a chunk the
   parallel form with the chunk's start state, its cumulative log-gates taken
   *relative to the chunk start* (so every exponent is ``<= 0`` at any length:
@@ -66,7 +66,7 @@ states and every gradient):
 
 Per-key gates inside a chunk (GLA) cannot be folded into ``q`` and ``k`` as
 ``q * exp(G)``, ``k * exp(-G)`` without overflowing (``exp(-G)`` grows without
-bound). The chunk form uses the secondary chunking of the GLA paper (section 4.2):
+bound). The chunk form uses the secondary-level chunking of the GLA paper:
 sub-chunks of ``GLA_SUBCHUNK`` tokens; between sub-chunks ``I > J`` the factors
 ``q_i * exp(G_i - G_p)`` and ``k_j * exp(G_p - G_j)`` with ``p`` the last step
 before sub-chunk ``I`` (both exponents ``<= 0``); within a diagonal sub-chunk the
@@ -74,14 +74,14 @@ explicit ``[c, c, K]`` tensor ``exp(G_i - G_j)`` masked to ``j <= i``.
 
 Delta rule, chunk of length ``C`` with start state ``S_0`` and ``b`` the in-chunk
 cumulative log-gate (Yang, Wang, Zhang, Shen, Kim 2024, "Parallelizing Linear
-Transformers with the Delta Rule over Sequence Length", section 3; gated form:
-Yang, Kautz, Hatamizadeh 2024, "Gated Delta Networks", section 3.3). Writing the
+Transformers with the Delta Rule over Sequence Length"; gated form:
+Yang, Kautz, Hatamizadeh 2024, "Gated Delta Networks"). Writing the
 state as ``S_t = exp(b_t) S_0 + sum_{j<=t} exp(b_t - b_j) k_j^T u_j``, the
 pseudo-values ``u`` solve the unit lower-triangular system::
 
     (I + A) U = diag(beta) (V - diag(exp(b)) K S_0),   A_ij = beta_i exp(b_i - b_j) k_i.k_j  (j < i)
 
-so with ``T = (I + A)^{-1}`` (the UT transform, one triangular solve in float32)
+so with ``T = (I + A)^{-1}`` (the UT transform, :func:`unit_lower_inverse`, float32)
 ``W = T diag(beta exp(b)) K`` and ``U~ = T diag(beta) V`` do not depend on ``S_0``,
 ``U = U~ - W S_0``, and::
 
@@ -95,11 +95,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.linalg import solve_triangular
 
 FORMS = ("chunk", "recurrent", "parallel")
 NORMALIZE_EPS = 1e-6  # guards a zero normaliser only; see the module docstring
-GLA_SUBCHUNK = 16  # secondary chunk for per-key gates (GLA paper, section 4.2)
+GLA_SUBCHUNK = 16  # secondary-level chunk for per-key gates (GLA paper)
 
 
 # ----------------------------------------------------------------------------
@@ -184,7 +183,7 @@ def _decay_matrix(b, r, mask):
 
 
 def _per_key_scores(q, k, b, r, sub):
-    """``A_ij = sum_d q_id k_jd D_ijd`` with ``D`` the per-key decays of ``(b, r)``: ``[B, H, L, L]``.
+    """``A_ij = sum_d q_id k_jd D_ijd``, ``D`` the per-key decays of ``(b, r)``: ``[B, H, L, L]``.
 
     ``sub=None``: the explicit ``[L, L, K]`` decay tensor (the reference).
     ``sub=c``: GLA's secondary chunking with sub-chunks of ``c`` tokens, every
@@ -260,6 +259,39 @@ def _linear_block(q, k, v, g, S0, *, sub=None):
     return o, S_L
 
 
+def unit_lower_inverse(A):
+    """``(I + A)^{-1}`` for a strictly lower-triangular ``A [..., C, C]`` (the UT transform).
+
+    Recursive block inversion in matmuls only: with the inverses of the two
+    diagonal halves known, ``[[L11, 0], [L21, L22]]^{-1} =
+    [[L11^-1, 0], [-L22^-1 L21 L11^-1, L22^-1]]``; starting from 1x1 blocks
+    (the unit diagonal), ``log2(C)`` levels each batched over all blocks. This is
+    the blocked substitution of ``trsm`` (same rounding behaviour, unlike a
+    Neumann series), but plain XLA: no LAPACK custom call on CPU (whose batched
+    ``trsm`` inside a scan was seen to deadlock intermittently here) and it runs
+    as matmuls on any accelerator. ``C`` is padded to a power of two with an
+    identity block (which does not change the top-left inverse).
+    """
+    C = A.shape[-1]
+    P = 1 << max(C - 1, 0).bit_length()
+    lead = A.shape[:-2]
+    if P != C:
+        A = jnp.pad(A, [(0, 0)] * len(lead) + [(0, P - C), (0, P - C)])
+    inv = jnp.ones(lead + (P, 1, 1), A.dtype)  # [..., P / m, m, m]: inverses of diagonal blocks
+    m = 1
+    while m < P:
+        nb = P // (2 * m)
+        p, i = jnp.arange(nb)[:, None, None], jnp.arange(m)
+        L21 = A[..., (2 * p + 1) * m + i[:, None], 2 * p * m + i[None, :]]  # [..., nb, m, m]
+        pairs = inv.reshape(lead + (nb, 2, m, m))
+        I11, I22 = pairs[..., 0, :, :], pairs[..., 1, :, :]
+        X21 = -jnp.einsum("...ij,...jk,...kl->...il", I22, L21, I11)
+        top = jnp.concatenate([I11, jnp.zeros_like(I11)], axis=-1)
+        inv = jnp.concatenate([top, jnp.concatenate([X21, I22], axis=-1)], axis=-2)
+        m *= 2
+    return inv.reshape(lead + (P, P))[..., :C, :C]
+
+
 def _delta_block(q, k, v, beta, g, S0):
     """WY / UT form of the (gated) delta rule on one block (module docstring)."""
     L = q.shape[-2]
@@ -276,8 +308,7 @@ def _delta_block(q, k, v, beta, g, S0):
     kb = k * beta[..., None]
     A = jnp.einsum("bhik,bhjk->bhij", kb, k) * decay_strict  # strictly lower
     rhs = jnp.concatenate([v * beta[..., None], kb if g is None else kb * to_step], axis=-1)
-    # (I + A) X = rhs; the unit diagonal is implied (A's diagonal is never read).
-    X = solve_triangular(A, rhs, lower=True, unit_diagonal=True)
+    X = jnp.einsum("bhij,bhjd->bhid", unit_lower_inverse(A), rhs)  # (I + A) X = rhs
     V = v.shape[-1]
     U, W = X[..., :V], X[..., V:]  # U~ [B, H, L, V], W [B, H, L, K]
     if S0 is not None:

@@ -27,8 +27,9 @@ Token choice (every token picks its k experts):
     sorted slots padded per expert to blocks of ``m`` rows, each block one
     batched matmul with its expert's weights). On CPU ``ragged_dot`` lowers to
     a masked dense product over all E experts (E x the FLOPs) and measured
-    4.5x slower than ``blocks`` (E=8, k=2, 4096 tokens, d=128, f=256: fwd+bwd
-    704 ms vs 156 ms), so ``impl="auto"`` picks ``blocks`` on CPU.
+    about 4x slower than ``blocks`` (E=8, k=2, 2048-4096 tokens, d=128, f=256,
+    fwd+bwd; ``python -m experiments.bench_moe``), so ``impl="auto"`` picks
+    ``blocks`` on CPU and ``ragged_dot`` on GPU / TPU.
   - ``expert_parallel_moe``: experts sharded over the ``expert`` mesh axis and
     token buffers exchanged by ``jax.lax.all_to_all`` inside ``jax.shard_map``,
     with fixed-capacity buffers per destination (ragged all-to-all does not run
@@ -40,7 +41,7 @@ Token choice (every token picks its k experts):
 
 Causality of capacity dispatch. Capacity is a shared resource, so who gets a
 slot must not depend on the future. Capacity is counted per *sequence* (one
-group per batch row, as MaxText does) and slots are claimed in position order
+group per batch row) and slots are claimed in position order
 (cumsum over ``(position, slot)``): a token's keep/drop depends only on tokens
 at earlier positions of its own sequence -- never on later tokens, and never on
 other sequences of the batch (so results do not depend on batch composition,
@@ -273,7 +274,7 @@ def dropless_moe(x, experts, weights, w_gate, w_up, w_down, *, impl: str = "auto
     slots, ``jax.lax.ragged_dot`` with the group sizes), ``blocks`` (each
     expert's rows padded to a multiple of ``block_size``; block b is a batched
     matmul with the weights of its expert), ``auto`` (``blocks`` on CPU where it
-    is 4.5x faster, ``ragged_dot`` on GPU / TPU).
+    is about 4x faster, ``ragged_dot`` on GPU / TPU).
     """
     N, k = experts.shape
     D = x.shape[-1]
@@ -283,12 +284,12 @@ def dropless_moe(x, experts, weights, w_gate, w_up, w_down, *, impl: str = "auto
     flat = experts.reshape(-1)  # [N*k] slot s = (token s // k, choice s % k)
     M = flat.shape[0]
     order = jnp.argsort(flat, stable=True)  # slots sorted by expert
-    sizes = jnp.sum(jax.nn.one_hot(flat, E, dtype=jnp.int32), 0)  # [E] group sizes
-    e_sorted = flat[order]
-    rank = jnp.arange(M, dtype=jnp.int32) - (jnp.cumsum(sizes) - sizes)[e_sorted]  # within expert
+    sizes = jnp.bincount(flat, length=E).astype(jnp.int32)  # [E] group sizes
     if impl == "ragged_dot":
         rows, dest_sorted = M, jnp.arange(M, dtype=jnp.int32)
     elif impl == "blocks":
+        e_sorted = flat[order]
+        rank = jnp.arange(M, dtype=jnp.int32) - (jnp.cumsum(sizes) - sizes)[e_sorted]  # in expert
         m = block_size or default_block_size(M, E)
         padded = (sizes + m - 1) // m * m
         ends = jnp.cumsum(padded)
@@ -361,7 +362,9 @@ def expert_parallel_moe(x, experts, weights, w_gate, w_up, w_down, *,
     each device runs its ``E / X`` experts on the tokens of all X sources, a
     second ``all_to_all`` returns the outputs, and the combine is local.
     ``capacity_factor <= 0`` (dropless) uses ``C = S``, which never drops but
-    makes the buffers ``E / k`` times the routed tokens.
+    makes the buffers ``E / k`` times the routed tokens. With whole sequences on
+    each device (``sequence`` axis 1) the groups, hence the drops, are those of
+    single-device ``capacity_moe``.
     """
     mesh = jax.sharding.get_abstract_mesh()
     X = dict(mesh.shape)["expert"]
@@ -456,7 +459,7 @@ class MoE(nnx.Module):
             if balancing else None)
         # Jitter (Switch Transformer): only in training mode (`model.train()`), only if > 0.
         self.deterministic = True
-        self.rngs = nnx.data(rngs.fork() if cfg.jitter_noise > 0 else None)
+        self.rngs = nnx.data(nnx.Rngs(jitter=rngs.params()) if cfg.jitter_noise > 0 else None)
 
     def __call__(self, x):
         cfg = self.cfg

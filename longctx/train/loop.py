@@ -203,6 +203,45 @@ class _Preemption:
 
 
 # ----------------------------------------------------------------------------
+# Train state: model + optimizer, laid out on the mesh
+# ----------------------------------------------------------------------------
+
+
+class TrainState:
+    """The (model, optimizer) state created directly in its shards, and what restores it."""
+
+    def __init__(self, graphdef, state, sharding, abstract_state, n_params, n_embed):
+        self.graphdef, self.state, self.sharding = graphdef, state, sharding
+        self.abstract_state, self.n_params, self.n_embed = abstract_state, n_params, n_embed
+
+    @classmethod
+    def create(cls, cfg: Config, mesh, rules) -> "TrainState":
+        tx = make_optimizer(cfg.optim, cfg.train.steps)
+
+        def build():
+            model = build_model(cfg.model, rngs=nnx.Rngs(cfg.train.seed))
+            return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+        abstract = nnx.eval_shape(build)
+        graphdef, abstract_state = nnx.split(abstract)
+        sharding = shd.state_shardings(abstract_state, mesh, rules)
+        with jax.set_mesh(mesh), shd.activation_rules(mesh, rules):
+            state = jax.jit(lambda: nnx.state(build()), out_shardings=sharding)()
+        params = nnx.state(abstract[0], nnx.Param)
+        n_params = sum(math.prod(p.shape) for p in jax.tree.leaves(params))
+        n_embed = cfg.model.vocab_size * cfg.model.d_model * (1 if cfg.model.tie_embeddings else 2)
+        return cls(graphdef, state, sharding, abstract_state, n_params, n_embed)
+
+    def restore_target(self):
+        """Abstract arrays (shape, dtype, sharding of *this* mesh) for orbax restore."""
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            nnx.to_pure_dict(self.abstract_state), nnx.to_pure_dict(self.sharding))
+
+    def model(self):
+        return nnx.merge(self.graphdef, self.state)[0]
+
+
+# ----------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------
 
@@ -234,21 +273,9 @@ def train(cfg: Config, *, progress: bool = True, stop_at_step: int | None = None
     eval_ds = make_input(cfg, eval_split=True)
 
     # -- model and optimizer, created directly in their shards -----------------------
-    tx = make_optimizer(cfg.optim, t.steps)
-
-    def init():
-        model = build_model(cfg.model, rngs=nnx.Rngs(t.seed))
-        return nnx.state((model, nnx.Optimizer(model, tx, wrt=nnx.Param)))
-
-    abstract = nnx.eval_shape(lambda: (lambda m: (m, nnx.Optimizer(m, tx, wrt=nnx.Param)))(
-        build_model(cfg.model, rngs=nnx.Rngs(t.seed))))
-    graphdef, abstract_state = nnx.split(abstract)
-    state_sharding = shd.state_shardings(abstract_state, mesh, rules)
-    with jax.set_mesh(mesh), shd.activation_rules(mesh, rules):
-        state = jax.jit(init, out_shardings=state_sharding)()
-    params = nnx.state(abstract[0], nnx.Param)
-    n_params = sum(math.prod(p.shape) for p in jax.tree.leaves(params))
-    n_embed = cfg.model.vocab_size * cfg.model.d_model * (1 if cfg.model.tie_embeddings else 2)
+    ts = TrainState.create(cfg, mesh, rules)
+    graphdef, state, state_sharding = ts.graphdef, ts.state, ts.sharding
+    n_params, n_embed = ts.n_params, ts.n_embed
     log.info("model: %.2fM parameters (%.2fM non-embedding)", n_params / 1e6,
              (n_params - n_embed) / 1e6)
 
@@ -257,9 +284,7 @@ def train(cfg: Config, *, progress: bool = True, stop_at_step: int | None = None
                         async_save=cfg.checkpoint.async_save)
     start_step, train_it = 0, iter(train_ds)
     if cfg.checkpoint.resume:
-        target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                              nnx.to_pure_dict(abstract_state), nnx.to_pure_dict(state_sharding))
-        restored = ckpt.restore_latest(target)
+        restored = ckpt.restore_latest(ts.restore_target())
         if restored is not None:
             start_step, pure, data = restored
             nnx.replace_by_pure_dict(state, pure)

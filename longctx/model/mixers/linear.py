@@ -14,21 +14,23 @@ Variants (gates in log space, ``g <= 0``):
 * ``linear``: ``g = None``, feature map elu+1 (Katharopoulos et al. 2020,
   "Transformers are RNNs"). ``normalize=true`` adds their denominator.
 * ``retnet``: fixed decay per head ``gamma_h = 1 - 2^(-5-h)``, ``g = log gamma_h``
-  (Sun et al. 2023, "Retentive Network", section 2.2). RetNet's xPos rotation is
-  not used: position enters through the decay only.
+  (Sun et al. 2023, "Retentive Network", multi-scale retention). RetNet's xPos
+  rotation is not used: position enters through the decay only.
 * ``gla``: per-key data-dependent gate ``g = logsigmoid(x W1 W2 + b) / 16`` with a
-  rank-16 ``W1 W2`` (Yang et al. 2023, "Gated Linear Attention", section 4.4).
+  rank-16 ``W1 W2`` (config ``gate_normalizer``, ``gate_low_rank``; Yang et al.
+  2023, "Gated Linear Attention Transformers").
 * ``deltanet``: the delta rule with ``beta = sigmoid(x W_beta)`` and L2-normalised
   q, k after a SiLU feature map (Yang et al. 2024, "Parallelizing Linear
-  Transformers with the Delta Rule", section 4).
+  Transformers with the Delta Rule").
 * ``gated_deltanet``: DeltaNet plus Mamba-2's decay
   ``g = -exp(A) * softplus(x W_a + dt_bias)`` per head (Yang, Kautz,
-  Hatamizadeh 2024, "Gated Delta Networks", section 3.4; ``A`` and ``dt_bias``
+  Hatamizadeh 2024, "Gated Delta Networks"; ``A`` and ``dt_bias``
   initialised as in Mamba-2).
 
-State protocol: ``init_state(B, dtype)`` is ``{"S": [B, H, K, V'] float32}`` plus,
-with a short conv, ``"conv": {"q", "k", "v"}`` holding the last ``conv_size - 1``
-projected inputs ``[B, conv_size - 1, H, K or V]``. With ``normalize`` the state
+State protocol: ``init_state(B, dtype)`` is ``{"S": [B, H, K, V'] float32,
+"seg": [B, max(conv_size - 1, 1)] int32}`` (``seg``: see ``segment_ids`` below)
+plus, with a short conv, ``"conv": {"q", "k", "v"}`` holding the last
+``conv_size - 1`` projected inputs ``[B, conv_size - 1, H, K or V]``. With ``normalize`` the state
 has ``V' = V + 1`` columns: the last one is the decayed key sum ``z`` (the
 normaliser rides along as a value column of ones), so segments and decoding
 normalise exactly as the one-pass forward. ``state=None``: the chunk form over
@@ -86,7 +88,7 @@ def normalize_ok(lin: LinearConfig) -> bool:
 
 
 def retnet_log_decay(n_heads: int):
-    """``log(1 - 2^(-5-h))`` for h = 0..H-1 (RetNet, section 2.2): ``[H]`` float32."""
+    """``log(1 - 2^(-5-h))`` for h = 0..H-1 (RetNet's multi-scale decays): ``[H]`` float32."""
     return jnp.log1p(-(2.0 ** (-5.0 - jnp.arange(n_heads, dtype=jnp.float32))))
 
 
@@ -245,7 +247,7 @@ class LinearAttention(nnx.Module):
             o = o * jax.lax.rsqrt(jnp.mean(o * o, axis=-1, keepdims=True) + 1e-6)
             o = o * self.norm_scale[...]
         o = o.astype(dt)
-        if self.w_out_gate is not None:  # swish output gate (GLA section 4.4, RetNet's swish)
+        if self.w_out_gate is not None:  # swish output gate (as in GLA and RetNet)
             o = o * jax.nn.silu(jnp.einsum("bse,ehv->bshv", x, self.w_out_gate[...].astype(dt)))
         y = jnp.einsum("bshv,hve->bse", o, self.wo[...].astype(dt))
         if state is not None:

@@ -1,0 +1,126 @@
+"""Benchmark: a training step of the `recurrent` backend from 64K to 4M tokens.
+
+    python -m experiments.bench_recurrent                       # 64K, 256K, 1M, 4M; tiny, batch 1
+    python -m experiments.bench_recurrent --lengths 65536 262144 --repeats 1
+    python -m experiments.bench_recurrent --time-max 1048576    # compile-only (memory) above 1M
+    python -m experiments.bench_recurrent --set model.attention.recurrent.knn_size=4096
+
+The step is ``value_and_grad`` of the next-token loss of tiny.yaml's model with
+``model.attention.backend=recurrent`` (XL cache of one segment + linear
+compressive memory by default; ``--set key=value`` overrides). The loss is
+reduced *inside* the segment scan (as ``Transformer._scan_segments``, but each
+segment returns its summed cross-entropy instead of its logits), so nothing of
+size ``T x vocab`` exists, and truncated BPTT (``--window`` segments, default 4)
+is run window by window with the gradients accumulated (see ``make_step``): the
+carried state and one window's working set are all that is kept, and the
+compiled scratch memory
+(``jit(f).lower(...).compile().memory_analysis().temp_size_in_bytes``,
+deterministic on CPU) should not grow with length. Printed per length: median
+fwd+bwd seconds, tokens/s, scratch MiB, and below the table the scratch ratio
+against the shortest length (target <= 1.3 at 1M) and the log-log slope of time
+(target 1.0, linear in length).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+import longctx
+
+DEFAULTS = ["model.attention.backend=recurrent", "model.segment_len=512",
+            "model.attention.recurrent.cache_segments=1",
+            "model.attention.recurrent.compressive=linear", "model.max_seq_len=512"]
+
+
+def make_step(model, window: int):
+    """``(params, tokens [1, T]) -> (loss, grads)`` with the loss reduced inside the scan.
+
+    Truncated BPTT done as a training loop does it: a ``lax.scan`` over windows of
+    ``window`` segments, each window's ``value_and_grad`` taken on its own (its
+    incoming state under stop-gradient) and the gradients summed in the carry. The
+    gradient is that of ``model.bptt_segments = window`` (the state is cut at the
+    same segments), but only one window's residuals are ever alive, so memory does
+    not depend on the number of windows.
+    """
+    graphdef, params = nnx.split(model)
+    N = model.cfg.segment_len
+
+    def window_loss(params, state, tok, nxt):  # tok, nxt [w, B, N]
+        @jax.checkpoint  # per segment: keep only the carried state inside the window
+        def segment(params, state, tok_i, nxt_i):
+            m = nnx.merge(graphdef, params)
+            logits, _, state = m.step(tok_i, state)
+            return state, jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, nxt_i))
+
+        def body(state, xs):
+            return segment(params, state, *xs)
+
+        state, ce = jax.lax.scan(body, state, (tok, nxt))
+        return jnp.sum(ce), state
+
+    grad_window = jax.value_and_grad(window_loss, has_aux=True)
+
+    def step(params, tokens):
+        B, T = tokens.shape
+        n = T // (N * window)
+        nxt = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], 1)
+        split = lambda a: a.reshape(B, n, window, N).transpose(1, 2, 0, 3)  # [n, w, B, N]
+
+        def body(carry, xs):
+            state, total, grads = carry
+            (ce, state), g = grad_window(params, jax.lax.stop_gradient(state), *xs)
+            return (state, total + ce, jax.tree.map(jnp.add, grads, g)), None
+
+        m = nnx.merge(graphdef, params)
+        init = (m.init_state(B), jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+        (_, total, grads), _ = jax.lax.scan(body, init, (split(tokens), split(nxt)))
+        return total / (B * T), jax.tree.map(lambda g: g / (B * T), grads)
+
+    return jax.jit(step), params
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--lengths", type=int, nargs="+", default=[65536, 262144, 1048576, 4194304])
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--window", type=int, default=4, help="truncated BPTT: segments per window")
+    p.add_argument("--time-max", type=int, default=1 << 30,
+                   help="longest length that is also timed (longer: compile + memory only)")
+    p.add_argument("--set", nargs="*", default=[], help="extra config overrides key=value")
+    args = p.parse_args(argv)
+    cfg = longctx.load_config("experiments/configs/tiny.yaml", overrides=DEFAULTS + args.set)
+    model = longctx.build_model(cfg.model, rngs=nnx.Rngs(0))
+    step, params = make_step(model, args.window)
+    print(f"device {jax.devices()[0].device_kind}; overrides {DEFAULTS + args.set}")
+    print(f"{'tokens':>9} {'seconds':>9} {'tok/s':>9} {'scratch MiB':>12}")
+    rows = []
+    for T in args.lengths:
+        tokens = jax.random.randint(jax.random.PRNGKey(0), (1, T), 0, cfg.model.vocab_size)
+        scratch = step.lower(params, tokens).compile().memory_analysis().temp_size_in_bytes
+        secs = float("nan")
+        if T <= args.time_max:
+            jax.block_until_ready(step(params, tokens))  # warm-up
+            times = []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                jax.block_until_ready(step(params, tokens))
+                times.append(time.perf_counter() - t0)
+            secs = statistics.median(times)
+        rows.append((T, secs, scratch))
+        print(f"{T:>9} {secs:>9.2f} {T / secs:>9.0f} {scratch / 2**20:>12.1f}", flush=True)
+    T0, s0, m0 = rows[0]
+    for T, s, m in rows[1:]:
+        slope = math.log(s / s0) / math.log(T / T0) if s == s and s0 == s0 else float("nan")
+        print(f"{T:>9} vs {T0}: scratch x{m / m0:.2f}, time slope {slope:.2f} (1.0 = linear)")
+
+
+if __name__ == "__main__":
+    main()

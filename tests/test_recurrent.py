@@ -1,0 +1,242 @@
+"""The `recurrent` backend: equal to `full` without memory, each memory rule against a
+naive loop, causality across segments, decoding = forward."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import longctx
+from longctx.config import ConfigError
+from longctx.model.mixers.recurrent import RecurrentAttention
+
+TINY = "experiments/configs/tiny.yaml"
+REC = "model.attention.recurrent."
+
+
+def _cfg(*overrides):
+    return longctx.load_config(TINY, overrides=list(overrides))
+
+
+def _model(*overrides, seed=0):
+    return longctx.build_model(_cfg(*overrides).model, rngs=nnx.Rngs(seed))
+
+
+def _tokens(B, T, seed=0, vocab=256):
+    return jax.random.randint(jax.random.PRNGKey(seed), (B, T), 0, vocab, jnp.int32)
+
+
+_forward = nnx.jit(lambda m, t, i: m(t, segment_ids=i)[0])
+
+
+def _flat(model):
+    return {"/".join(map(str, p)): v[...] for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+# -- the model against `full` ---------------------------------------------------------
+
+
+def test_one_segment_without_memory_is_full_exactly():
+    full = _model("model.attention.backend=full")
+    rec = _model("model.attention.backend=recurrent", "model.segment_len=128")
+    pf, pr = _flat(full), _flat(rec)
+    assert pf.keys() == pr.keys()
+    for name in pf:
+        np.testing.assert_array_equal(pf[name], pr[name], err_msg=name)
+    tok = _tokens(2, 100, 1)
+    np.testing.assert_array_equal(_forward(full, tok, None), _forward(rec, tok, None))
+
+
+def test_xl_cache_covering_the_sequence_is_full_causal_attention():
+    """T=70 (5 segments of 16, the last padded); a 5-segment cache keeps every key."""
+    full = _model("model.attention.backend=full", "model.attention.impl=xla")
+    rec = _model("model.attention.backend=recurrent", "model.segment_len=16",
+                 REC + "cache_segments=5")
+    tok = _tokens(2, 70, 2)
+    np.testing.assert_allclose(_forward(rec, tok, None), _forward(full, tok, None), atol=2e-5)
+
+
+# -- mixer-level rules against naive loops ---------------------------------------------
+
+N = 8  # segment length of the mixer tests
+
+
+def _mixer(*overrides):
+    cfg = _cfg("model.attention.backend=recurrent", f"model.segment_len={N}",
+               "model.attention.conv_size=0", *overrides).model
+    return RecurrentAttention(cfg, rngs=nnx.Rngs(0)), cfg
+
+
+def _run(mixer, x, ids=None):
+    """Feed ``x [B, T, E]`` through the mixer segment by segment; (y, states after each)."""
+    B, T, _ = x.shape
+    call = nnx.jit(lambda m, x, p, s, i: m(x, positions=p, state=s, segment_ids=i))
+    state, ys, states = mixer.init_state(B), [], []
+    for s0 in range(0, T, N):
+        pos = jnp.broadcast_to(jnp.arange(s0, s0 + N, dtype=jnp.int32), (B, N))
+        y, state = call(mixer, x[:, s0:s0 + N], pos, state,
+                        None if ids is None else ids[:, s0:s0 + N])
+        ys.append(y)
+        states.append(state)
+    return jnp.concatenate(ys, 1), states
+
+
+def _proj(mixer, x):
+    """q, k, v before RoPE as numpy float64: [B, T, H|K, D]."""
+    f = lambda w: np.einsum("bte,ehd->bthd", np.float64(x), np.float64(w[...]))
+    return f(mixer.wq), f(mixer.wk), f(mixer.wv)
+
+
+def _out(mixer, o):
+    return np.einsum("bthd,hde->bte", o, np.float64(mixer.wo[...]))
+
+
+def _x(B=2, T=4 * N, seed=0):
+    return jax.random.normal(jax.random.PRNGKey(seed), (B, T, 128), jnp.float32)
+
+
+@pytest.mark.parametrize("C", [0, 1, 2])
+def test_xl_window_equals_a_masked_reference(C):
+    """Query p sees keys (p // N - C) * N <= pos <= p."""
+    mixer, cfg = _mixer(REC + f"cache_segments={C}")
+    x = _x()
+    y, _ = _run(mixer, x)
+    T = x.shape[1]
+    pos = jnp.arange(T)
+    q, k, v = (jnp.asarray(a, jnp.float32) for a in _proj(mixer, x))
+    q = longctx.model.layers.rope(q, jnp.broadcast_to(pos, (2, T)))
+    k = longctx.model.layers.rope(k, jnp.broadcast_to(pos, (2, T)))
+    mask = (pos[None, :] <= pos[:, None]) & (pos[None, :] >= (pos[:, None] // N - C) * N)
+    o = longctx.attention.full.masked_attention(q, k, v, mask)
+    np.testing.assert_allclose(y, _out(mixer, np.float64(o)), atol=2e-5)
+
+
+def _elu1(x):
+    return np.where(x > 0, x + 1.0, np.exp(np.minimum(x, 0)))
+
+
+@pytest.mark.parametrize("rule", ["linear", "delta"])
+def test_compressive_memory_equals_a_naive_loop(rule):
+    mixer, _ = _mixer(REC + "cache_segments=0", REC + f"compressive={rule}")
+    local, _ = _mixer(REC + "cache_segments=0")  # same weights, no memory
+    x = _x()
+    y, states = _run(mixer, x)
+    y_local, _ = _run(local, x)
+    q, k, v = _proj(mixer, x)
+    B, T, H, D = q.shape
+    K = k.shape[2]
+    G = H // K
+    M, z = np.zeros((B, K, D, D)), np.zeros((B, K, D))
+    reads = []
+    for s in range(T // N):
+        sl = slice(s * N, (s + 1) * N)
+        sq, sk, vs = _elu1(q[:, sl]), _elu1(k[:, sl]), v[:, sl]
+        r = np.zeros((B, N, H, D))
+        for h in range(H):  # A_mem = s(Q) M_{s-1} / s(Q) z_{s-1}
+            r[:, :, h] = (np.einsum("btd,bde->bte", sq[:, :, h], M[:, h // G])
+                          / (np.einsum("btd,bd->bt", sq[:, :, h], z[:, h // G])[..., None] + 1e-6))
+        reads.append(r)
+        for j in range(K):
+            vv = vs[:, :, j]
+            if rule == "delta":
+                vv = vv - (np.einsum("btd,bde->bte", sk[:, :, j], M[:, j])
+                           / (np.einsum("btd,bd->bt", sk[:, :, j], z[:, j])[..., None] + 1e-6))
+            M[:, j] = M[:, j] + np.einsum("btd,bte->bde", sk[:, :, j], vv)
+            z[:, j] = z[:, j] + sk[:, :, j].sum(1)
+        np.testing.assert_allclose(states[s]["mem"]["M"], M, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(states[s]["mem"]["z"], z, rtol=1e-5, atol=1e-4)
+    expect = 0.5 * np.float64(y_local) + 0.5 * _out(mixer, np.concatenate(reads, 1))
+    np.testing.assert_allclose(y, expect, atol=2e-5)
+
+
+@pytest.mark.parametrize("approx", [False, True])
+def test_knn_memory_equals_a_numpy_argsort(approx):
+    """Top-k over the Mk tokens before the query's segment, same document only."""
+    Mk, topk = 12, 3
+    mixer, _ = _mixer(REC + "cache_segments=0", REC + f"knn_size={Mk}", REC + f"knn_topk={topk}",
+                      REC + f"knn_approx={str(approx).lower()}", REC + "knn_recall=1.0")
+    local, _ = _mixer(REC + "cache_segments=0")
+    x = _x(T=5 * N, seed=3)
+    B, T = x.shape[:2]
+    ids = np.zeros((B, T), np.int32)
+    ids[1, 21:] = 1  # row 1: a second document from position 21 (inside segment 2)
+    y, _ = _run(mixer, x, jnp.asarray(ids))
+    y_local, _ = _run(local, x, jnp.asarray(ids))
+    q, k, v = _proj(mixer, x)
+    H, D = q.shape[2:]
+    G = H // k.shape[2]
+    read = np.zeros_like(q)
+    for b in range(B):
+        for t in range(T):
+            lo = t // N * N
+            cand = np.array([p for p in range(max(lo - Mk, 0), lo) if ids[b, p] == ids[b, t]])
+            for h in range(H):
+                if len(cand) == 0:
+                    continue
+                s = k[b, cand, h // G] @ q[b, t, h] * D**-0.5
+                best = np.argsort(-s)[:topk]
+                p = np.exp(s[best] - s[best].max())
+                read[b, t, h] = (p / p.sum()) @ v[b, cand[best], h // G]
+    expect = 0.5 * np.float64(y_local) + 0.5 * _out(mixer, read)
+    np.testing.assert_allclose(y, expect, atol=2e-5)
+
+
+# -- the model: causality and decoding ------------------------------------------------
+
+ALL = ("model.attention.backend=recurrent", "model.segment_len=16", REC + "cache_segments=1",
+       REC + "compressive=delta", REC + "knn_size=32", REC + "knn_topk=4")
+
+
+def test_no_logit_depends_on_a_later_token_with_every_memory_on():
+    """Across segments of 16 and a document boundary at 40 (T=70: the last segment padded)."""
+    model = _model(*ALL)
+    T = 70
+    tok = _tokens(2, T, 4)
+    ids = jnp.asarray(np.repeat([[0] * 40 + [1] * 30], 2, 0))
+    a = _forward(model, tok, ids)
+    for t in (29, 50):  # mid-segment in document 0, and in document 1
+        changed = tok.at[:, t].set((tok[:, t] + 7) % 256)
+        b = _forward(model, changed, ids)
+        np.testing.assert_array_equal(a[:, :t], b[:, :t])
+        assert not np.allclose(a[:, t:], b[:, t:])
+
+
+@pytest.mark.parametrize("name,overrides", [
+    ("xl", ("model.attention.backend=recurrent", "model.segment_len=8", REC + "cache_segments=1")),
+    ("all", ALL[:1] + ("model.segment_len=8",) + ALL[2:]),
+])
+def test_decoding_token_by_token_reproduces_the_forward(name, overrides):
+    model = _model(*overrides)
+    tok = _tokens(2, 36, 5)  # 4.5 segments of 8
+    full = _forward(model, tok, None)
+    step = nnx.jit(lambda m, t, s: m.step(t, s))
+    state = model.init_state(2)
+    outs = []
+    for t in range(tok.shape[1]):
+        logits, _, state = step(model, tok[:, t:t + 1], state)
+        outs.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=3e-5)
+
+
+def test_gradients_reach_the_past_through_compressive_memory_only_within_bptt():
+    """Loss on segment 2 only, no XL cache: segment 0's tokens matter through M only."""
+    T, S = 48, 16
+    tok = jnp.concatenate([jnp.arange(16)[None], _tokens(1, T - S, 6, 100) + 100], 1)
+
+    def emb_grad_rows(*o):
+        m = _model("model.attention.backend=recurrent", f"model.segment_len={S}",
+                   REC + "cache_segments=0", REC + "compressive=linear", "model.n_layers=1",
+                   "model.tie_embeddings=false", *o)
+        g = nnx.jit(nnx.grad(lambda m, t: jnp.sum(m(t)[0][:, 2 * S:] ** 2)))(m, tok)
+        return np.abs(np.asarray(g.embed.embedding[...][:16])).sum()
+
+    assert emb_grad_rows() > 0
+    assert emb_grad_rows("model.bptt_segments=1") == 0
+
+
+def test_config_is_validated():
+    with pytest.raises(ConfigError, match="compressive"):
+        _cfg("model.attention.backend=recurrent", REC + "compressive=lstm")
+    with pytest.raises(ConfigError, match="knn_topk"):
+        _cfg("model.attention.backend=recurrent", REC + "knn_size=4", REC + "knn_topk=8")
