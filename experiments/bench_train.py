@@ -38,15 +38,14 @@ def main(argv=None):
     model = build_model(mc, rngs=nnx.Rngs(0))
     opt = nnx.Optimizer(model, make_optimizer(cfg.optim, 100), wrt=nnx.Param)
     graphdef, state = nnx.split((model, opt))
-    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    n_embed = mc.vocab_size * mc.d_model * (1 if mc.tie_embeddings else 2)
+    n_params, n_active = M.active_params(mc, nnx.state(model, nnx.Param))
     rng = np.random.default_rng(0)
     B, T = args.batch, args.seq_len
     batch = {"tokens": jnp.asarray(rng.integers(0, mc.vocab_size, (B, T)), jnp.int32),
              "targets": jnp.asarray(rng.integers(0, mc.vocab_size, (B, T)), jnp.int32),
              "loss_mask": jnp.ones((B, T), jnp.float32)}
     step = jax.jit(make_train_step(graphdef, 1), donate_argnums=0)
-    flops = M.train_flops_per_step(mc, n_params - n_embed, batch=B, seq_len=T)
+    flops = M.train_flops_per_step(mc, n_active, batch=B, seq_len=T)
 
     def run(state):
         return step(state, batch)[0]
@@ -66,7 +65,7 @@ def main(argv=None):
     peak = M.matmul_rate()
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
     print(f"model: d_model={mc.d_model} n_layers={mc.n_layers} heads={mc.n_heads} "
-          f"params={n_params / 1e6:.1f}M (non-embedding {(n_params - n_embed) / 1e6:.1f}M), "
+          f"params={n_params / 1e6:.1f}M (non-embedding {(n_active) / 1e6:.1f}M), "
           f"attention impl={mc.attention.impl}")
     print(f"batch {B} x {T} tokens, step time {t:.3f} s (median of {args.repeats})")
     print(f"model FLOPs/step {flops / 1e12:.3f} TFLOP -> {flops / t / 1e9:.1f} GFLOP/s")

@@ -99,8 +99,7 @@ def measure(cfg, *, batch, repeats, budget_bytes):
     model = build_model(mc, rngs=nnx.Rngs(0))
     opt = nnx.Optimizer(model, make_optimizer(cfg.optim, 100), wrt=nnx.Param)
     graphdef, state = nnx.split((model, opt))
-    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    n_embed = mc.vocab_size * mc.d_model * (1 if mc.tie_embeddings else 2)
+    n_params, n_active = M.active_params(mc, nnx.state(model, nnx.Param))
     rng = np.random.default_rng(0)
     b = {"tokens": jnp.asarray(rng.integers(0, mc.vocab_size, (batch, T)), jnp.int32),
          "targets": jnp.asarray(rng.integers(0, mc.vocab_size, (batch, T)), jnp.int32),
@@ -122,7 +121,7 @@ def measure(cfg, *, batch, repeats, budget_bytes):
         if i:
             times.append(time.perf_counter() - t0)
     dt = float(np.median(times))
-    flops = M.train_flops_per_step(mc, n_params - n_embed, batch=batch, seq_len=T)
+    flops = M.train_flops_per_step(mc, n_active, batch=batch, seq_len=T)
     peak, _ = M.peak_flops()
     return {**row, "status": "ok", "step_s": dt, "tokens_per_s": batch * T / dt,
             "tflops_per_s": flops / dt / 1e12, "mfu": flops / dt / peak,

@@ -70,3 +70,23 @@ def test_cli_missing_config(missing):
     r = subprocess.run([sys.executable, "-m", "longctx.train", "--config", missing],
                        capture_output=True, text=True)
     assert r.returncode != 0 and "config file not found" in r.stderr
+
+
+def test_active_params_count_k_of_e_experts_and_no_embeddings():
+    from flax import nnx
+
+    import longctx
+    from longctx.train.metrics import active_params
+
+    dense = load_config(TINY)
+    m = longctx.build_model(dense.model, rngs=nnx.Rngs(0))
+    total, active = active_params(dense.model, nnx.state(m, nnx.Param))
+    assert total - active == 256 * 128  # the tied embedding only
+    moe = load_config(TINY, ["model.moe.num_experts=8", "model.moe.num_experts_per_tok=2",
+                             "model.moe.expert_dim=64"])
+    mm = longctx.build_model(moe.model, rngs=nnx.Rngs(0))
+    total_m, active_m = active_params(moe.model, nnx.state(mm, nnx.Param))
+    experts = 2 * 8 * 3 * 128 * 64  # 2 MoE layers x E x (gate, up, down) x d_model x expert_dim
+    assert total_m > active_m
+    # 6/8 of the expert weights are inactive per token (up to the tiny load probe).
+    assert abs((total_m - 256 * 128 - active_m) - experts * 6 // 8) <= 2 * 8

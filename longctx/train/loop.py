@@ -210,9 +210,9 @@ class _Preemption:
 class TrainState:
     """The (model, optimizer) state created directly in its shards, and what restores it."""
 
-    def __init__(self, graphdef, state, sharding, abstract_state, n_params, n_embed):
+    def __init__(self, graphdef, state, sharding, abstract_state, n_params, n_active):
         self.graphdef, self.state, self.sharding = graphdef, state, sharding
-        self.abstract_state, self.n_params, self.n_embed = abstract_state, n_params, n_embed
+        self.abstract_state, self.n_params, self.n_active = abstract_state, n_params, n_active
 
     @classmethod
     def create(cls, cfg: Config, mesh, rules) -> "TrainState":
@@ -227,10 +227,8 @@ class TrainState:
         sharding = shd.state_shardings(abstract_state, mesh, rules)
         with jax.set_mesh(mesh), shd.activation_rules(mesh, rules):
             state = jax.jit(lambda: nnx.state(build()), out_shardings=sharding)()
-        params = nnx.state(abstract[0], nnx.Param)
-        n_params = sum(math.prod(p.shape) for p in jax.tree.leaves(params))
-        n_embed = cfg.model.vocab_size * cfg.model.d_model * (1 if cfg.model.tie_embeddings else 2)
-        return cls(graphdef, state, sharding, abstract_state, n_params, n_embed)
+        n_params, n_active = M.active_params(cfg.model, nnx.state(abstract[0], nnx.Param))
+        return cls(graphdef, state, sharding, abstract_state, n_params, n_active)
 
     def restore_target(self):
         """Abstract arrays (shape, dtype, sharding of *this* mesh) for orbax restore."""
@@ -275,9 +273,8 @@ def train(cfg: Config, *, progress: bool = True, stop_at_step: int | None = None
     # -- model and optimizer, created directly in their shards -----------------------
     ts = TrainState.create(cfg, mesh, rules)
     graphdef, state, state_sharding = ts.graphdef, ts.state, ts.sharding
-    n_params, n_embed = ts.n_params, ts.n_embed
-    log.info("model: %.2fM parameters (%.2fM non-embedding)", n_params / 1e6,
-             (n_params - n_embed) / 1e6)
+    log.info("model: %.2fM parameters (%.2fM active non-embedding)", ts.n_params / 1e6,
+             ts.n_active / 1e6)
 
     # -- checkpoint restore -----------------------------------------------------------------
     ckpt = Checkpointer(str(run_dir / "checkpoints"), keep=cfg.checkpoint.keep,
@@ -318,7 +315,7 @@ def train(cfg: Config, *, progress: bool = True, stop_at_step: int | None = None
     # -- loop -----------------------------------------------------------------------------
     schedule = lr_schedule(cfg.optim, t.steps)
     tokens_per_step = t.batch_size * cfg.data.seq_len
-    flops_per_step = M.train_flops_per_step(cfg.model, n_params - n_embed,
+    flops_per_step = M.train_flops_per_step(cfg.model, ts.n_active,
                                             batch=t.batch_size, seq_len=cfg.data.seq_len)
     peak, peak_src = M.peak_flops()
     log.info("MFU reference: %.1f TFLOP/s per device (%s)", peak / 1e12, peak_src)

@@ -11,6 +11,7 @@ meaningful datasheet peak for XLA).
 from __future__ import annotations
 
 import functools
+import math
 import statistics
 import time
 
@@ -70,6 +71,30 @@ def attention_flops(*, batch, seq_len, n_heads, head_dim, n_layers, causal=True,
     if causal and window is None:
         fwd /= 2
     return 3 * fwd * n_layers
+
+
+def active_params(model_cfg, params) -> tuple[int, int]:
+    """(all parameters, active non-embedding parameters) of an ``nnx.State`` of Params.
+
+    Active: a token runs through ``num_experts_per_tok`` of the ``num_experts``
+    experts of an MoE layer, so parameters with an ``expert`` logical axis count
+    ``k / E`` of their size. Embeddings (and an untied head) are excluded, as in
+    the ``6·N·tokens`` rule.
+    """
+    from flax import nnx
+
+    total = active = 0
+    moe = model_cfg.moe
+    for _, v in nnx.to_flat_state(params):
+        size = math.prod(v.get_value().shape)
+        total += size
+        axes = v.get_metadata().get("out_sharding") or ()
+        if "vocab" in axes:
+            continue
+        if "expert" in axes and moe.num_experts:
+            size = size * moe.num_experts_per_tok // moe.num_experts
+        active += size
+    return total, active
 
 
 def train_flops_per_step(model_cfg, n_nonembed_params: int, *, batch: int, seq_len: int) -> float:
