@@ -81,7 +81,9 @@ class FullAttention(nnx.Module):
             }
         return state
 
-    def __call__(self, x, *, positions, state=None, segment_ids=None):
+    def _qkv(self, x, positions, state, segment_ids):
+        """Projections (+ short conv) -> ``(q, k, v, q0, k0, conv_state)``; q, k with RoPE,
+        q0, k0 the same before RoPE (content keys for memories that ignore position)."""
         dt = self.dtype
         x = x.astype(dt)
         q = jnp.einsum("bse,ehd->bshd", x, self.wq[...].astype(dt))  # [B, S, H, D]
@@ -90,8 +92,14 @@ class FullAttention(nnx.Module):
         conv_state = None
         if self.conv_size:
             q, k, v, conv_state = self._conv(q, k, v, state, segment_ids)
+        q0, k0 = q, k
         q = rope(q, positions, theta=self.rope_theta, scaling=self.rope_scaling)
         k = rope(k, positions, theta=self.rope_theta, scaling=self.rope_scaling)
+        return q, k, v, q0, k0, conv_state
+
+    def __call__(self, x, *, positions, state=None, segment_ids=None):
+        dt = self.dtype
+        q, k, v, _, _, conv_state = self._qkv(x, positions, state, segment_ids)
         a = self.attn
         if state is None:
             o = full_attention.attention(q, k, v, causal=True, window=a.window,

@@ -67,7 +67,7 @@ from flax import nnx
 
 from longctx.attention import full as full_attention
 from longctx.config import ModelConfig
-from longctx.model.layers import param, rope
+from longctx.model.layers import param
 from longctx.model.mixers.full import FullAttention
 
 EPS = 1e-6  # guards s(Q) z = 0 (an empty memory reads as 0)
@@ -147,16 +147,8 @@ class RecurrentAttention(FullAttention):
 
     def __call__(self, x, *, positions, state=None, segment_ids=None):
         dt = self.dtype
-        x = x.astype(dt)
-        q = jnp.einsum("bse,ehd->bshd", x, self.wq[...].astype(dt))  # [B, S, H, D]
-        k = jnp.einsum("bse,ehd->bshd", x, self.wk[...].astype(dt))  # [B, S, K, D]
-        v = jnp.einsum("bse,ehd->bshd", x, self.wv[...].astype(dt))
-        conv_state = None
-        if self.conv_size:
-            q, k, v, conv_state = self._conv(q, k, v, state, segment_ids)
-        q0, k0 = q, k  # before RoPE: content keys for the compressive and kNN memories
-        q = rope(q, positions, theta=self.rope_theta, scaling=self.rope_scaling)
-        k = rope(k, positions, theta=self.rope_theta, scaling=self.rope_scaling)
+        # q0, k0: before RoPE, content keys for the compressive and kNN memories.
+        q, k, v, q0, k0, conv_state = self._qkv(x, positions, state, segment_ids)
         a = self.attn
         if state is None and not self._has_memory:  # one segment, no memory: `full` exactly
             o = full_attention.attention(q, k, v, causal=True, window=a.window,
