@@ -44,6 +44,9 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip-reference-above", type=int, default=1 << 30,
                    help="do not run jax.nn.dot_product_attention above this length")
+    p.add_argument("--ref-budget-gb", type=float, default=12.0,
+                   help="compile the reference but do not run it when its scratch memory "
+                        "exceeds this (a run would be killed by the OS, not raise)")
     p.add_argument("--json", default=None, help="also write the rows to this JSONL file")
     args = p.parse_args(argv)
 
@@ -69,7 +72,12 @@ def main(argv=None):
                    frac_of_matmul=flops / t_f / peak, matmul_rate=peak)
         if T <= args.skip_reference_above:
             row["ref_scratch"] = scratch_bytes(ref, q, k, v)
-            row["ref_s"] = median_time(ref, q, k, v, repeats=args.repeats)
+            if row["ref_scratch"] <= args.ref_budget_gb * 2**30:
+                row["ref_s"] = median_time(ref, q, k, v, repeats=args.repeats)
+            else:
+                print(f"  T={T}: reference not run: compiled scratch "
+                      f"{row['ref_scratch'] / 2**30:.1f} GiB > --ref-budget-gb {args.ref_budget_gb}",
+                      flush=True)
         rows.append(row)
         r_s = row.get("ref_s", float("nan"))
         r_m = row.get("ref_scratch", float("nan"))

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from longctx.attention import full, linear
+from longctx.train.metrics import scratch_bytes
 
 OPS = ("linear", "retnet", "gla", "deltanet", "gated_deltanet")
 
@@ -48,10 +49,6 @@ def timed(fn, *args, repeats=3, budget_s=60.0):
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def scratch_bytes(fn, *args):
-    return fn.lower(*args).compile().memory_analysis().temp_size_in_bytes
 
 
 def inputs(op, B, T, H, D, seed=0):

@@ -83,8 +83,10 @@ def test_tpu_dry_run_commands(capsys):
     trains = [r for r in remotes if "-m longctx.train" in r]
     assert len(trains) == 2 and trains[0] == trains[1]  # first run and retry: the same command
     argv = shlex.split(trains[0].split("exec ", 1)[1])
-    assert argv == ["python3", "-m", "longctx.train", "--config", TINY, "train.steps=100",
-                    "optim.lr=1e-3", "train.run_dir=gs://bkt/runs/a"]
+    # every worker joins jax.distributed (coordinator from the TPU metadata)
+    assert argv[:2] == ["env", "LONGCTX_DISTRIBUTED=1"]
+    assert argv[2:] == ["python3", "-m", "longctx.train", "--config", TINY, "train.steps=100",
+                        "optim.lr=1e-3", "train.run_dir=gs://bkt/runs/a"]
     # order: sync < install < train; the retry branch: delete + create, or cleanup + train
     order = [next(i for i, r in enumerate(remotes) if key in r)
              for key in ("tar -xzf", "pip install", "-m longctx.train")]
@@ -125,7 +127,7 @@ def test_tpu_dry_run_multislice_via_wrapper():
     trains = [_remote(c) for c in cmds if c[4] == "ssh" and "-m longctx.train" in _remote(c)]
     argv = shlex.split(trains[0].split("exec ", 1)[1])
     assert argv[-3:] == ["train.steps=7", "mesh.dcn={data: 2}", "train.run_dir=gs://b/r"]
-    assert load_config(TINY, argv[5:]).mesh.dcn == {"data": 2}  # what the trainer will see
+    assert load_config(TINY, argv[7:]).mesh.dcn == {"data": 2}  # what the trainer will see
 
 
 @pytest.mark.parametrize("argv, message", [

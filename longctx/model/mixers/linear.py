@@ -58,7 +58,7 @@ from flax import nnx
 
 from longctx.attention import linear as linear_ops
 from longctx.config import LinearConfig, ModelConfig
-from longctx.model.layers import DTYPES, param
+from longctx.model.layers import DTYPES, causal_conv, param
 
 FEATURE_MAPS = {
     "identity": lambda x: x,
@@ -95,25 +95,6 @@ def retnet_log_decay(n_heads: int):
 def _l2norm(x, eps=1e-6):
     xf = x.astype(jnp.float32)
     return (xf * jax.lax.rsqrt(jnp.sum(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
-
-
-def _short_conv(x, w, tail, seg=None):
-    """Causal depthwise conv over time: ``y_t = sum_i w_i x_{t - W + 1 + i}``.
-
-    ``x [B, S, H, D]``, ``w [W, H, D]``, ``tail [B, W-1, H, D]`` the inputs before
-    ``x`` (zeros at the sequence start). ``seg [B, W-1+S]``: document ids of the
-    tail and ``x``; a tap from another document than ``t``'s is dropped.
-    Returns ``(y [B, S, H, D], new_tail)``.
-    """
-    W, S = w.shape[0], x.shape[1]
-    xe = jnp.concatenate([tail.astype(x.dtype), x], axis=1)  # [B, W-1+S, H, D]
-    y = 0
-    for i in range(W):
-        tap = xe[:, i:i + S] * w[i].astype(x.dtype)
-        if seg is not None:
-            tap = jnp.where((seg[:, i:i + S] == seg[:, W - 1:])[:, :, None, None], tap, 0)
-        y = y + tap
-    return y, xe[:, S:].astype(tail.dtype)
 
 
 class LinearAttention(nnx.Module):
@@ -204,9 +185,9 @@ class LinearAttention(nnx.Module):
         v = jnp.einsum("bse,ehv->bshv", x, self.wv[...].astype(dt))  # [B, S, H, V]
         if W:
             tails = state["conv"] if state is not None else self.init_state(B, dt)["conv"]
-            q, tq = _short_conv(q, self.conv_q[...], tails["q"], seg_ext)
-            k, tk = _short_conv(k, self.conv_k[...], tails["k"], seg_ext)
-            v, tv = _short_conv(v, self.conv_v[...], tails["v"], seg_ext)
+            q, tq = causal_conv(q, self.conv_q[...], tails["q"], seg_ext)
+            k, tk = causal_conv(k, self.conv_k[...], tails["k"], seg_ext)
+            v, tv = causal_conv(v, self.conv_v[...], tails["v"], seg_ext)
             if state is not None:
                 new_state["conv"] = {"q": tq, "k": tk, "v": tv}
         fmap = FEATURE_MAPS[self.feature_map]
