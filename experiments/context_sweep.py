@@ -184,7 +184,8 @@ def plot(rows, path, budget_bytes):
         ax.set_xlabel("context length (tokens)")
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.suptitle(f"longctx frontier on {jax.devices()[0].device_kind}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
