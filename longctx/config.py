@@ -51,6 +51,10 @@ class LinearConfig:
     normalize: bool = False  # divide by q . (decayed sum of k); linear | retnet | gla only
     gate_low_rank: int = 16  # gla: rank of the data-dependent gate projection
     gate_normalizer: float = 16.0  # gla: g = logsigmoid(x W1 W2 + b) / gate_normalizer
+    # gla: initial gate bias b. "retnet": per head, the bias that makes g = log(1 - 2^(-5-h))
+    # (RetNet's multi-scale decays) at x = 0; "zero": b = 0 (fla), i.e. every key forgets
+    # at exp(log(1/2)/16) = 0.958 per step from the start.
+    gate_bias_init: str = "retnet"
     output_norm: bool = True  # RMSNorm over each head's output
     output_gate: bool = True  # o * silu(x W_gate) before the output projection
 
@@ -65,6 +69,9 @@ class RecurrentConfig:
     knn_topk: int = 32  # kNN: pairs retrieved per query and head, 1 <= knn_topk <= knn_size
     knn_approx: bool = False  # kNN: jax.lax.approx_max_k (TPU-fast) instead of exact top_k
     knn_recall: float = 0.95  # kNN: recall_target of approx_max_k
+    # Recurrent Memory Transformer: memory tokens read at the start of every segment and
+    # written at its end (the model driver adds them; see longctx/model/transformer.py); 0: off
+    num_memory_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -424,6 +431,9 @@ def validate_model(m: ModelConfig) -> None:
     _require(lin.feature_map is None or lin.feature_map in FEATURE_MAPS,
              f"model.attention.linear.feature_map={lin.feature_map!r}; expected null or one "
              f"of {tuple(FEATURE_MAPS)}")
+    _require(lin.gate_bias_init in ("retnet", "zero"),
+             f"model.attention.linear.gate_bias_init={lin.gate_bias_init!r}: expected "
+             f"'retnet' or 'zero'")
     _require(lin.chunk_size >= 1 and lin.conv_size >= 0 and lin.gate_low_rank >= 1,
              f"model.attention.linear.chunk_size={lin.chunk_size}, conv_size={lin.conv_size}, "
              f"gate_low_rank={lin.gate_low_rank} must be >= 1, >= 0, >= 1")
@@ -441,6 +451,12 @@ def validate_model(m: ModelConfig) -> None:
     _require(rec.compressive in ("none", "linear", "delta"),
              f"model.attention.recurrent.compressive={rec.compressive!r}; expected one of "
              f"('none', 'linear', 'delta')")
+    _require(rec.num_memory_tokens >= 0,
+             f"model.attention.recurrent.num_memory_tokens={rec.num_memory_tokens} must be >= 0")
+    if rec.num_memory_tokens and a.backend == "recurrent":
+        _require(m.segment_len > 0,
+                 f"model.attention.recurrent.num_memory_tokens={rec.num_memory_tokens} needs "
+                 f"model.segment_len > 0 (memory is read and written once per segment)")
     _require(not rec.knn_size or 1 <= rec.knn_topk <= rec.knn_size,
              f"model.attention.recurrent.knn_topk={rec.knn_topk} must be in "
              f"[1, knn_size={rec.knn_size}]")

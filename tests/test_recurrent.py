@@ -185,7 +185,8 @@ def test_knn_memory_equals_a_numpy_argsort(approx):
 # -- the model: causality and decoding ------------------------------------------------
 
 ALL = ("model.attention.backend=recurrent", "model.segment_len=16", REC + "cache_segments=1",
-       REC + "compressive=delta", REC + "knn_size=32", REC + "knn_topk=4")
+       REC + "compressive=delta", REC + "knn_size=32", REC + "knn_topk=4",
+       REC + "num_memory_tokens=3")
 
 
 def test_no_logit_depends_on_a_later_token_with_every_memory_on():
@@ -205,6 +206,8 @@ def test_no_logit_depends_on_a_later_token_with_every_memory_on():
 @pytest.mark.parametrize("name,overrides", [
     ("xl", ("model.attention.backend=recurrent", "model.segment_len=8", REC + "cache_segments=1")),
     ("all", ALL[:1] + ("model.segment_len=8",) + ALL[2:]),
+    ("memory_tokens", ("model.attention.backend=recurrent", "model.segment_len=8",
+                       REC + "cache_segments=0", REC + "num_memory_tokens=2")),
 ])
 def test_decoding_token_by_token_reproduces_the_forward(name, overrides):
     model = _model(*overrides)
@@ -235,8 +238,101 @@ def test_gradients_reach_the_past_through_compressive_memory_only_within_bptt():
     assert emb_grad_rows("model.bptt_segments=1") == 0
 
 
+# -- memory tokens (Recurrent Memory Transformer) ------------------------------------------
+
+
+def _memory_rows_naive(model, tok):
+    """The RMT recurrence written out: no XL cache, no conv, one layer, per segment a plain
+    softmax attention over [read ; segment ; write] under the documented visibility."""
+    from longctx.model.layers import rope
+
+    cfg = model.cfg
+    N, M = cfg.segment_len, cfg.attention.recurrent.num_memory_tokens
+    blk, mix = model.blocks[0], model.blocks[0].mixer
+    D, H, K = mix.head_dim, mix.n_heads, mix.n_kv_heads
+    B, T = tok.shape
+    memory = jnp.broadcast_to(model.memory[...], (B, M, cfg.d_model))
+    out = []
+    for s in range(T // N):
+        x = jnp.concatenate([memory, model.embed(tok[:, s * N:(s + 1) * N], jnp.float32),
+                             jnp.broadcast_to(model.memory[...], memory.shape)], axis=1)
+        h = blk.attn_norm(x)
+        q = jnp.einsum("bse,ehd->bshd", h, mix.wq[...])
+        k = jnp.einsum("bse,ehd->bshd", h, mix.wk[...])
+        v = jnp.einsum("bse,ehd->bshd", h, mix.wv[...])
+        pos = jnp.arange(s * N, (s + 1) * N)[None]
+        q = q.at[:, M:M + N].set(rope(q[:, M:M + N], pos, theta=cfg.rope_theta))
+        k = k.at[:, M:M + N].set(rope(k[:, M:M + N], pos, theta=cfg.rope_theta))
+        L = 2 * M + N
+        vis = np.zeros((L, L), bool)
+        for i in range(L):
+            for j in range(L):
+                read_i, tok_i, write_i = i < M, M <= i < M + N, i >= M + N
+                read_j, tok_j, write_j = j < M, M <= j < M + N, j >= M + N
+                vis[i, j] = ((read_i and read_j) or (tok_i and (read_j or (tok_j and j <= i)))
+                             or write_i)  # one document: a write token sees everything
+        k = jnp.repeat(k, H // K, axis=2)
+        v = jnp.repeat(v, H // K, axis=2)
+        sc = jnp.einsum("bihd,bjhd->bhij", q, k) * D**-0.5
+        p = jax.nn.softmax(jnp.where(vis, sc, -jnp.inf), axis=-1)
+        o = jnp.einsum("bhij,bjhd->bihd", p, v)
+        x = x + jnp.einsum("bshd,hde->bse", o, mix.wo[...])
+        x = x + blk.mlp(blk.mlp_norm(x))
+        memory = x[:, M + N:]
+        out.append(model.embed.attend(model.final_norm(x[:, M:M + N])))
+    return jnp.concatenate(out, axis=1)
+
+
+def test_memory_tokens_equal_a_naive_recurrence():
+    model = _model("model.attention.backend=recurrent", "model.segment_len=8", "model.n_layers=1",
+                   "model.attention.conv_size=0", REC + "cache_segments=0",
+                   REC + "num_memory_tokens=3")
+    tok = _tokens(2, 32, 9)
+    np.testing.assert_allclose(_forward(model, tok, None), _memory_rows_naive(model, tok),
+                               atol=2e-5)
+
+
+def test_memory_tokens_carry_information_and_gradient_across_segments():
+    """Without XL cache, segment 0 reaches segment 3 only through the memory tokens: its
+    tokens change later logits, and the loss of segment 3 has a gradient on them, cut by
+    truncated BPTT (the learned memory embedding always has one: every segment's write
+    tokens start from it)."""
+    over = ("model.attention.backend=recurrent", "model.segment_len=8", REC + "cache_segments=0",
+            "model.tie_embeddings=false")
+    tok = _tokens(1, 32, 10)
+    changed = tok.at[:, 2].set((tok[:, 2] + 1) % 256)
+    plain, mem = _model(*over), _model(*over, REC + "num_memory_tokens=2")
+    np.testing.assert_array_equal(_forward(plain, tok, None)[:, 8:],
+                                  _forward(plain, changed, None)[:, 8:])
+    assert not np.allclose(_forward(mem, tok, None)[:, 24:], _forward(mem, changed, None)[:, 24:])
+
+    def grads(*o):
+        m = _model(*over, REC + "num_memory_tokens=2", *o)
+        g = nnx.jit(nnx.grad(lambda m, t: jnp.sum(m(t)[0][:, 24:] ** 2)))(m, tok)
+        return (np.abs(np.asarray(g.embed.embedding[...][tok[0, :8]])).sum(),
+                np.abs(np.asarray(g.memory[...])).sum())
+
+    assert min(grads()) > 0
+    emb, memory = grads("model.bptt_segments=2")
+    assert emb == 0 and memory > 0
+
+
+def test_documents_do_not_share_memory_tokens():
+    """A document starting at a segment boundary reads the initial memory, not its
+    predecessor's; one starting mid-segment reads none until its next segment."""
+    model = _model(*ALL)
+    tok = _tokens(2, 64, 11)
+    for start in (32, 40):
+        ids = jnp.asarray(np.repeat([[0] * start + [1] * (64 - start)], 2, 0))
+        changed = tok.at[:, :start].set((tok[:, :start] + 3) % 256)
+        np.testing.assert_array_equal(_forward(model, tok, ids)[:, start:],
+                                      _forward(model, changed, ids)[:, start:])
+
+
 def test_config_is_validated():
     with pytest.raises(ConfigError, match="compressive"):
         _cfg("model.attention.backend=recurrent", REC + "compressive=lstm")
+    with pytest.raises(ConfigError, match="num_memory_tokens"):
+        _cfg("model.attention.backend=recurrent", REC + "num_memory_tokens=2")
     with pytest.raises(ConfigError, match="knn_topk"):
         _cfg("model.attention.backend=recurrent", REC + "knn_size=4", REC + "knn_topk=8")

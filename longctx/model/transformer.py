@@ -77,6 +77,11 @@ class Block(nnx.Module):
         return x, new_state, aux
 
 
+def memory_tokens(cfg: ModelConfig) -> int:
+    """Memory tokens per segment (``model.attention.recurrent.num_memory_tokens``; recurrent only)."""
+    return cfg.attention.recurrent.num_memory_tokens if cfg.attention.backend == "recurrent" else 0
+
+
 def _apply_block(graphdef, params, x, positions, state, segment_ids):
     block = nnx.merge(graphdef, params)
     return block(x, positions=positions, state=state, segment_ids=segment_ids)
@@ -97,23 +102,66 @@ class Transformer(nnx.Module):
         self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
         self.lm_head = nnx.data(None if cfg.tie_embeddings else param(
             rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), std=cfg.init_std))
+        M = memory_tokens(cfg)  # created last: the other weights do not depend on it
+        self.memory = nnx.data(None if not M else param(
+            rngs, (M, cfg.d_model), (None, "embed"), std=cfg.init_std))
 
     # -- state protocol -------------------------------------------------------
 
     def init_state(self, batch_size: int, dtype=None):
         """Every layer's mixer state plus the next absolute position of each row."""
         dtype = self.dtype if dtype is None else dtype
-        return {
+        state = {
             "layers": [b.mixer.init_state(batch_size, dtype) for b in self.blocks],
             "next_pos": jnp.zeros((batch_size,), jnp.int32),
         }
+        if self.memory is not None:  # memory tokens: the learned initial memory, its document
+            state["memory"] = jnp.broadcast_to(self.memory[...].astype(dtype),
+                                               (batch_size, *self.memory.shape))
+            state["memory_seg"] = jnp.zeros((batch_size,), jnp.int32)
+        return state
 
     def step(self, tokens, state, *, segment_ids=None):
         """One segment ``tokens [B, S]`` with carried ``state`` -> (logits, aux, state)."""
-        S = tokens.shape[1]
+        B, S = tokens.shape
         positions = state["next_pos"][:, None] + jnp.arange(S, dtype=jnp.int32)[None, :]
-        logits, aux, layers = self._forward(tokens, positions, state["layers"], segment_ids)
-        return logits, aux, {"layers": layers, "next_pos": state["next_pos"] + S}
+        new = {"next_pos": state["next_pos"] + S}
+        memory = None
+        if self.memory is not None:
+            memory, new["memory"], new["memory_seg"], segment_ids = self._memory_tokens(
+                state, positions, segment_ids)
+        logits, aux, new["layers"] = self._forward(tokens, positions, state["layers"],
+                                                   segment_ids, memory)
+        if memory is not None:
+            logits, written = logits
+            commit = ((positions[:, -1] + 1) % self.cfg.segment_len == 0)[:, None, None]
+            new["memory"] = jnp.where(commit, written.astype(new["memory"].dtype), new["memory"])
+        return logits, aux, new
+
+    def _memory_tokens(self, state, positions, segment_ids):
+        """Read / write memory of a segment (Recurrent Memory Transformer; see recurrent.py).
+
+        Returns ``((read [B, M, E], write [B, M, E]), memory, memory_seg, ids)``:
+        ``memory`` / ``memory_seg`` the state to carry when the segment does not end
+        here (the write is committed by ``step`` at the segment's last position), and
+        ``ids [B, M + S + M]`` the document ids of ``[read ; segment ; write]``. A row
+        whose segment starts a new document reads the learned initial memory; a
+        document that starts inside a segment reads no memory until the next segment.
+        """
+        B, S = positions.shape
+        ids = (jnp.zeros((B, S), jnp.int32) if segment_ids is None
+               else segment_ids.astype(jnp.int32))
+        fresh = jnp.broadcast_to(self.memory[...].astype(state["memory"].dtype),
+                                 state["memory"].shape)
+        reset = (positions[:, 0] % self.cfg.segment_len == 0) & (ids[:, 0] != state["memory_seg"])
+        memory = jnp.where(reset[:, None, None], fresh, state["memory"])
+        mseg = jnp.where(reset, ids[:, 0], state["memory_seg"])
+        last = ids[:, -1]
+        commit = (positions[:, -1] + 1) % self.cfg.segment_len == 0
+        M = self.memory.shape[0]
+        ids_ext = jnp.concatenate([jnp.broadcast_to(mseg[:, None], (B, M)), ids,
+                                   jnp.broadcast_to(last[:, None], (B, M))], axis=1)
+        return (memory, fresh), memory, jnp.where(commit, last, mseg), ids_ext
 
     # -- forward ----------------------------------------------------------------
 
@@ -123,7 +171,7 @@ class Transformer(nnx.Module):
         if segment_ids is not None and segment_ids.shape != tokens.shape:
             raise ValueError(f"segment_ids shape {segment_ids.shape} != tokens shape {tokens.shape}")
         B, T = tokens.shape
-        if self.cfg.segment_len == 0 or self.cfg.segment_len >= T:
+        if self.memory is None and (self.cfg.segment_len == 0 or self.cfg.segment_len >= T):
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
             logits, aux, _ = self._forward(tokens, positions, None, segment_ids)
             return logits, aux
@@ -141,8 +189,14 @@ class Transformer(nnx.Module):
                                  f"got min {lo}, max {hi}")
         return tokens
 
-    def _forward(self, tokens, positions, layer_states, segment_ids):
+    def _forward(self, tokens, positions, layer_states, segment_ids, memory=None):
         x = constrain(self.embed(tokens, self.dtype), ACTIVATION_AXES)  # [B, S, E]
+        if memory is not None:  # [read ; segment ; write], memory positions -1 (unused)
+            read, write = memory
+            M, S = read.shape[1], x.shape[1]
+            x = jnp.concatenate([read.astype(x.dtype), x, write.astype(x.dtype)], axis=1)
+            none = jnp.full((x.shape[0], M), -1, jnp.int32)
+            positions = jnp.concatenate([none, positions, none], axis=1)
         new_states, auxes = [], []
         for i, block in enumerate(self.blocks):
             state = None if layer_states is None else layer_states[i]
@@ -156,12 +210,17 @@ class Transformer(nnx.Module):
             x = constrain(x, ACTIVATION_AXES)
             new_states.append(state)
             auxes.append(aux)
+        written = None
+        if memory is not None:  # the last layer's outputs at the write positions
+            written, x = x[:, M + S:], x[:, M:M + S]
         x = self.final_norm(x)
         if self.lm_head is None:
             logits = self.embed.attend(x)
         else:
             logits = jnp.einsum("bse,ev->bsv", x, self.lm_head[...].astype(x.dtype),
                                 preferred_element_type=jnp.float32)
+        if written is not None:
+            logits = (logits, written)
         return logits, _mean_aux(auxes), new_states
 
     def _scan_segments(self, tokens, segment_ids):

@@ -78,6 +78,13 @@ def make_optimizer(o: OptimConfig, total_steps: int) -> optax.GradientTransforma
 # ----------------------------------------------------------------------------
 
 
+def _metrics_of(logits, batch, mask):
+    """Summed masked cross entropy and number of correct argmax predictions."""
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    correct = (jnp.argmax(logits, -1) == batch["targets"]) * mask
+    return (ce * mask).sum(), correct.sum()
+
+
 def loss_fn(model, batch, denom=None):
     """Masked next-token cross entropy (+ any ``*_loss`` term in aux, already weighted).
 
@@ -88,11 +95,93 @@ def loss_fn(model, batch, denom=None):
     logits, aux = model(batch["tokens"], segment_ids=batch.get("segment_ids"))
     mask = batch["loss_mask"].astype(jnp.float32)
     denom = jnp.maximum(mask.sum(), 1.0) if denom is None else denom
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    loss = (ce * mask).sum() / denom
-    loss = loss + sum(v for k, v in aux.items() if k.endswith("_loss"))
-    correct = ((jnp.argmax(logits, -1) == batch["targets"]) * mask).sum()
+    ce, correct = _metrics_of(logits, batch, mask)
+    loss = ce / denom + sum(v for k, v in aux.items() if k.endswith("_loss"))
     return loss, {"loss": loss, "accuracy": correct / denom, **aux}
+
+
+def uses_segment_path(model_cfg, seq_len: int) -> bool:
+    """Whether training runs window by window over segments (:func:`segment_value_and_grad`)."""
+    from longctx.model.transformer import memory_tokens
+
+    N = model_cfg.segment_len
+    return bool(N) and (seq_len > N or memory_tokens(model_cfg) > 0)
+
+
+def segment_value_and_grad(model_def, model_state, batch, denom, *, grads: bool = True):
+    """Loss, metrics (and gradients) of a segment-scanned model, window by window.
+
+    The value and gradient of :func:`loss_fn` on ``model(tokens)`` for
+    ``model.segment_len = N`` and ``model.bptt_segments = k`` (the carried state is
+    cut every ``k`` segments; ``k = 0``: one window of every segment, full BPTT),
+    computed so that memory does not grow with the length: a ``lax.scan`` over
+    windows of ``k`` segments, each window's ``value_and_grad`` taken on its own
+    with its incoming state under ``stop_gradient`` (exactly where the model's
+    segment scan cuts it) and the gradients summed in the carry; inside a window a
+    ``lax.scan`` over segments, each one ``jax.checkpoint`` that reduces its logits
+    to the summed cross entropy at once, so no ``[B, T, vocab]`` array exists. Only
+    the carried state and one window's residuals are ever alive. The sequence is
+    padded to whole windows with masked tokens after the end, which causality keeps
+    invisible; ``*_loss`` aux terms are averaged over the real segments as in
+    ``model(tokens)``.
+
+    Returns ``((loss, metrics), grads)`` (``grads`` None with ``grads=False``).
+    """
+    model = nnx.merge(model_def, model_state)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)  # differentiate Params only
+    cfg = model.cfg
+    N = cfg.segment_len
+    B, T = batch["tokens"].shape
+    n = -(-T // N)  # real segments
+    k = cfg.bptt_segments or n
+    W = -(-n // k)  # windows
+    pad = W * k * N - T
+    fill = {"tokens": 0, "targets": 0, "loss_mask": 0, "segment_ids": -1}
+    xs = {}
+    for name, v in batch.items():
+        if name in fill:
+            v = jnp.pad(v, ((0, 0), (0, pad)), constant_values=fill[name])
+            xs[name] = v.reshape(B, W, k, N).transpose(1, 2, 0, 3)  # [W, k, B, N]
+    xs["index"] = jnp.arange(W * k, dtype=jnp.int32).reshape(W, k)
+
+    @jax.checkpoint  # per segment: keep only the carried state inside a window
+    def segment(ps, state, x):
+        m = nnx.merge(graphdef, ps, rest)
+        logits, aux, state = m.step(x["tokens"], state, segment_ids=x.get("segment_ids"))
+        ce, correct = _metrics_of(logits, x, x["loss_mask"].astype(jnp.float32))
+        real = (x["index"] < n).astype(jnp.float32)  # padding segments: no aux
+        return state, (ce, correct, jax.tree.map(lambda a: a * real / n, aux))
+
+    def window_loss(ps, state, xw, first):
+        fresh = nnx.merge(graphdef, ps, rest).init_state(B)  # may hold parameters (memory tokens)
+        state = jax.tree.map(lambda f, s: jnp.where(first, f, s), fresh, state)
+        state, (ce, correct, aux) = jax.lax.scan(lambda st, x: segment(ps, st, x), state, xw)
+        aux = jax.tree.map(lambda a: jnp.sum(a, axis=0), aux)  # this window's share of the mean
+        loss = ce.sum() / denom + sum(v for name, v in aux.items() if name.endswith("_loss"))
+        return loss, (state, correct.sum(), aux)
+
+    window = jax.value_and_grad(window_loss, has_aux=True) if grads else None
+
+    def body(carry, xw):
+        state, loss, correct, aux, acc = carry
+        state = jax.lax.stop_gradient(state)
+        first = xw["index"][0] == 0
+        if grads:
+            (l, (state, c, a)), g = window(params, state, xw, first)
+            acc = jax.tree.map(jnp.add, acc, g)
+        else:
+            l, (state, c, a) = window_loss(params, state, xw, first)
+        return (state, loss + l, correct + c, jax.tree.map(jnp.add, aux, a), acc), None
+
+    state0 = model.init_state(B)
+    aux0 = jax.eval_shape(lambda: window_loss(params, state0,
+                                              jax.tree.map(lambda a: a[0], xs), True)[1][2])
+    aux0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux0)
+    acc0 = jax.tree.map(jnp.zeros_like, params) if grads else None
+    zero = jnp.zeros((), jnp.float32)
+    (_, loss, correct, aux, acc), _ = jax.lax.scan(
+        body, (state0, zero, zero, aux0, acc0), xs)
+    return (loss, {"loss": loss, "accuracy": correct / denom, **aux}), acc
 
 
 def make_train_step(graphdef, accum_steps: int):
@@ -104,7 +193,12 @@ def make_train_step(graphdef, accum_steps: int):
         model_def, model_state = nnx.split(model)
         denom = jnp.maximum(batch["loss_mask"].astype(jnp.float32).sum(), 1.0)
 
+        segmented = uses_segment_path(model.cfg, batch["tokens"].shape[1])
+
         def grads_of(model_state, batch):  # pure in the model's state: safe inside lax.scan
+            if segmented:  # memory independent of length (truncated BPTT window by window)
+                (_, metrics), grads = segment_value_and_grad(model_def, model_state, batch, denom)
+                return grads, metrics
             fn = lambda m: loss_fn(m, batch, denom)  # noqa: E731
             (_, metrics), grads = nnx.value_and_grad(fn, has_aux=True)(
                 nnx.merge(model_def, model_state))
@@ -138,6 +232,10 @@ def make_train_step(graphdef, accum_steps: int):
 def make_eval_step(graphdef):
     def step(state, batch):
         model, _ = nnx.merge(graphdef, state)
+        if uses_segment_path(model.cfg, batch["tokens"].shape[1]):
+            model_def, model_state = nnx.split(model)
+            denom = jnp.maximum(batch["loss_mask"].astype(jnp.float32).sum(), 1.0)
+            return segment_value_and_grad(model_def, model_state, batch, denom, grads=False)[0][1]
         return loss_fn(model, batch)[1]
 
     return step

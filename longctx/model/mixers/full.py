@@ -81,14 +81,19 @@ class FullAttention(nnx.Module):
             }
         return state
 
+    def _project(self, x):
+        """``x [B, S, E]`` -> ``q [B, S, H, D]``, ``k, v [B, S, K, D]`` (projections only)."""
+        dt = self.dtype
+        x = x.astype(dt)
+        q = jnp.einsum("bse,ehd->bshd", x, self.wq[...].astype(dt))
+        k = jnp.einsum("bse,ehd->bshd", x, self.wk[...].astype(dt))
+        v = jnp.einsum("bse,ehd->bshd", x, self.wv[...].astype(dt))
+        return q, k, v
+
     def _qkv(self, x, positions, state, segment_ids):
         """Projections (+ short conv) -> ``(q, k, v, q0, k0, conv_state)``; q, k with RoPE,
         q0, k0 the same before RoPE (content keys for memories that ignore position)."""
-        dt = self.dtype
-        x = x.astype(dt)
-        q = jnp.einsum("bse,ehd->bshd", x, self.wq[...].astype(dt))  # [B, S, H, D]
-        k = jnp.einsum("bse,ehd->bshd", x, self.wk[...].astype(dt))  # [B, S, K, D]
-        v = jnp.einsum("bse,ehd->bshd", x, self.wv[...].astype(dt))
+        q, k, v = self._project(x)
         conv_state = None
         if self.conv_size:
             q, k, v, conv_state = self._conv(q, k, v, state, segment_ids)

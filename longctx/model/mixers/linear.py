@@ -18,7 +18,8 @@ Variants (gates in log space, ``g <= 0``):
   rotation is not used: position enters through the decay only.
 * ``gla``: per-key data-dependent gate ``g = logsigmoid(x W1 W2 + b) / 16`` with a
   rank-16 ``W1 W2`` (config ``gate_normalizer``, ``gate_low_rank``; Yang et al.
-  2023, "Gated Linear Attention Transformers").
+  2023, "Gated Linear Attention Transformers"). The bias starts at RetNet's decays
+  (``gate_bias_init``, see :func:`gla_gate_bias`).
 * ``deltanet``: the delta rule with ``beta = sigmoid(x W_beta)`` and L2-normalised
   q, k after a SiLU feature map (Yang et al. 2024, "Parallelizing Linear
   Transformers with the Delta Rule").
@@ -92,6 +93,22 @@ def retnet_log_decay(n_heads: int):
     return jnp.log1p(-(2.0 ** (-5.0 - jnp.arange(n_heads, dtype=jnp.float32))))
 
 
+def gla_gate_bias(n_heads: int, key_dim: int, lin: LinearConfig):
+    """Initial GLA gate bias ``[H, K]`` (config ``gate_bias_init``).
+
+    ``"retnet"``: ``b_h = logit(gamma_h ** gate_normalizer)``, so that at ``x W1 W2 = 0``
+    ``logsigmoid(b_h) / gate_normalizer = log gamma_h``: GLA starts as RetNet and learns
+    the data dependence. With ``"zero"`` (fla's init) every key forgets at 0.958 per step,
+    an effective window of ~23 tokens, and the tiny model does not learn MQAR at T=64 in
+    600 steps (held-out accuracy 0.02; see the README's table).
+    """
+    if lin.gate_bias_init == "zero":
+        return jnp.zeros((n_heads, key_dim), jnp.float32)
+    p = jnp.exp(retnet_log_decay(n_heads) * lin.gate_normalizer)  # sigmoid(b) = gamma^N
+    b = jnp.log(p) - jnp.log1p(-p)
+    return jnp.broadcast_to(b[:, None], (n_heads, key_dim)).astype(jnp.float32)
+
+
 def _l2norm(x, eps=1e-6):
     xf = x.astype(jnp.float32)
     return (xf * jax.lax.rsqrt(jnp.sum(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
@@ -129,7 +146,7 @@ class LinearAttention(nnx.Module):
             self.w_gate1 = param(rngs, (E, r), ("embed", None), std=std)
             self.w_gate2 = param(rngs, (r, H, K), (None, "heads", "head_dim"), std=std)
             self.b_gate = param(rngs, (H, K), ("heads", "head_dim"),
-                                value=jnp.zeros((H, K), jnp.float32))
+                                value=gla_gate_bias(H, K, lin))
         if lin.variant in DELTA_VARIANTS:
             self.w_beta = param(rngs, (E, H), ("embed", "heads"), std=std)
         if lin.variant == "gated_deltanet":

@@ -56,7 +56,17 @@ Without memories (compressive ``none``, ``knn_size 0``) and without state the
 layer is exactly the ``full`` backend (same parameters, same kernel call);
 the extra gate parameters are initialised to constants, so a model built from
 the same ``nnx.Rngs`` has the same weights as the ``full`` model.
-Memory tokens (Recurrent Memory Transformer) are not implemented yet.
+
+4. **Memory tokens** (Recurrent Memory Transformer, Bulatov et al. 2022, decoder
+   form), ``num_memory_tokens = M``: they cross every layer, so the model driver
+   (``longctx.model.transformer``) adds them: each segment is run as
+   ``[read M ; segment ; write M]`` where the read tokens are the carried memory
+   and the write tokens start as the learned memory embedding; the last layer's
+   outputs at the write positions become the next segment's read memory. This
+   layer then gets ``x [B, M + S + M, E]`` (positions of memory tokens -1,
+   ignored) and applies the visibility of :func:`_with_memory_tokens`: memory
+   tokens are unrotated, skip the short conv, are never cached and do not read
+   the compressive / kNN memories.
 """
 
 from __future__ import annotations
@@ -147,6 +157,15 @@ class RecurrentAttention(FullAttention):
 
     def __call__(self, x, *, positions, state=None, segment_ids=None):
         dt = self.dtype
+        Mt = self.rec.num_memory_tokens
+        mem_x = mem_ids = None
+        if Mt:  # x = [read memory ; segment ; write memory] (the model driver's layout)
+            if state is None or segment_ids is None:
+                raise ValueError("memory tokens need the model's segment scan (a state) and "
+                                 "segment ids for [read ; segment ; write]")
+            mem_x = (x[:, :Mt], x[:, -Mt:])
+            mem_ids = (segment_ids[:, 0], segment_ids[:, -1])  # documents of read / write
+            x, positions, segment_ids = x[:, Mt:-Mt], positions[:, Mt:-Mt], segment_ids[:, Mt:-Mt]
         # q0, k0: before RoPE, content keys for the compressive and kNN memories.
         q, k, v, q0, k0, conv_state = self._qkv(x, positions, state, segment_ids)
         a = self.attn
@@ -165,17 +184,22 @@ class RecurrentAttention(FullAttention):
                 state = self.init_state(B, dt)
             ids = (jnp.zeros((B, S), jnp.int32) if segment_ids is None
                    else segment_ids.astype(jnp.int32))
-            o, new_state = self._segment(q, k, v, q0, k0, positions, ids, state)
+            mem = None
+            if Mt:  # memory tokens: projections only (no short conv, no RoPE: no position)
+                mem = (*self._project(jnp.concatenate(mem_x, axis=1)), *mem_ids)
+            o, new_state = self._segment(q, k, v, q0, k0, positions, ids, state, mem)
             if conv_state is not None:
                 new_state["conv"] = conv_state
             if stateless:
                 new_state = None
         y = jnp.einsum("bshd,hde->bse", o, self.wo[...].astype(dt))
+        if Mt:  # back to the caller's layout [read ; segment ; write]
+            y = jnp.concatenate([y[:, S:S + Mt], y[:, :S], y[:, S + Mt:]], axis=1)
         return y, new_state
 
     # -- one segment with state ------------------------------------------------
 
-    def _segment(self, q, k, v, q0, k0, positions, ids, state):
+    def _segment(self, q, k, v, q0, k0, positions, ids, state, mem=None):
         N, C = self.seg_len, self.rec.cache_segments
         seg_start = positions // N * N  # [B, S]: first position of each query's segment
         new_state = {}
@@ -184,14 +208,24 @@ class RecurrentAttention(FullAttention):
         cache = jax.lax.stop_gradient({n: state[n] for n in ("k", "v", "pos", "seg")})
         cache = _write(cache, positions % self.ring, k, v, positions, ids)
         new_state.update(cache)
-        k_pos = cache["pos"][:, None, None, None, :]  # [B, 1, 1, 1, L]
-        q_pos = positions[:, None, None, :, None]  # [B, 1, 1, S, 1]
-        mask = full_attention.visible(
-            q_pos, k_pos, causal=True, window=self.attn.window,
-            q_seg=ids[:, None, None, :, None], k_seg=cache["seg"][:, None, None, None, :])
-        mask &= (k_pos >= 0) & (k_pos >= seg_start[:, None, None, :, None] - C * N)
-        o = full_attention.masked_attention(q, cache["k"].astype(q.dtype),
-                                            cache["v"].astype(q.dtype), mask)
+
+        def ring_mask(q_pos, q_seg, q_start):  # [B, Sq] each -> [B, 1, 1, Sq, L]
+            k_pos = cache["pos"][:, None, None, None, :]  # [B, 1, 1, 1, L]
+            ok = full_attention.visible(
+                q_pos[:, None, None, :, None], k_pos, causal=True, window=self.attn.window,
+                q_seg=q_seg[:, None, None, :, None], k_seg=cache["seg"][:, None, None, None, :])
+            return ok & (k_pos >= 0) & (k_pos >= q_start[:, None, None, :, None] - C * N)
+
+        mask = ring_mask(positions, ids, seg_start)
+        k_all, v_all = cache["k"].astype(q.dtype), cache["v"].astype(q.dtype)
+        S = q.shape[1]
+        if mem is not None:
+            q, k_all, v_all, mask = _with_memory_tokens(q, k_all, v_all, mask, ids, mem,
+                                                        ring_mask, positions, seg_start)
+        o = full_attention.masked_attention(q, k_all, v_all, mask)
+        if mem is not None:  # memory rows (after the segment's S) bypass the memories below
+            o, o_mem = o[:, :S], o[:, S:]
+            q = q[:, :S]
 
         # 2. Compressive memory: read M_{s-1}, write this segment (committed at its end).
         if self.rec.compressive != "none":
@@ -227,6 +261,8 @@ class RecurrentAttention(FullAttention):
                                       jax.lax.stop_gradient(v), positions, ids)
             g = jax.nn.sigmoid(self.knn_gate[...])[:, None]
             o = (g * read + (1 - g) * o.astype(jnp.float32)).astype(q.dtype)
+        if mem is not None:
+            o = jnp.concatenate([o, o_mem], axis=1)  # [segment ; read ; write]
         return o, new_state
 
     def _knn_read(self, q0, knn, seg_start, ids):
@@ -250,6 +286,41 @@ class RecurrentAttention(FullAttention):
         p = p / jnp.where(l == 0, 1.0, l)  # nothing retrievable: reads 0
         o = jnp.einsum("bkgsn,bkgsnd->bkgsd", p, vals)
         return full_attention._ungrouped(o)
+
+
+def _with_memory_tokens(q, k_ring, v_ring, mask, ids, mem, ring_mask, positions, seg_start):
+    """Queries ``[segment ; read ; write]`` over keys ``[ring ; read ; write]`` and their mask.
+
+    ``mem = (qm [B, 2M, H, D], km, vm [B, 2M, K, D], read_seg [B], write_seg [B])``
+    (read rows first). Visibility (Recurrent Memory Transformer, decoder form):
+    a segment token sees the read memory of its own document and the ring as
+    before, never the write tokens; read tokens see the read tokens only (they are
+    known before the segment); write tokens see the read tokens of their
+    document, what the segment's last token sees in the ring, and every write
+    token. All memory tokens are unrotated (no position).
+    """
+    qm, km, vm, read_seg, write_seg = mem
+    B, S = ids.shape
+    M2 = qm.shape[1]
+    M = M2 // 2
+    L = k_ring.shape[1]
+    is_read = (jnp.arange(M2) < M)[None, None, None, None, :]  # [1, 1, 1, 1, 2M] over mem keys
+    # Segment rows: the ring (mask) + read keys of the same document.
+    tok_mem = is_read & (ids == read_seg[:, None])[:, None, None, :, None]
+    tok_rows = jnp.concatenate([mask, jnp.broadcast_to(tok_mem, (B, 1, 1, S, M2))], axis=-1)
+    # Read rows: read keys only.
+    read_rows = jnp.concatenate([jnp.zeros((B, 1, 1, M, L), bool),
+                                 jnp.broadcast_to(is_read, (B, 1, 1, M, M2))], axis=-1)
+    # Write rows: as the last token over the ring, read keys of the write document, all writes.
+    last = lambda a: jnp.broadcast_to(a[:, -1:], (B, M))  # noqa: E731
+    w_ring = ring_mask(last(positions), last(ids), last(seg_start))
+    w_mem = jnp.where(is_read, (read_seg == write_seg)[:, None, None, None, None], True)
+    write_rows = jnp.concatenate([w_ring, jnp.broadcast_to(w_mem, (B, 1, 1, M, M2))], axis=-1)
+    mask = jnp.concatenate([tok_rows, read_rows, write_rows], axis=3)  # [B, 1, 1, S+2M, L+2M]
+    q = jnp.concatenate([q, qm.astype(q.dtype)], axis=1)
+    k = jnp.concatenate([k_ring, km.astype(k_ring.dtype)], axis=1)
+    v = jnp.concatenate([v_ring, vm.astype(v_ring.dtype)], axis=1)
+    return q, k, v, mask
 
 
 def _write(buf, slots, k, v, positions, ids):
