@@ -268,7 +268,7 @@ def _memory_rows_naive(model, tok):
         for i in range(L):
             for j in range(L):
                 read_i, tok_i, write_i = i < M, M <= i < M + N, i >= M + N
-                read_j, tok_j, write_j = j < M, M <= j < M + N, j >= M + N
+                read_j, tok_j = j < M, M <= j < M + N
                 vis[i, j] = ((read_i and read_j) or (tok_i and (read_j or (tok_j and j <= i)))
                              or write_i)  # one document: a write token sees everything
         k = jnp.repeat(k, H // K, axis=2)
