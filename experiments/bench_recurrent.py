@@ -5,15 +5,13 @@
     python -m experiments.bench_recurrent --time-max 1048576    # compile-only (memory) above 1M
     python -m experiments.bench_recurrent --set model.attention.recurrent.knn_size=4096
 
-The step is ``value_and_grad`` of the next-token loss of tiny.yaml's model with
-``model.attention.backend=recurrent`` (XL cache of one segment + linear
-compressive memory by default; ``--set key=value`` overrides). The loss is
-reduced *inside* the segment scan (as ``Transformer._scan_segments``, but each
-segment returns its summed cross-entropy instead of its logits), so nothing of
-size ``T x vocab`` exists, and truncated BPTT (``--window`` segments, default 4)
-is run window by window with the gradients accumulated (see ``make_step``): the
-carried state and one window's working set are all that is kept, and the
-compiled scratch memory
+The step is the trainer's loss and gradients (``segment_value_and_grad``) for
+tiny.yaml's model with ``model.attention.backend=recurrent`` (XL cache of one
+segment + linear compressive memory by default; ``--set key=value`` overrides):
+the loss is reduced inside the segment scan, so nothing of size ``T x vocab``
+exists, and truncated BPTT (``--window`` segments, default 4) is run window by
+window with the gradients accumulated: the carried state and one window's
+working set are all that is kept, and the compiled scratch memory
 (``jit(f).lower(...).compile().memory_analysis().temp_size_in_bytes``,
 deterministic on CPU) should not grow with length. Printed per length: median
 fwd+bwd seconds, tokens/s, scratch MiB, and below the table the scratch ratio
@@ -30,10 +28,10 @@ import time
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 import longctx
+from longctx.train.loop import segment_value_and_grad
 
 DEFAULTS = ["model.attention.backend=recurrent", "model.segment_len=512",
             "model.attention.recurrent.cache_segments=1",
@@ -41,50 +39,21 @@ DEFAULTS = ["model.attention.backend=recurrent", "model.segment_len=512",
 
 
 def make_step(model, window: int):
-    """``(params, tokens [1, T]) -> (loss, grads)`` with the loss reduced inside the scan.
+    """``(state, tokens [B, T]) -> ((loss, metrics), grads)``: the trainer's own windowed path.
 
-    Truncated BPTT done as a training loop does it: a ``lax.scan`` over windows of
-    ``window`` segments, each window's ``value_and_grad`` taken on its own (its
-    incoming state under stop-gradient) and the gradients summed in the carry. The
-    gradient is that of ``model.bptt_segments = window`` (the state is cut at the
-    same segments), but only one window's residuals are ever alive, so memory does
-    not depend on the number of windows.
+    ``longctx.train.loop.segment_value_and_grad`` with ``model.bptt_segments = window``:
+    a scan over windows of ``window`` segments, each window's gradient taken on its own
+    (incoming state under stop-gradient) and summed, each segment's logits reduced to its
+    cross entropy at once, so only the carried state and one window's residuals are alive.
     """
-    graphdef, params = nnx.split(model)
-    N = model.cfg.segment_len
+    graphdef, state = nnx.split(model)
 
-    def window_loss(params, state, tok, nxt):  # tok, nxt [w, B, N]
-        @jax.checkpoint  # per segment: keep only the carried state inside the window
-        def segment(params, state, tok_i, nxt_i):
-            m = nnx.merge(graphdef, params)
-            logits, _, state = m.step(tok_i, state)
-            return state, jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, nxt_i))
+    def step(state, tokens):
+        batch = {"tokens": tokens, "targets": jnp.roll(tokens, -1, axis=1),
+                 "loss_mask": jnp.ones(tokens.shape, jnp.float32)}
+        return segment_value_and_grad(graphdef, state, batch, jnp.asarray(tokens.size, jnp.float32))
 
-        def body(state, xs):
-            return segment(params, state, *xs)
-
-        state, ce = jax.lax.scan(body, state, (tok, nxt))
-        return jnp.sum(ce), state
-
-    grad_window = jax.value_and_grad(window_loss, has_aux=True)
-
-    def step(params, tokens):
-        B, T = tokens.shape
-        n = T // (N * window)
-        nxt = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], 1)
-        split = lambda a: a.reshape(B, n, window, N).transpose(1, 2, 0, 3)  # [n, w, B, N]
-
-        def body(carry, xs):
-            state, total, grads = carry
-            (ce, state), g = grad_window(params, jax.lax.stop_gradient(state), *xs)
-            return (state, total + ce, jax.tree.map(jnp.add, grads, g)), None
-
-        m = nnx.merge(graphdef, params)
-        init = (m.init_state(B), jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-        (_, total, grads), _ = jax.lax.scan(body, init, (split(tokens), split(nxt)))
-        return total / (B * T), jax.tree.map(lambda g: g / (B * T), grads)
-
-    return jax.jit(step), params
+    return jax.jit(step), state
 
 
 def main(argv=None):
@@ -96,7 +65,8 @@ def main(argv=None):
                    help="longest length that is also timed (longer: compile + memory only)")
     p.add_argument("--set", nargs="*", default=[], help="extra config overrides key=value")
     args = p.parse_args(argv)
-    cfg = longctx.load_config("experiments/configs/tiny.yaml", overrides=DEFAULTS + args.set)
+    cfg = longctx.load_config("experiments/configs/tiny.yaml",
+                              overrides=DEFAULTS + [f"model.bptt_segments={args.window}"] + args.set)
     model = longctx.build_model(cfg.model, rngs=nnx.Rngs(0))
     step, params = make_step(model, args.window)
     print(f"device {jax.devices()[0].device_kind}; overrides {DEFAULTS + args.set}")

@@ -154,6 +154,8 @@ class DataConfig:
     shuffle: bool = True  # file sources: shuffle rows (deterministic from seed)
     num_kv_pairs: int = 4  # mqar
     passkey_len: int = 5  # passkey
+    passkey_depth_min: float = 0.0  # passkey: needle depth drawn uniformly in [min, max]
+    passkey_depth_max: float = 1.0  #   (0: start of the haystack, 1: just before the query)
     eval_seed: int = 1  # held-out synthetic stream for evaluation
     eval_path: str | None = None  # held-out file for file sources; None: no evaluation
 
@@ -582,4 +584,5 @@ def task_kwargs(cfg: Config) -> dict:
     """The task-specific generator options of ``cfg.data``."""
     d = cfg.data
     return {"mqar": dict(num_kv_pairs=d.num_kv_pairs),
-            "passkey": dict(passkey_len=d.passkey_len)}.get(d.task, {})
+            "passkey": dict(passkey_len=d.passkey_len,
+                            depth=(d.passkey_depth_min, d.passkey_depth_max))}.get(d.task, {})

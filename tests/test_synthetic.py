@@ -236,15 +236,22 @@ def test_passkey_random_depth_spreads():
     assert np.all((depths >= 0) & (depths <= 1))
 
 
+def test_passkey_depth_range_stays_in_range():
+    depths = syn.make_batch("passkey", seed=0, start_index=0, batch_size=200, seq_len=128,
+                            vocab_size=32, depth=(0.25, 0.5))["depth"]
+    assert depths.min() >= 0.24 and depths.max() <= 0.51 and depths.max() - depths.min() > 0.2
+
+
 @pytest.mark.parametrize(
     "kw,match",
     [
+        (dict(seq_len=64, vocab_size=32, depth=(0.6, 0.2)), r"depth=\(0.6, 0.2\)"),
         (dict(seq_len=11, vocab_size=32, passkey_len=5), r"seq_len=11 too short for passkey_len=5: needs at least 12"),
         (dict(seq_len=64, vocab_size=15), r"vocab_size=15 too small: needs at least 16"),
         (dict(seq_len=64, vocab_size=32, depth=1.5), r"depth=1.5"),
         (dict(seq_len=64, vocab_size=32, passkey_len=0), r"passkey_len=0"),
     ],
-    ids=["T11-n5", "V15", "depth1.5", "n0"],
+    ids=["depth-range", "T11-n5", "V15", "depth1.5", "n0"],
 )
 def test_passkey_errors(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -181,7 +181,7 @@ def passkey(
     seq_len: int,
     vocab_size: int,
     passkey_len: int = 5,
-    depth: float | None = None,
+    depth: float | tuple[float, float] | None = None,
 ) -> dict[str, np.ndarray]:
     """Passkey retrieval in a haystack of random filler.
 
@@ -199,7 +199,7 @@ def passkey(
 
     The needle ``MARK d1..dn`` starts at ``pos = round(depth * (H - n - 1))``:
     depth 0 puts MARK at position 0, depth 1 ends the needle just before
-    QUERY. ``depth=None`` draws it uniformly in [0, 1].
+    QUERY. ``depth=None`` draws it uniformly in [0, 1], ``depth=(lo, hi)`` in [lo, hi].
 
     Loss: ``targets[T-n-1] = d1`` (at QUERY), ``targets[T-n-1+i] = d_{i+1}``
     (at the final ``d_i``), ``n`` positions in all; the last token is not
@@ -217,12 +217,16 @@ def passkey(
     if T < need:
         raise ValueError(f"passkey: {seq_len=} too short for {passkey_len=}: needs at least {need}")
     _check_vocab("passkey", V, 16)
-    if depth is not None and not 0.0 <= float(depth) <= 1.0:
-        raise ValueError(f"passkey: {depth=} must be in [0, 1]")
+    lo, hi = (0.0, 1.0) if depth is None else (
+        tuple(map(float, depth)) if isinstance(depth, (tuple, list)) else (float(depth),) * 2)
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"passkey: {depth=} must be a depth or a range (lo, hi) with "
+                         f"0 <= lo <= hi <= 1")
     rng = _rng("passkey", seed, index)
 
     digits = PASSKEY_DIGIT0 + rng.integers(0, 10, size=n)
-    d = float(rng.uniform(0.0, 1.0)) if depth is None else float(depth)
+    d = float(rng.uniform(0.0, 1.0)) if depth is None else (
+        lo if lo == hi else float(rng.uniform(lo, hi)))
     H = T - (n + 1)
     span = H - (n + 1)  # last legal needle start
     pos = int(round(d * span))

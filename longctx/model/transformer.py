@@ -141,6 +141,10 @@ class Transformer(nnx.Module):
     def _memory_tokens(self, state, positions, segment_ids):
         """Read / write memory of a segment (Recurrent Memory Transformer; see recurrent.py).
 
+        Both the read and the write tokens enter as the carried memory (as in RMT's
+        decoder): the write tokens' residual stream carries the memory on, so keeping it
+        unchanged across segments is the default and the layers learn what to add.
+
         Returns ``((read [B, M, E], write [B, M, E]), memory, memory_seg, ids)``:
         ``memory`` / ``memory_seg`` the state to carry when the segment does not end
         here (the write is committed by ``step`` at the segment's last position), and
@@ -161,7 +165,9 @@ class Transformer(nnx.Module):
         M = self.memory.shape[0]
         ids_ext = jnp.concatenate([jnp.broadcast_to(mseg[:, None], (B, M)), ids,
                                    jnp.broadcast_to(last[:, None], (B, M))], axis=1)
-        return (memory, fresh), memory, jnp.where(commit, last, mseg), ids_ext
+        # the write tokens continue the read memory only within the same document
+        write = jnp.where((mseg == last)[:, None, None], memory, fresh)
+        return (memory, write), memory, jnp.where(commit, last, mseg), ids_ext
 
     # -- forward ----------------------------------------------------------------
 

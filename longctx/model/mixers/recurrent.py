@@ -60,8 +60,8 @@ the same ``nnx.Rngs`` has the same weights as the ``full`` model.
 4. **Memory tokens** (Recurrent Memory Transformer, Bulatov et al. 2022, decoder
    form), ``num_memory_tokens = M``: they cross every layer, so the model driver
    (``longctx.model.transformer``) adds them: each segment is run as
-   ``[read M ; segment ; write M]`` where the read tokens are the carried memory
-   and the write tokens start as the learned memory embedding; the last layer's
+   ``[read M ; segment ; write M]`` where the read and the write tokens both enter
+   as the carried memory (initially a learned embedding); the last layer's
    outputs at the write positions become the next segment's read memory. This
    layer then gets ``x [B, M + S + M, E]`` (positions of memory tokens -1,
    ignored) and applies the visibility of :func:`_with_memory_tokens`: memory
@@ -184,10 +184,10 @@ class RecurrentAttention(FullAttention):
                 state = self.init_state(B, dt)
             ids = (jnp.zeros((B, S), jnp.int32) if segment_ids is None
                    else segment_ids.astype(jnp.int32))
-            mem = None
+            mtok = None
             if Mt:  # memory tokens: projections only (no short conv, no RoPE: no position)
-                mem = (*self._project(jnp.concatenate(mem_x, axis=1)), *mem_ids)
-            o, new_state = self._segment(q, k, v, q0, k0, positions, ids, state, mem)
+                mtok = (*self._project(jnp.concatenate(mem_x, axis=1)), *mem_ids)
+            o, new_state = self._segment(q, k, v, q0, k0, positions, ids, state, mtok)
             if conv_state is not None:
                 new_state["conv"] = conv_state
             if stateless:
@@ -199,7 +199,7 @@ class RecurrentAttention(FullAttention):
 
     # -- one segment with state ------------------------------------------------
 
-    def _segment(self, q, k, v, q0, k0, positions, ids, state, mem=None):
+    def _segment(self, q, k, v, q0, k0, positions, ids, state, mtok=None):
         N, C = self.seg_len, self.rec.cache_segments
         seg_start = positions // N * N  # [B, S]: first position of each query's segment
         new_state = {}
@@ -219,11 +219,11 @@ class RecurrentAttention(FullAttention):
         mask = ring_mask(positions, ids, seg_start)
         k_all, v_all = cache["k"].astype(q.dtype), cache["v"].astype(q.dtype)
         S = q.shape[1]
-        if mem is not None:
-            q, k_all, v_all, mask = _with_memory_tokens(q, k_all, v_all, mask, ids, mem,
+        if mtok is not None:  # memory tokens
+            q, k_all, v_all, mask = _with_memory_tokens(q, k_all, v_all, mask, ids, mtok,
                                                         ring_mask, positions, seg_start)
         o = full_attention.masked_attention(q, k_all, v_all, mask)
-        if mem is not None:  # memory rows (after the segment's S) bypass the memories below
+        if mtok is not None:  # memory rows (after the segment's S) bypass the memories below
             o, o_mem = o[:, :S], o[:, S:]
             q = q[:, :S]
 
@@ -261,7 +261,7 @@ class RecurrentAttention(FullAttention):
                                       jax.lax.stop_gradient(v), positions, ids)
             g = jax.nn.sigmoid(self.knn_gate[...])[:, None]
             o = (g * read + (1 - g) * o.astype(jnp.float32)).astype(q.dtype)
-        if mem is not None:
+        if mtok is not None:
             o = jnp.concatenate([o, o_mem], axis=1)  # [segment ; read ; write]
         return o, new_state
 
