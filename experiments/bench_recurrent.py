@@ -33,9 +33,9 @@ from flax import nnx
 import longctx
 from longctx.train.loop import segment_value_and_grad
 
-DEFAULTS = ["model.attention.backend=recurrent", "model.segment_len=512",
+DEFAULTS = ["model.attention.backend=recurrent", "model.segment_len=256",
             "model.attention.recurrent.cache_segments=1",
-            "model.attention.recurrent.compressive=linear", "model.max_seq_len=512"]
+            "model.attention.recurrent.compressive=linear", "model.max_seq_len=256"]
 
 
 def make_step(model, window: int):
