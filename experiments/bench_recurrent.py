@@ -39,7 +39,7 @@ DEFAULTS = ["model.attention.backend=recurrent", "model.segment_len=256",
 
 
 def make_step(model, window: int):
-    """``(state, tokens [B, T]) -> ((loss, metrics), grads)``: the trainer's own windowed path.
+    """``(state, batch) -> ((loss, metrics), grads)``: the trainer's own windowed path.
 
     ``longctx.train.loop.segment_value_and_grad`` with ``model.bptt_segments = window``:
     a scan over windows of ``window`` segments, each window's gradient taken on its own
@@ -48,10 +48,9 @@ def make_step(model, window: int):
     """
     graphdef, state = nnx.split(model)
 
-    def step(state, tokens):
-        batch = {"tokens": tokens, "targets": jnp.roll(tokens, -1, axis=1),
-                 "loss_mask": jnp.ones(tokens.shape, jnp.float32)}
-        return segment_value_and_grad(graphdef, state, batch, jnp.asarray(tokens.size, jnp.float32))
+    def step(state, batch):  # the batch is an argument, as in the trainer (not scratch)
+        denom = jnp.asarray(batch["tokens"].size, jnp.float32)
+        return segment_value_and_grad(graphdef, state, batch, denom)
 
     return jax.jit(step), state
 
@@ -59,7 +58,8 @@ def make_step(model, window: int):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[65536, 262144, 1048576, 4194304])
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=2,
+                   help="timed calls after a warm-up; 0: one call, timed (first-call costs included)")
     p.add_argument("--window", type=int, default=4, help="truncated BPTT: segments per window")
     p.add_argument("--time-max", type=int, default=1 << 30,
                    help="longest length that is also timed (longer: compile + memory only)")
@@ -74,16 +74,17 @@ def main(argv=None):
     rows = []
     for T in args.lengths:
         tokens = jax.random.randint(jax.random.PRNGKey(0), (1, T), 0, cfg.model.vocab_size)
+        tokens = {"tokens": tokens, "targets": jnp.roll(tokens, -1, axis=1),
+                  "loss_mask": jnp.ones(tokens.shape, jnp.float32)}
         scratch = step.lower(params, tokens).compile().memory_analysis().temp_size_in_bytes
         secs = float("nan")
         if T <= args.time_max:
-            jax.block_until_ready(step(params, tokens))  # warm-up
             times = []
-            for _ in range(args.repeats):
+            for _ in range(args.repeats + 1):  # the first call is a warm-up (timed if alone)
                 t0 = time.perf_counter()
                 jax.block_until_ready(step(params, tokens))
                 times.append(time.perf_counter() - t0)
-            secs = statistics.median(times)
+            secs = statistics.median(times[1:] or times)
         rows.append((T, secs, scratch))
         print(f"{T:>9} {secs:>9.2f} {T / secs:>9.0f} {scratch / 2**20:>12.1f}", flush=True)
     T0, s0, m0 = rows[0]

@@ -137,50 +137,48 @@ def segment_value_and_grad(model_def, model_state, batch, denom, *, grads: bool 
     W = -(-n // k)  # windows
     pad = W * k * N - T
     fill = {"tokens": 0, "targets": 0, "loss_mask": 0, "segment_ids": -1}
-    xs = {}
-    for name, v in batch.items():
-        if name in fill:
-            v = jnp.pad(v, ((0, 0), (0, pad)), constant_values=fill[name])
-            xs[name] = v.reshape(B, W, k, N).transpose(1, 2, 0, 3)  # [W, k, B, N]
-    xs["index"] = jnp.arange(W * k, dtype=jnp.int32).reshape(W, k)
+    # Segments are sliced out of the [B, T] arrays inside the scan (no reshaped copies:
+    # nothing of size T but the batch itself, and a padded copy only when T needs it).
+    data = {name: jnp.pad(v, ((0, 0), (0, pad)), constant_values=fill[name]) if pad else v
+            for name, v in batch.items() if name in fill}
 
     @jax.checkpoint  # per segment: keep only the carried state inside a window
-    def segment(ps, state, x):
+    def segment(ps, state, i):  # i: the segment's index in the sequence
+        x = {name: jax.lax.dynamic_slice_in_dim(v, i * N, N, axis=1) for name, v in data.items()}
         m = nnx.merge(graphdef, ps, rest)
         logits, aux, state = m.step(x["tokens"], state, segment_ids=x.get("segment_ids"))
         ce, correct = _metrics_of(logits, x, x["loss_mask"].astype(jnp.float32))
-        real = (x["index"] < n).astype(jnp.float32)  # padding segments: no aux
+        real = (i < n).astype(jnp.float32)  # padding segments: no aux
         return state, (ce, correct, jax.tree.map(lambda a: a * real / n, aux))
 
-    def window_loss(ps, state, xw, first):
+    def window_loss(ps, state, w):  # w: the window's index
         fresh = nnx.merge(graphdef, ps, rest).init_state(B)  # may hold parameters (memory tokens)
-        state = jax.tree.map(lambda f, s: jnp.where(first, f, s), fresh, state)
-        state, (ce, correct, aux) = jax.lax.scan(lambda st, x: segment(ps, st, x), state, xw)
+        state = jax.tree.map(lambda f, s: jnp.where(w == 0, f, s), fresh, state)
+        state, (ce, correct, aux) = jax.lax.scan(lambda st, j: segment(ps, st, w * k + j),
+                                                 state, jnp.arange(k, dtype=jnp.int32))
         aux = jax.tree.map(lambda a: jnp.sum(a, axis=0), aux)  # this window's share of the mean
         loss = ce.sum() / denom + sum(v for name, v in aux.items() if name.endswith("_loss"))
         return loss, (state, correct.sum(), aux)
 
     window = jax.value_and_grad(window_loss, has_aux=True) if grads else None
 
-    def body(carry, xw):
+    def body(carry, w):
         state, loss, correct, aux, acc = carry
         state = jax.lax.stop_gradient(state)
-        first = xw["index"][0] == 0
         if grads:
-            (l, (state, c, a)), g = window(params, state, xw, first)
+            (l, (state, c, a)), g = window(params, state, w)
             acc = jax.tree.map(jnp.add, acc, g)
         else:
-            l, (state, c, a) = window_loss(params, state, xw, first)
+            l, (state, c, a) = window_loss(params, state, w)
         return (state, loss + l, correct + c, jax.tree.map(jnp.add, aux, a), acc), None
 
     state0 = model.init_state(B)
-    aux0 = jax.eval_shape(lambda: window_loss(params, state0,
-                                              jax.tree.map(lambda a: a[0], xs), True)[1][2])
+    aux0 = jax.eval_shape(lambda: window_loss(params, state0, jnp.int32(0))[1][2])
     aux0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux0)
     acc0 = jax.tree.map(jnp.zeros_like, params) if grads else None
     zero = jnp.zeros((), jnp.float32)
     (_, loss, correct, aux, acc), _ = jax.lax.scan(
-        body, (state0, zero, zero, aux0, acc0), xs)
+        body, (state0, zero, zero, aux0, acc0), jnp.arange(W, dtype=jnp.int32))
     return (loss, {"loss": loss, "accuracy": correct / denom, **aux}), acc
 
 
