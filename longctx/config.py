@@ -51,10 +51,10 @@ class LinearConfig:
     normalize: bool = False  # divide by q . (decayed sum of k); linear | retnet | gla only
     gate_low_rank: int = 16  # gla: rank of the data-dependent gate projection
     gate_normalizer: float = 16.0  # gla: g = logsigmoid(x W1 W2 + b) / gate_normalizer
-    # gla: initial gate bias b. "retnet": per head, the bias that makes g = log(1 - 2^(-5-h))
-    # (RetNet's multi-scale decays) at x = 0; "zero": b = 0 (fla), i.e. every key forgets
-    # at exp(log(1/2)/16) = 0.958 per step from the start.
-    gate_bias_init: str = "retnet"
+    # gla: initial gate bias b. "zero": b = 0 (fla), every key forgets at
+    # exp(log(1/2)/16) = 0.958 per step at init; "retnet": per head, the bias that makes
+    # g = log(1 - 2^(-5-h)) (RetNet's multi-scale decays) at x = 0.
+    gate_bias_init: str = "zero"
     output_norm: bool = True  # RMSNorm over each head's output
     output_gate: bool = True  # o * silu(x W_gate) before the output projection
 

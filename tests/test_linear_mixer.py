@@ -134,3 +134,27 @@ def test_parameters_carry_logical_axes():
     assert specs["blocks/0/mixer/wq"] == ("embed", "heads", "head_dim")
     assert specs["blocks/0/mixer/wo"] == ("heads", "head_dim", "embed")
     assert specs["blocks/0/mixer/a_log"] == ("heads",)
+
+
+def test_gla_with_retnet_bias_and_no_data_gate_is_retnet():
+    """gate_bias_init=retnet and W1 = 0: logsigmoid(b) / 16 is RetNet's log-decay
+    (closed form), and the GLA model computes the RetNet model's logits."""
+    from longctx.model.mixers.linear import retnet_log_decay
+
+    base = ["model.attention.linear.conv_size=0", "model.attention.linear.chunk_size=16"]
+    cfg = lambda v: longctx.load_config(TINY, overrides=[  # noqa: E731
+        "model.attention.backend=linear", f"model.attention.linear.variant={v}",
+        "model.attention.linear.gate_bias_init=retnet", *base])
+    gla = longctx.build_model(cfg("gla").model, rngs=nnx.Rngs(0))
+    ret = longctx.build_model(cfg("retnet").model, rngs=nnx.Rngs(1))
+    H = gla.cfg.n_heads
+    b = gla.blocks[0].mixer.b_gate[...]
+    np.testing.assert_allclose(jax.nn.log_sigmoid(b) / 16.0,
+                               np.broadcast_to(retnet_log_decay(H)[:, None], b.shape), rtol=1e-5)
+    flat_gla = dict(nnx.to_flat_state(nnx.state(gla, nnx.Param)))
+    for path, v in nnx.to_flat_state(nnx.state(ret, nnx.Param)):
+        v[...] = flat_gla[path][...]  # every shared weight from the GLA model
+    for blk in gla.blocks:
+        blk.mixer.w_gate1[...] = jnp.zeros_like(blk.mixer.w_gate1[...])
+    tok = _tokens(2, 40, 3)
+    np.testing.assert_allclose(forward(gla, tok), forward(ret, tok), atol=1e-5)
