@@ -17,13 +17,12 @@ flash backward is not counted (it is overhead, not useful work).
 from __future__ import annotations
 
 import argparse
-import json
 
 import jax
 import jax.numpy as jnp
 
 from longctx.attention import full
-from longctx.train.metrics import matmul_rate, median_time, scratch_bytes
+from longctx.train.metrics import append_jsonl, matmul_rate, median_time, scratch_bytes
 
 
 def fwd_bwd(attn):
@@ -84,10 +83,7 @@ def main(argv=None):
         print(f"| {T} | {t_f:.3f} | {r_s:.3f} | {r_s / t_f:.1f}x | {m_f / 2**20:.1f} | "
               f"{r_m / 2**20:.1f} | 1/{r_m / m_f:.0f} | {flops / t_f / 1e9:.1f} | "
               f"{flops / t_f / peak:.0%} |", flush=True)
-    if args.json:
-        with open(args.json, "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+    append_jsonl(args.json, rows)
     return rows
 
 

@@ -23,7 +23,6 @@ Gradients are taken with respect to q, k, v and the gate / beta.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import time
@@ -32,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from longctx.attention import full, linear
-from longctx.train.metrics import scratch_bytes
+from longctx.train.metrics import append_jsonl, scratch_bytes
 
 OPS = ("linear", "retnet", "gla", "deltanet", "gated_deltanet")
 
@@ -185,10 +184,7 @@ def main(argv=None):
     if len(mem) >= 2:
         print(f"chunk scratch per token: {mem[0][1] / mem[0][0]:.0f} B at {mem[0][0]}, "
               f"{mem[-1][1] / mem[-1][0]:.0f} B at {mem[-1][0]}")
-    if args.json:
-        with open(args.json, "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+    append_jsonl(args.json, rows)
     return rows
 
 

@@ -128,17 +128,18 @@ class Transformer(nnx.Module):
         new = {"next_pos": state["next_pos"] + S}
         memory = None
         if self.memory is not None:
+            commit = (positions[:, -1] + 1) % self.cfg.segment_len == 0  # the segment ends here
             memory, new["memory"], new["memory_seg"], segment_ids = self._memory_tokens(
-                state, positions, segment_ids)
+                state, positions, segment_ids, commit)
         logits, aux, new["layers"] = self._forward(tokens, positions, state["layers"],
                                                    segment_ids, memory)
         if memory is not None:
             logits, written = logits
-            commit = ((positions[:, -1] + 1) % self.cfg.segment_len == 0)[:, None, None]
-            new["memory"] = jnp.where(commit, written.astype(new["memory"].dtype), new["memory"])
+            new["memory"] = jnp.where(commit[:, None, None], written.astype(new["memory"].dtype),
+                                      new["memory"])
         return logits, aux, new
 
-    def _memory_tokens(self, state, positions, segment_ids):
+    def _memory_tokens(self, state, positions, segment_ids, commit):
         """Read / write memory of a segment (Recurrent Memory Transformer; see recurrent.py).
 
         Both the read and the write tokens enter as the carried memory (as in RMT's
@@ -146,8 +147,8 @@ class Transformer(nnx.Module):
         unchanged across segments is the default and the layers learn what to add.
 
         Returns ``((read [B, M, E], write [B, M, E]), memory, memory_seg, ids)``:
-        ``memory`` / ``memory_seg`` the state to carry when the segment does not end
-        here (the write is committed by ``step`` at the segment's last position), and
+        ``memory`` the memory to carry when the segment does not end here (``commit
+        [B]`` False; ``step`` commits the write), ``memory_seg`` its document, and
         ``ids [B, M + S + M]`` the document ids of ``[read ; segment ; write]``. A row
         whose segment starts a new document reads the learned initial memory; a
         document that starts inside a segment reads no memory until the next segment.
@@ -161,7 +162,6 @@ class Transformer(nnx.Module):
         memory = jnp.where(reset[:, None, None], fresh, state["memory"])
         mseg = jnp.where(reset, ids[:, 0], state["memory_seg"])
         last = ids[:, -1]
-        commit = (positions[:, -1] + 1) % self.cfg.segment_len == 0
         M = self.memory.shape[0]
         ids_ext = jnp.concatenate([jnp.broadcast_to(mseg[:, None], (B, M)), ids,
                                    jnp.broadcast_to(last[:, None], (B, M))], axis=1)

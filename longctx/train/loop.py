@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from longctx.config import Config, OptimConfig, config_yaml, task_kwargs
 from longctx.data.pipeline import build_source, make_dataset, restore_iterator
 from longctx.model import build_model
+from longctx.model.transformer import memory_tokens
 from longctx.parallel import distributed
 from longctx.parallel import sharding as shd
 from longctx.train import metrics as M
@@ -102,8 +103,6 @@ def loss_fn(model, batch, denom=None):
 
 def uses_segment_path(model_cfg, seq_len: int) -> bool:
     """Whether training runs window by window over segments (:func:`segment_value_and_grad`)."""
-    from longctx.model.transformer import memory_tokens
-
     N = model_cfg.segment_len
     return bool(N) and (seq_len > N or memory_tokens(model_cfg) > 0)
 

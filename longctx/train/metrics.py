@@ -11,6 +11,7 @@ meaningful datasheet peak for XLA).
 from __future__ import annotations
 
 import functools
+import json
 import math
 import statistics
 import time
@@ -40,6 +41,14 @@ def median_time(fn, *args, repeats=3, warmup=1):
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def append_jsonl(path: str | None, rows) -> None:
+    """Append ``rows`` (dicts) to a JSON-lines file; nothing when ``path`` is None."""
+    if path:
+        with open(path, "a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
 
 
 @functools.cache
