@@ -21,7 +21,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from longctx.attention import full
+from longctx.backends.full import ops as full
 from longctx.train.metrics import append_jsonl, matmul_rate, median_time, scratch_bytes
 
 

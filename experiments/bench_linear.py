@@ -30,7 +30,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from longctx.attention import full, linear
+from longctx.backends.full import ops as full
+from longctx.backends.linear import ops as linear
 from longctx.train.metrics import append_jsonl, scratch_bytes
 
 OPS = ("linear", "retnet", "gla", "deltanet", "gated_deltanet")

@@ -8,7 +8,7 @@ Rows: the dense model with ``mlp_dim = k * expert_dim`` (the same matmul FLOPs
 per token as k experts of width ``expert_dim``), then the MoE model (E experts,
 top-k) with dropless dispatch (``blocks`` grouped matmul, ``ragged_dot``) and
 capacity dispatch (GShard one-hot, ``--capacity-factor``). Table 1: the
-trainer's own update step (``longctx.train.loop.make_train_step``: forward,
+trainer's own update step (``longctx.train.step.make_train_step``: forward,
 backward, AdamW) jitted on one device, state donated. Table 2: the feed-forward
 layer alone (forward + backward wrt its input and weights on the same tokens),
 where attention does not dilute the ratio. Rows are timed in interleaved rounds
@@ -29,9 +29,10 @@ from flax import nnx
 
 from longctx.config import load_config
 from longctx.model import build_model
-from longctx.model.layers import SwiGLU
-from longctx.model.moe import MoE, default_block_size
-from longctx.train.loop import make_optimizer, make_train_step
+from longctx.layers import SwiGLU
+from longctx.moe.layer import MoE
+from longctx.moe.ops import default_block_size
+from longctx.train import make_optimizer, make_train_step
 
 
 def _step(cfg, batch):

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import longctx
-from longctx.train.loop import segment_value_and_grad
+from longctx.train import segment_value_and_grad
 
 DEFAULTS = ["model.attention.backend=recurrent", "model.segment_len=256",
             "model.attention.recurrent.cache_segments=1",
@@ -41,7 +41,7 @@ DEFAULTS = ["model.attention.backend=recurrent", "model.segment_len=256",
 def make_step(model, window: int):
     """``(state, batch) -> ((loss, metrics), grads)``: the trainer's own windowed path.
 
-    ``longctx.train.loop.segment_value_and_grad`` with ``model.bptt_segments = window``:
+    ``longctx.train.step.segment_value_and_grad`` with ``model.bptt_segments = window``:
     a scan over windows of ``window`` segments, each window's gradient taken on its own
     (incoming state under stop-gradient) and summed, each segment's logits reduced to its
     cross entropy at once, so only the carried state and one window's residuals are alive.

@@ -3,7 +3,7 @@
     python -m experiments.bench_train                       # d_model 512, 8 layers, 2K context
     python -m experiments.bench_train --seq-len 1024 --batch 1 model.n_layers=2
 
-Builds the trainer's own jitted step (``longctx.train.loop.make_train_step``) on
+Builds the trainer's own jitted step (``longctx.train.step.make_train_step``) on
 one device, times it (median after warm-up) and divides the model FLOPs
 (``6·N·tokens`` + causal attention, ``longctx.train.metrics``) by the time. The
 ratio against a float32 matmul rate measured in the same run is the CPU's MFU.
@@ -21,7 +21,7 @@ from flax import nnx
 from longctx.config import load_config
 from longctx.model import build_model
 from longctx.train import metrics as M
-from longctx.train.loop import make_optimizer, make_train_step
+from longctx.train import make_optimizer, make_train_step
 
 
 def main(argv=None):
@@ -45,7 +45,7 @@ def main(argv=None):
              "targets": jnp.asarray(rng.integers(0, mc.vocab_size, (B, T)), jnp.int32),
              "loss_mask": jnp.ones((B, T), jnp.float32)}
     step = jax.jit(make_train_step(graphdef, 1), donate_argnums=0)
-    flops = M.train_flops_per_step(mc, n_active, batch=B, seq_len=T)
+    flops = M.train_flops_per_step(model, n_active, batch=B, seq_len=T)
 
     def run(state):
         return step(state, batch)[0]

@@ -1,6 +1,6 @@
 """The speed / memory / quality frontier across context lengths.
 
-    python -m experiments.context_sweep                          # flash xla linear recurrent, 1K .. 1M
+    python -m experiments.context_sweep                          # flash xla linear hybrid recurrent, 1K .. 1M
     python -m experiments.context_sweep --backends all           # + gated_deltanet, moe, new backends
     python -m experiments.context_sweep --backends flash xla --lengths 1024 4096 --out runs/sweep
     python -m experiments.context_sweep --task passkey --train-steps 200 --lengths 256 1024
@@ -24,7 +24,7 @@ length per backend with the memory budget as a line; a quality panel when
 ``--task`` is given).
 
 Backends: named overlays (``SPECS``) plus every backend registered in
-``longctx.attention.registry.BACKENDS`` that no overlay names yet.
+``longctx.model.registry.BACKENDS`` that no overlay names yet.
 """
 
 from __future__ import annotations
@@ -42,11 +42,11 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from longctx.attention.registry import BACKENDS
+from longctx.model.registry import BACKENDS
 from longctx.config import ConfigError, load_config, with_overrides
 from longctx.model import build_model
 from longctx.train import metrics as M
-from longctx.train.loop import make_optimizer, make_train_step
+from longctx.train import make_optimizer, make_train_step
 
 # Named backend overlays: what each row of the frontier means.
 SPECS = {
@@ -69,11 +69,16 @@ OPTIONAL_SPECS = {
                   "model.attention.recurrent.compressive=delta"],
     "moe": ["model.attention.backend=full", "model.attention.impl=flash",
             "model.moe.num_experts=8"],
+    # the 10K -> 100K regime as today's long-context models build it (Qwen3-Next, Kimi
+    # Linear): 3 gated DeltaNet layers to 1 flash layer, so 4 layers (the other rows have 2)
+    "hybrid": ["model.attention.pattern=[linear, linear, linear, full]",
+               "model.attention.linear.variant=gated_deltanet", "model.attention.impl=flash",
+               "model.n_layers=4"],
 }
 DEFAULT_LENGTHS = [1024, 4096, 16384, 65536, 262144, 1048576]
 # The default run: one row per regime of the roadmap, under 10 minutes on a 2-core CPU.
 # `--backends all` adds every other named spec (gated_deltanet, moe, new registrations).
-DEFAULT_BACKENDS = ["flash", "xla", "linear", "recurrent"]
+DEFAULT_BACKENDS = ["flash", "xla", "linear", "hybrid", "recurrent"]
 FIELDS = ("backend", "length", "status", "message", "compile_s", "step_s", "tokens_per_s",
           "tflops_per_s", "mfu", "scratch_bytes", "peak_bytes", "accuracy", "device_kind",
           "jax_version", "overrides")
@@ -82,13 +87,11 @@ FIELDS = ("backend", "length", "status", "message", "compile_s", "step_s", "toke
 def default_specs() -> dict[str, list[str]]:
     specs = dict(SPECS)
     for name, ov in OPTIONAL_SPECS.items():
-        backend = ov[0].split("=", 1)[1]
-        if backend in BACKENDS:
-            try:
-                load_config(None, ov)
-            except ConfigError:
-                continue  # e.g. MoE not built yet, a variant not available
-            specs[name] = ov
+        try:
+            load_config(None, ov)
+        except ConfigError:
+            continue  # e.g. a backend or variant not available in this build
+        specs[name] = ov
     for backend in BACKENDS:  # new registrations show up without editing this file
         if not any(o == f"model.attention.backend={backend}" for ov in specs.values() for o in ov):
             specs[backend] = [f"model.attention.backend={backend}"]
@@ -141,7 +144,7 @@ def measure(cfg, *, batch, repeats, budget_bytes, long_step_s=5.0):
         if times[0] > long_step_s:
             break
     dt = float(np.median(times[1:] or times))
-    flops = M.train_flops_per_step(mc, n_active, batch=batch, seq_len=T)
+    flops = M.train_flops_per_step(model, n_active, batch=batch, seq_len=T)
     peak, _ = M.peak_flops()
     return {**row, "status": "ok", "step_s": dt, "tokens_per_s": batch * T / dt,
             "tflops_per_s": flops / dt / 1e12, "mfu": flops / dt / peak,
@@ -150,7 +153,7 @@ def measure(cfg, *, batch, repeats, budget_bytes, long_step_s=5.0):
 
 def quality(cfg, *, task, train_steps):
     """Train ``train_steps`` steps on ``task`` at this length; held-out accuracy."""
-    from longctx.train.loop import train
+    from longctx.train import train
 
     final = train(with_overrides(cfg, [
         f"data.task={task}", f"train.steps={train_steps}", "train.eval_every=0",

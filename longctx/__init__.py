@@ -2,13 +2,16 @@
 
     import longctx
     cfg = longctx.load_config("experiments/configs/tiny.yaml",
-                              overrides=["model.attention.backend=full"])
+                              overrides=["model.attention.pattern=[linear, linear, linear, full]"])
     model = longctx.build_model(cfg.model, rngs=flax.nnx.Rngs(0))
     logits, aux = model(tokens)   # int32 [B, T] -> float32 [B, T, vocab], dict of scalars
+
+``longctx.ops`` is the functional namespace (every kernel, no Flax).
 """
 
+from longctx import ops
 from longctx.config import Config, ConfigError, load_config
 from longctx.model import build_model
 
 __version__ = "0.1.0"
-__all__ = ["Config", "ConfigError", "build_model", "load_config"]
+__all__ = ["Config", "ConfigError", "build_model", "load_config", "ops"]

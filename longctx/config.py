@@ -29,9 +29,17 @@ from typing import Any
 
 import yaml
 
+from longctx.backends.full.config import FullConfig
+from longctx.backends.linear.config import LinearConfig
+from longctx.backends.recurrent.config import RecurrentConfig
+from longctx.data import synthetic
+from longctx.errors import ConfigError, require
+from longctx.moe.config import MoEConfig
+from longctx.parallel.axes import DEFAULT_RULES, LOGICAL_AXES, MESH_AXES
 
-class ConfigError(ValueError):
-    """A config that cannot work; the message names the key and the values."""
+__all__ = ["AttentionConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig",
+           "FullConfig", "LinearConfig", "MeshConfig", "ModelConfig", "MoEConfig",
+           "OptimConfig", "RecurrentConfig", "TrainConfig", "load_config", "with_overrides"]
 
 
 # ----------------------------------------------------------------------------
@@ -39,79 +47,39 @@ class ConfigError(ValueError):
 # ----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class LinearConfig:
-    # The `linear` backend (longctx/model/mixers/linear.py; kernels in longctx/attention/linear.py).
-    variant: str = "gated_deltanet"  # linear | retnet | gla | deltanet | gated_deltanet
-    feature_map: str | None = None  # on q, k: identity | elu1 | relu | silu; None: variant default
-    chunk_size: int = 64  # tokens per chunk of the chunkwise-parallel form
-    conv_size: int = 4  # short causal depthwise conv on q, k, v (its tail is state); 0: off
-    key_dim: int | None = None  # per-head key dim K; None: model head_dim
-    value_dim: int | None = None  # per-head value dim V; None: model head_dim
-    normalize: bool = False  # divide by q . (decayed sum of k); linear | retnet | gla only
-    gate_low_rank: int = 16  # gla: rank of the data-dependent gate projection
-    gate_normalizer: float = 16.0  # gla: g = logsigmoid(x W1 W2 + b) / gate_normalizer
-    # gla: initial gate bias b. "zero": b = 0 (fla), every key forgets at
-    # exp(log(1/2)/16) = 0.958 per step at init; "retnet": per head, the bias that makes
-    # g = log(1 - 2^(-5-h)) (RetNet's multi-scale decays) at x = 0.
-    gate_bias_init: str = "zero"
-    output_norm: bool = True  # RMSNorm over each head's output
-    output_gate: bool = True  # o * silu(x W_gate) before the output projection
+# Backend name -> the config section its layers read (``model.attention.<name>``; the
+# exact-attention keys of ``full`` sit directly under ``model.attention``). The mixers of
+# the same names are registered in longctx/model/registry.py (a test keeps the two equal).
+SECTIONS = {
+    "full": lambda a: FullConfig(**{f.name: getattr(a, f.name)
+                                    for f in dataclasses.fields(FullConfig)}),
+    "linear": lambda a: a.linear,
+    "recurrent": lambda a: a.recurrent,
+}
+BACKENDS = tuple(SECTIONS)
 
 
 @dataclass(frozen=True)
-class RecurrentConfig:
-    # The `recurrent` backend (longctx/model/mixers/recurrent.py); carries state only when
-    # model.segment_len > 0 (segment_len 0: one segment of model.max_seq_len tokens).
-    cache_segments: int = 1  # Transformer-XL: previous segments kept as post-RoPE k/v (no grad)
-    compressive: str = "none"  # Infini-attention matrix memory update: none | linear | delta
-    knn_size: int = 0  # Memorizing Transformer: past (k, v) per kv head in the kNN store; 0: off
-    knn_topk: int = 32  # kNN: pairs retrieved per query and head, 1 <= knn_topk <= knn_size
-    knn_approx: bool = False  # kNN: jax.lax.approx_max_k (TPU-fast) instead of exact top_k
-    knn_recall: float = 0.95  # kNN: recall_target of approx_max_k
-    # Recurrent Memory Transformer: memory tokens read at the start of every segment and
-    # written at its end (the model driver adds them; see longctx/model/transformer.py); 0: off
-    num_memory_tokens: int = 0
+class AttentionConfig(FullConfig):
+    # Inherits FullConfig's keys (impl, block_q, block_k, window, conv_size): exact attention
+    # of the `full` layers and of the `recurrent` layers' local attention.
+    backend: str = "full"  # every layer's token mixer when `pattern` is empty (see BACKENDS)
+    # Hybrid models: backend names repeated over the layers, e.g. [linear, linear, linear,
+    # full] (3:1 as Qwen3-Next / Kimi Linear); n_layers must be a multiple of its length.
+    # Empty: every layer is `backend`.
+    pattern: tuple[str, ...] = ()
+    linear: LinearConfig = field(default_factory=LinearConfig)  # `linear` layers
+    recurrent: RecurrentConfig = field(default_factory=RecurrentConfig)  # `recurrent` layers
 
+    def layer_backends(self, n_layers: int) -> list[str]:
+        """The backend of each of ``n_layers`` layers (``pattern`` repeated, or ``backend``)."""
+        if not self.pattern:
+            return [self.backend] * n_layers
+        return [self.pattern[i % len(self.pattern)] for i in range(n_layers)]
 
-@dataclass(frozen=True)
-class AttentionConfig:
-    backend: str = "full"  # token mixer from longctx.attention.registry.BACKENDS
-    impl: str = "auto"  # exact-attention kernel: auto | xla | flash | cudnn
-    block_q: int = 512  # flash: query rows per block
-    block_k: int = 512  # flash: keys per block
-    window: int | None = None  # sliding-window size in tokens; None = global attention
-    # `full`: short causal depthwise conv on q, k, v before RoPE ("smeared keys",
-    # Olsson et al. 2022; canon layers, Allen-Zhu 2025); 0: off.
-    conv_size: int = 0
-    linear: LinearConfig = field(default_factory=LinearConfig)  # backend `linear` only
-    recurrent: RecurrentConfig = field(default_factory=RecurrentConfig)  # backend `recurrent`
-
-
-@dataclass(frozen=True)
-class MoEConfig:
-    # Mixture-of-Experts feed-forward (longctx/model/moe.py); MaxText names where they exist.
-    num_experts: int = 0  # routed experts E; 0: dense SwiGLU feed-forward in every layer
-    num_experts_per_tok: int = 2  # k: experts each token is routed to (token choice)
-    expert_dim: int | None = None  # width of each expert (fine-grained: < mlp_dim); None: mlp_dim
-    shared_experts: int = 0  # always-on experts: a dense SwiGLU of width shared_experts*expert_dim
-    every: int = 1  # after first_dense_layers, every k-th layer is MoE (2: layers n+1, n+3, ...)
-    first_dense_layers: int = 0  # the first n layers keep the dense SwiGLU
-    router: str = "softmax_topk"  # softmax_topk | topk_softmax (softmax over the k) | sigmoid
-    norm_topk_prob: bool = False  # softmax_topk, sigmoid: renormalise the k weights to sum to 1
-    routed_scaling_factor: float = 1.0  # multiplies the routed experts' combine weights
-    n_groups: int = 1  # group-limited routing: experts split into n_groups equal groups, and ...
-    topk_groups: int = 1  # ... each token picks its experts inside its topk_groups best groups
-    jitter_noise: float = 0.0  # training mode only: router input *= U(1 - eps, 1 + eps); 0: off
-    dispatch: str | None = None  # dropless | capacity; null: capacity iff capacity_factor > 0
-    capacity_factor: float = 0.0  # <= 0: dropless; > 0: ceil(cf * T * k / E) slots/expert/sequence
-    dropless_impl: str = "auto"  # auto (CPU: blocks, GPU/TPU: ragged_dot) | blocks | ragged_dot
-    load_balance_loss_weight: float = 0.01  # x Switch loss E * sum_i f_i P_i (aux moe_lb_loss)
-    router_z_loss_weight: float = 0.0  # x ST-MoE z-loss mean(logsumexp(logits)^2) (aux moe_z_loss)
-    routed_bias_update_rate: float = 0.0  # aux-free balancing: bias += rate*sign(mean_load - load)
-    expert_parallel: bool = False  # experts over the `expert` mesh axis (if > 1), all-to-all
-    expert_choice: bool = False  # experts pick their tokens (Zhou et al. 2022): sees later tokens
-    acknowledge_expert_choice_leaks: bool = False  # required by expert_choice: it leaks the future
+    def section(self, name: str):
+        """The config section the ``name`` layers read (see ``SECTIONS``)."""
+        return SECTIONS[name](self)
 
 
 @dataclass(frozen=True)
@@ -139,6 +107,10 @@ class ModelConfig:
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    @property
+    def layer_backends(self) -> list[str]:
+        return self.attention.layer_backends(self.n_layers)
 
 
 @dataclass(frozen=True)
@@ -187,8 +159,6 @@ class OptimConfig:
 
 
 def _default_rules() -> dict:
-    from longctx.parallel.sharding import DEFAULT_RULES
-
     return {k: list(v) for k, v in DEFAULT_RULES.items()}
 
 
@@ -256,6 +226,8 @@ def _coerce(value, tp, key: str):
             raise ConfigError(f"{key}={value!r}: expected a mapping")
         return {_coerce(k, key_tp, f"{key} key"): _coerce(v, val_tp, f"{key}.{k}")
                 for k, v in value.items()}
+    if origin is tuple:  # tuple[X, ...]: a YAML list, kept immutable (configs are hashable)
+        return tuple(_coerce(value, list[typing.get_args(tp)[0]], key))
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if isinstance(value, str):  # `embed: fsdp` is shorthand for [fsdp]
@@ -390,15 +362,11 @@ def save_config(cfg: Config, path: str) -> None:
 # ----------------------------------------------------------------------------
 
 
-def _require(ok: bool, msg: str):
-    if not ok:
-        raise ConfigError(msg)
+_require = require
 
 
-def validate_model(m: ModelConfig) -> None:
-    from longctx.attention.full import IMPLS
-    from longctx.attention.registry import BACKENDS
-
+def validate_model(m: ModelConfig, *, seq_len: int | None = None) -> None:
+    """Sizes, the layer pattern and every section; ``seq_len`` (the data's) where known."""
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_dim",
                  "max_seq_len"):
         _require(getattr(m, name) >= 1, f"model.{name}={getattr(m, name)} must be >= 1")
@@ -419,113 +387,27 @@ def validate_model(m: ModelConfig) -> None:
     _require(a.backend in BACKENDS,
              f"model.attention.backend={a.backend!r} is not registered; "
              f"registered backends: {sorted(BACKENDS)}")
-    _require(a.impl in IMPLS, f"model.attention.impl={a.impl!r}; expected one of {IMPLS}")
-    _require(a.block_q >= 1 and a.block_k >= 1,
-             f"model.attention.block_q={a.block_q}, block_k={a.block_k} must be >= 1")
-    _require(a.conv_size >= 0, f"model.attention.conv_size={a.conv_size} must be >= 0")
-    _require(a.window is None or a.window >= 1,
-             f"model.attention.window={a.window} must be >= 1 or null")
-    from longctx.model.mixers.linear import FEATURE_MAPS, VARIANTS, normalize_ok
-
-    lin = a.linear
-    _require(lin.variant in VARIANTS, f"model.attention.linear.variant={lin.variant!r}; "
-             f"expected one of {tuple(VARIANTS)}")
-    _require(lin.feature_map is None or lin.feature_map in FEATURE_MAPS,
-             f"model.attention.linear.feature_map={lin.feature_map!r}; expected null or one "
-             f"of {tuple(FEATURE_MAPS)}")
-    _require(lin.gate_bias_init in ("retnet", "zero"),
-             f"model.attention.linear.gate_bias_init={lin.gate_bias_init!r}: expected "
-             f"'retnet' or 'zero'")
-    _require(lin.chunk_size >= 1 and lin.conv_size >= 0 and lin.gate_low_rank >= 1,
-             f"model.attention.linear.chunk_size={lin.chunk_size}, conv_size={lin.conv_size}, "
-             f"gate_low_rank={lin.gate_low_rank} must be >= 1, >= 0, >= 1")
-    _require((lin.key_dim or 1) >= 1 and (lin.value_dim or 1) >= 1 and lin.gate_normalizer > 0,
-             f"model.attention.linear.key_dim={lin.key_dim}, value_dim={lin.value_dim} must "
-             f"be >= 1 or null, gate_normalizer={lin.gate_normalizer} > 0")
-    _require(not lin.normalize or normalize_ok(lin),
-             f"model.attention.linear.normalize=true needs variant linear | retnet | gla and a "
-             f"non-negative feature map (elu1 | relu); got variant={lin.variant!r}, "
-             f"feature_map={lin.feature_map!r}")
-    rec = a.recurrent
-    _require(rec.cache_segments >= 0 and rec.knn_size >= 0,
-             f"model.attention.recurrent.cache_segments={rec.cache_segments}, "
-             f"knn_size={rec.knn_size} must be >= 0")
-    _require(rec.compressive in ("none", "linear", "delta"),
-             f"model.attention.recurrent.compressive={rec.compressive!r}; expected one of "
-             f"('none', 'linear', 'delta')")
-    _require(rec.num_memory_tokens >= 0,
-             f"model.attention.recurrent.num_memory_tokens={rec.num_memory_tokens} must be >= 0")
-    if rec.num_memory_tokens and a.backend == "recurrent":
-        _require(m.segment_len > 0,
-                 f"model.attention.recurrent.num_memory_tokens={rec.num_memory_tokens} needs "
-                 f"model.segment_len > 0 (memory is read and written once per segment)")
-    _require(not rec.knn_size or 1 <= rec.knn_topk <= rec.knn_size,
-             f"model.attention.recurrent.knn_topk={rec.knn_topk} must be in "
-             f"[1, knn_size={rec.knn_size}]")
-    _require(0 < rec.knn_recall <= 1,
-             f"model.attention.recurrent.knn_recall={rec.knn_recall} must be in (0, 1]")
-    _validate_moe(m)
-
-
-def _validate_moe(m: ModelConfig) -> None:
-    e = m.moe
-    _require(e.num_experts >= 0, f"model.moe.num_experts={e.num_experts} must be >= 0")
-    if e.num_experts == 0:
-        return
-    from longctx.model.moe import DISPATCHES, DROPLESS_IMPLS, ROUTERS, moe_layers
-
-    E, k = e.num_experts, e.num_experts_per_tok
-    _require(1 <= k <= E, f"model.moe.num_experts_per_tok={k} must be in [1, num_experts={E}]")
-    _require((e.expert_dim or 1) >= 1 and e.shared_experts >= 0,
-             f"model.moe.expert_dim={e.expert_dim} must be >= 1 or null, "
-             f"shared_experts={e.shared_experts} >= 0")
-    _require(e.every >= 1 and e.first_dense_layers >= 0,
-             f"model.moe.every={e.every} must be >= 1, "
-             f"first_dense_layers={e.first_dense_layers} >= 0")
-    _require(bool(moe_layers(m)),
-             f"model.moe.first_dense_layers={e.first_dense_layers}, every={e.every} leave no MoE "
-             f"layer among model.n_layers={m.n_layers}; use model.moe.num_experts=0 for dense")
-    _require(e.router in ROUTERS, f"model.moe.router={e.router!r}; expected one of {ROUTERS}")
-    _require(e.n_groups >= 1 and E % e.n_groups == 0 and 1 <= e.topk_groups <= e.n_groups,
-             f"model.moe.n_groups={e.n_groups} must divide num_experts={E} and "
-             f"topk_groups={e.topk_groups} be in [1, n_groups]")
-    _require(k <= e.topk_groups * (E // e.n_groups),
-             f"model.moe.num_experts_per_tok={k} > topk_groups={e.topk_groups} * "
-             f"{E // e.n_groups} experts per group")
-    _require(e.routed_scaling_factor > 0 and 0 <= e.jitter_noise < 1,
-             f"model.moe.routed_scaling_factor={e.routed_scaling_factor} must be > 0 and "
-             f"jitter_noise={e.jitter_noise} in [0, 1)")
-    _require(min(e.load_balance_loss_weight, e.router_z_loss_weight,
-                 e.routed_bias_update_rate) >= 0,
-             f"model.moe.load_balance_loss_weight={e.load_balance_loss_weight}, "
-             f"router_z_loss_weight={e.router_z_loss_weight}, "
-             f"routed_bias_update_rate={e.routed_bias_update_rate} must be >= 0")
-    _require(e.dispatch is None or e.dispatch in DISPATCHES,
-             f"model.moe.dispatch={e.dispatch!r}; expected null or one of {DISPATCHES}")
-    _require(not (e.dispatch == "capacity" and e.capacity_factor <= 0),
-             f"model.moe.dispatch='capacity' needs capacity_factor > 0; got {e.capacity_factor}")
-    _require(not (e.dispatch == "dropless" and e.capacity_factor > 0),
-             f"model.moe.dispatch='dropless' contradicts capacity_factor={e.capacity_factor} > 0 "
-             "(capacity_factor <= 0 means dropless)")
-    _require(e.dropless_impl in DROPLESS_IMPLS,
-             f"model.moe.dropless_impl={e.dropless_impl!r}; expected one of {DROPLESS_IMPLS}")
-    if e.expert_choice:
-        _require(e.acknowledge_expert_choice_leaks,
-                 "model.moe.expert_choice=true: each expert picks tokens among the whole "
-                 "sequence, so an output depends on later tokens -- it leaks the future in this "
-                 "causal LM. Set model.moe.acknowledge_expert_choice_leaks=true to run it anyway")
-        _require(e.capacity_factor > 0 and not e.expert_parallel
-                 and e.routed_bias_update_rate == 0,
-                 f"model.moe.expert_choice=true needs capacity_factor > 0 (got "
-                 f"{e.capacity_factor}), expert_parallel=false (got {e.expert_parallel}) and "
-                 f"routed_bias_update_rate=0 (got {e.routed_bias_update_rate})")
+    unknown = [n for n in a.pattern if n not in BACKENDS]
+    _require(not unknown, f"model.attention.pattern={list(a.pattern)}: {unknown} not "
+                          f"registered; registered backends: {sorted(BACKENDS)}")
+    _require(not a.pattern or m.n_layers % len(a.pattern) == 0,
+             f"model.n_layers={m.n_layers} must be a multiple of the length "
+             f"{len(a.pattern)} of model.attention.pattern={list(a.pattern)}")
+    # Every section checks its own keys (typos fail even if no layer uses it); the sections
+    # of the backends in use also check what they need of the rest of the model.
+    FullConfig.validate(a)
+    a.linear.validate()
+    a.recurrent.validate()
+    backends = m.layer_backends
+    for name in dict.fromkeys(backends):
+        a.section(name).validate_use(m, seq_len=seq_len,
+                                     layers=[i for i, b in enumerate(backends) if b == name])
+    m.moe.validate(m.n_layers)
 
 
 def validate(cfg: Config) -> None:
-    from longctx.data import synthetic
-
     m, d, t, o = cfg.model, cfg.data, cfg.train, cfg.optim
-    validate_model(m)
+    validate_model(m, seq_len=d.seq_len)
     _require(d.source in DATA_SOURCES,
              f"data.source={d.source!r}; expected one of {DATA_SOURCES}")
     if d.source != "synthetic":
@@ -535,12 +417,6 @@ def validate(cfg: Config) -> None:
     _require(d.task in synthetic.TASKS,
              f"data.task={d.task!r}; expected one of {sorted(synthetic.TASKS)}")
     _require(d.seq_len >= 1, f"data.seq_len={d.seq_len} must be >= 1")
-    if m.segment_len and m.attention.backend == "full":
-        # `full` carries a KV cache of max_seq_len tokens across segments.
-        _require(d.seq_len <= m.max_seq_len,
-                 f"data.seq_len={d.seq_len} > model.max_seq_len={m.max_seq_len}: with "
-                 f"model.segment_len={m.segment_len} the `full` backend keeps every key of the "
-                 "sequence in its KV cache; raise max_seq_len or use segment_len=0")
     try:  # the generator knows its own constraints (vocab, length) and names them
         synthetic.make_batch(d.task, seed=d.seed, start_index=0, batch_size=1,
                              seq_len=d.seq_len, vocab_size=m.vocab_size, **task_kwargs(cfg))
@@ -562,8 +438,6 @@ def validate(cfg: Config) -> None:
 
 
 def validate_mesh(m: MeshConfig) -> None:
-    from longctx.parallel.sharding import LOGICAL_AXES, MESH_AXES
-
     for name, shape in (("ici", m.ici), ("dcn", m.dcn)):
         for ax, size in shape.items():
             _require(ax in MESH_AXES, f"mesh.{name}.{ax}: unknown mesh axis; expected one of "

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from longctx.attention import full
+from longctx.backends.full import ops as full
 
 ATOL = 2e-5
 

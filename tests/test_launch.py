@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from longctx.config import load_config
-from longctx.train.loop import train
+from longctx.train import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch")

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from longctx.attention.linear import FORMS, delta_rule, linear_attention
+from longctx.backends.linear.ops import FORMS, delta_rule, linear_attention
 
 # These tests compile many small graphs: LLVM at -O0 compiles them ~2.5x faster.
 # It changes machine code only (no fast-math), not the XLA graph under test.

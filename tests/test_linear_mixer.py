@@ -139,7 +139,7 @@ def test_parameters_carry_logical_axes():
 def test_gla_with_retnet_bias_and_no_data_gate_is_retnet():
     """gate_bias_init=retnet and W1 = 0: logsigmoid(b) / 16 is RetNet's log-decay
     (closed form), and the GLA model computes the RetNet model's logits."""
-    from longctx.model.mixers.linear import retnet_log_decay
+    from longctx.backends.linear.mixer import retnet_log_decay
 
     base = ["model.attention.linear.conv_size=0", "model.attention.linear.chunk_size=16"]
     cfg = lambda v: longctx.load_config(TINY, overrides=[  # noqa: E731

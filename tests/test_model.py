@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import longctx
-from longctx.model.layers import rope
+from longctx.layers import rope
 
 TINY = "experiments/configs/tiny.yaml"
 
@@ -171,11 +171,57 @@ def test_bad_tokens_fail_clearly():
         model(jnp.zeros((1, 4), jnp.float32))
 
 
+def _holds_whole_config(module) -> list[str]:
+    """Attributes anywhere in ``module`` that are a whole model / attention config."""
+    from longctx.config import AttentionConfig, Config, ModelConfig
+
+    return [f"{'/'.join(map(str, path))}.{k}" for path, m in nnx.iter_modules(module)
+            for k, v in vars(m).items() if isinstance(v, (Config, ModelConfig, AttentionConfig))]
+
+
 def test_layers_read_only_their_section():
-    cfg = longctx.load_config(TINY).model
-    small = dataclasses.replace(cfg, n_layers=1, d_model=64, mlp_dim=64)
-    m = longctx.build_model(small, rngs=nnx.Rngs(0))
-    assert m(_tokens(1, 8))[0].shape == (1, 8, 256)
+    """Each mixer and the MoE layer is built from explicit sizes and its own section alone
+    (no ModelConfig anywhere), and computes the same function as the same layer built by
+    the model from a whole config with the same random stream."""
+    from longctx.backends.base import MixerDims
+    from longctx.backends.full.config import FullConfig
+    from longctx.backends.full.mixer import FullAttention
+    from longctx.backends.linear.config import LinearConfig
+    from longctx.backends.linear.mixer import LinearAttention
+    from longctx.backends.recurrent.config import RecurrentConfig
+    from longctx.backends.recurrent.mixer import RecurrentAttention
+    from longctx.model.transformer import mixer_dims
+    from longctx.moe.config import MoEConfig
+    from longctx.moe.layer import MoE
+
+    dims = MixerDims(d_model=32, n_heads=4, n_kv_heads=2, head_dim=8, out_std=0.01,
+                     segment_len=8)
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 32))
+    pos = jnp.broadcast_to(jnp.arange(8), (2, 8))
+    layers = {
+        "full": FullAttention(dims, FullConfig(conv_size=3), rngs=nnx.Rngs(0)),
+        "linear": LinearAttention(dims, LinearConfig(variant="gla"), rngs=nnx.Rngs(0)),
+        "recurrent": RecurrentAttention(dims, FullConfig(), RecurrentConfig(compressive="delta"),
+                                        rngs=nnx.Rngs(0)),
+    }
+    for name, mixer in layers.items():
+        assert not _holds_whole_config(mixer), name
+        y, state = mixer(x, positions=pos, state=mixer.init_state(2, jnp.float32))
+        assert y.shape == x.shape and state is not None
+    moe = MoE(32, MoEConfig(num_experts=4), mlp_dim=16, rngs=nnx.Rngs(0))
+    assert not _holds_whole_config(moe) and moe(x)[0].shape == x.shape
+
+    # The model builds the same layer from a whole config: same sizes, same function.
+    cfg = longctx.load_config(TINY, ["model.attention.backend=linear",
+                                     "model.attention.linear.variant=gla"]).model
+    model = longctx.build_model(cfg, rngs=nnx.Rngs(0))
+    mixer = model.blocks[0].mixer
+    alone = LinearAttention(mixer_dims(cfg), cfg.attention.linear, rngs=nnx.Rngs(0))
+    nnx.update(alone, nnx.state(mixer))
+    xm = jax.random.normal(jax.random.PRNGKey(1), (1, 8, cfg.d_model))
+    posm = jnp.arange(8)[None]
+    np.testing.assert_array_equal(alone(xm, positions=posm)[0], mixer(xm, positions=posm)[0])
+    assert not _holds_whole_config(model.blocks)
 
 
 def test_conv_starts_as_plain_attention_and_decodes_exactly():

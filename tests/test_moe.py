@@ -14,10 +14,12 @@ from jax.sharding import PartitionSpec as P
 
 import longctx
 from longctx.config import ConfigError, MoEConfig
-from longctx.model import moe
-from longctx.model.layers import SwiGLU
+from longctx.model.upcycle import upcycle
+from longctx.moe import ops as moe
+from longctx.moe.layer import MoE
+from longctx.layers import SwiGLU
 from longctx.parallel import sharding as shd
-from longctx.train.loop import make_optimizer, make_train_step
+from longctx.train import make_optimizer, make_train_step
 
 TINY = "experiments/configs/tiny.yaml"
 
@@ -112,7 +114,7 @@ def test_every_dispatch_path_equals_the_per_expert_loop(path):
 
 def _layer(**kw):
     base = dict(num_experts=4, num_experts_per_tok=2, load_balance_loss_weight=1.0)
-    return moe.MoE(16, MoEConfig(**{**base, **kw}), mlp_dim=32, rngs=nnx.Rngs(0))
+    return MoE(16, MoEConfig(**{**base, **kw}), mlp_dim=32, rngs=nnx.Rngs(0))
 
 
 def test_dropless_equals_capacity_with_unbounded_capacity_and_shared_experts_add():
@@ -372,8 +374,8 @@ def test_router_bias_update_moves_the_load_toward_balance():
 
 def test_placement_and_config_errors():
     model, cfg = _lm("model.n_layers=6", "model.moe.every=2", "model.moe.first_dense_layers=1")
-    assert moe.moe_layers(cfg.model) == [2, 4]
-    assert [isinstance(b.mlp, moe.MoE) for b in model.blocks] == [0, 0, 1, 0, 1, 0]
+    assert cfg.model.moe.layers(cfg.model.n_layers) == [2, 4]
+    assert [isinstance(b.mlp, MoE) for b in model.blocks] == [0, 0, 1, 0, 1, 0]
     assert model.blocks[2].mlp.w_down.get_metadata()["out_sharding"] == ("expert", "mlp", "embed")
     for bad, msg in [("model.moe.dispatch=capacity", "needs capacity_factor"),
                      ("model.moe.router=top1", "expected one of"),
@@ -389,17 +391,17 @@ def test_upcycled_model_computes_the_dense_function():
     dense = longctx.build_model(dense_cfg, rngs=nnx.Rngs(0))
     moe_cfg = dataclasses.replace(dense_cfg, moe=MoEConfig(num_experts=4,
                                                            router="topk_softmax"))
-    up = moe.upcycle(dense, moe_cfg, rngs=nnx.Rngs(1))
+    up = upcycle(dense, moe_cfg, rngs=nnx.Rngs(1))
     tok = _tokens(2, 32, 4)
     call = nnx.jit(lambda m, tok: m(tok)[0])
     want, got = call(dense, tok), call(up, tok)
     np.testing.assert_allclose(got, want, atol=1e-5)  # weights sum to 1, experts identical
     w = up.blocks[0].mlp.w_up[...]
     np.testing.assert_array_equal(w[3], dense.blocks[0].mlp.w_up[...])
-    noisy = moe.upcycle(dense, moe_cfg, rngs=nnx.Rngs(1), noise_std=0.1)
+    noisy = upcycle(dense, moe_cfg, rngs=nnx.Rngs(1), noise_std=0.1)
     w = noisy.blocks[0].mlp.w_up[...]
     assert not np.allclose(w[0], w[1]) and np.allclose(w[0], w[1], atol=0.05)
     with pytest.raises(ValueError, match="shape"):
-        moe.upcycle(dense, dataclasses.replace(moe_cfg, moe=MoEConfig(num_experts=4,
+        upcycle(dense, dataclasses.replace(moe_cfg, moe=MoEConfig(num_experts=4,
                                                                       expert_dim=64)),
                     rngs=nnx.Rngs(1))

@@ -9,7 +9,8 @@ from flax import nnx
 
 import longctx
 from longctx.config import ConfigError
-from longctx.model.mixers.recurrent import RecurrentAttention
+from longctx.backends.recurrent.mixer import RecurrentAttention
+from longctx.model.transformer import mixer_dims
 
 TINY = "experiments/configs/tiny.yaml"
 REC = "model.attention.recurrent."
@@ -65,7 +66,7 @@ N = 8  # segment length of the mixer tests
 def _mixer(*overrides):
     cfg = _cfg("model.attention.backend=recurrent", f"model.segment_len={N}",
                "model.attention.conv_size=0", *overrides).model
-    return RecurrentAttention(cfg, rngs=nnx.Rngs(0)), cfg
+    return RecurrentAttention.from_config(mixer_dims(cfg), cfg.attention, rngs=nnx.Rngs(0)), cfg
 
 
 def _run(mixer, x, ids=None):
@@ -105,10 +106,10 @@ def test_xl_window_equals_a_masked_reference(C):
     T = x.shape[1]
     pos = jnp.arange(T)
     q, k, v = (jnp.asarray(a, jnp.float32) for a in _proj(mixer, x))
-    q = longctx.model.layers.rope(q, jnp.broadcast_to(pos, (2, T)))
-    k = longctx.model.layers.rope(k, jnp.broadcast_to(pos, (2, T)))
+    q = longctx.layers.rope(q, jnp.broadcast_to(pos, (2, T)))
+    k = longctx.layers.rope(k, jnp.broadcast_to(pos, (2, T)))
     mask = (pos[None, :] <= pos[:, None]) & (pos[None, :] >= (pos[:, None] // N - C) * N)
-    o = longctx.attention.full.masked_attention(q, k, v, mask)
+    o = longctx.backends.full.ops.masked_attention(q, k, v, mask)
     np.testing.assert_allclose(y, _out(mixer, np.float64(o)), atol=2e-5)
 
 
@@ -244,14 +245,14 @@ def test_gradients_reach_the_past_through_compressive_memory_only_within_bptt():
 def _memory_rows_naive(model, tok):
     """The RMT recurrence written out: no XL cache, no conv, one layer, per segment a plain
     softmax attention over [read ; segment ; write] under the documented visibility."""
-    from longctx.model.layers import rope
+    from longctx.layers import rope
 
     cfg = model.cfg
     N, M = cfg.segment_len, cfg.attention.recurrent.num_memory_tokens
     blk, mix = model.blocks[0], model.blocks[0].mixer
     D, H, K = mix.head_dim, mix.n_heads, mix.n_kv_heads
     B, T = tok.shape
-    memory = jnp.broadcast_to(model.memory[...], (B, M, cfg.d_model))
+    memory = jnp.broadcast_to(model.wrapper.memory[...], (B, M, cfg.d_model))
     out = []
     for s in range(T // N):
         x = jnp.concatenate([memory, model.embed(tok[:, s * N:(s + 1) * N], jnp.float32),
@@ -309,7 +310,7 @@ def test_memory_tokens_carry_information_and_gradient_across_segments():
         m = _model(*over, REC + "num_memory_tokens=2", *o)
         g = nnx.jit(nnx.grad(lambda m, t: jnp.sum(m(t)[0][:, 24:] ** 2)))(m, tok)
         return (np.abs(np.asarray(g.embed.embedding[...][tok[0, :8]])).sum(),
-                np.abs(np.asarray(g.memory[...])).sum())
+                np.abs(np.asarray(g.wrapper.memory[...])).sum())
 
     assert min(grads()) > 0
     assert grads("model.bptt_segments=2") == (0, 0)

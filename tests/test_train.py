@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from longctx.config import OptimConfig, load_config
-from longctx.train.loop import decay_mask, lr_schedule, train
+from longctx.train import train
+from longctx.train.optimizer import decay_mask, lr_schedule
 
 TINY = "experiments/configs/tiny.yaml"
 
@@ -116,11 +117,15 @@ def _segment_case(*overrides, T=40, B=2):
      "model.attention.recurrent.num_memory_tokens=2", "model.attention.recurrent.compressive=delta"),
     ("model.attention.backend=recurrent", "model.segment_len=8", "model.bptt_segments=0"),
     ("model.attention.backend=linear", "model.segment_len=16", "model.bptt_segments=1"),
+    # hybrids: each layer carries its own kind of state through the windows
+    ("model.attention.pattern=[linear, full]", "model.segment_len=8", "model.bptt_segments=2"),
+    ("model.attention.pattern=[recurrent, linear]", "model.segment_len=8",
+     "model.bptt_segments=2", "model.attention.recurrent.compressive=linear"),
 ])
 def test_segment_windows_equal_the_model_forward(overrides):
     """Loss, accuracy and every gradient of the windowed path (T=40: the last segment and
     the last window padded) equal loss_fn on model(tokens) with the same BPTT cut."""
-    from longctx.train.loop import loss_fn, segment_value_and_grad
+    from longctx.train import loss_fn, segment_value_and_grad
 
     jax, nnx, model, batch = _segment_case(*overrides)
     denom = batch["loss_mask"].sum()
@@ -137,7 +142,7 @@ def test_segment_windows_equal_the_model_forward(overrides):
 
 def test_segment_windows_memory_does_not_grow_with_length():
     """Compiled scratch of a train step's gradients at 8x the length: within 1.3x."""
-    from longctx.train.loop import segment_value_and_grad
+    from longctx.train import segment_value_and_grad
 
     def scratch(T):
         jax, nnx, model, batch = _segment_case(
@@ -149,3 +154,38 @@ def test_segment_windows_memory_does_not_grow_with_length():
 
     small, large = scratch(512), scratch(4096)
     assert large <= 1.3 * small, (small, large)
+
+
+@pytest.mark.parametrize("case", ["linear", "recurrent"])
+def test_mfu_counts_the_mixing_flops_of_every_backend(tmp_path, case):
+    """The trainer's FLOPs per step = 6 N tokens + 3 x a hand count of the mixing FLOPs
+    (tiny model: 2 layers, 4 heads of 32, 2 kv heads; B=8 (one row per device), T=64)."""
+    import jax
+    from flax import nnx
+
+    import longctx
+
+    overrides = {
+        # chunk form, C=16, K=V=32: per token and head 2C(K+V) + 4KV = 2048 + 4096 = 6144;
+        # x 8*64 tokens x 4 heads x 2 layers = 25,165,824 forward.
+        "linear": (["model.attention.backend=linear", "model.attention.linear.variant=linear",
+                    "model.attention.linear.chunk_size=16"], 25_165_824),
+        # 4 segments of 16, XL cache of 1 segment: visible pairs 136 + 3 * (16*16 + 136) =
+        # 1312, x 4 H D = 671,744; delta compressive memory per token H (2D^2 + 2D) + K 4D^2
+        # = 8448 + 8192 = 16,640, x 64 = 1,064,960; (671,744 + 1,064,960) x B 8 x 2 layers.
+        "recurrent": (["model.attention.backend=recurrent", "model.segment_len=16",
+                       "model.attention.recurrent.cache_segments=1",
+                       "model.attention.recurrent.compressive=delta"], 27_787_264),
+    }[case]
+    cfg = load_config("experiments/configs/tiny.yaml", [
+        *overrides[0], f"train.run_dir={tmp_path}", "train.steps=1", "train.batch_size=8",
+        "train.log_every=1", "train.eval_every=0", "train.tensorboard=false",
+        "checkpoint.async_save=false"])
+    model = longctx.build_model(cfg.model, rngs=nnx.Rngs(0))
+    n = sum(v[...].size for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+            if path[0] != "embed")  # tied embeddings are not counted (6 N tokens rule)
+    expected = 6 * n * 8 * 64 + 3 * overrides[1]
+    row = train(cfg, progress=False)
+    logged = row["tflops_per_s"] * 1e12 * row["step_time_s"]
+    np.testing.assert_allclose(logged, expected, rtol=1e-9)
+    assert row["mfu"] > 0 and jax.device_count() == 8

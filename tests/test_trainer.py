@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 import longctx
 from longctx.config import load_config
 from longctx.data.pipeline import build_source, make_dataset
-from longctx.train.loop import make_optimizer, make_train_step, train
+from longctx.train import make_optimizer, make_train_step, train
 
 TINY = "experiments/configs/tiny.yaml"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,9 +35,16 @@ def _flat(pure):
     return {"/".join(map(str, k)): v for k, v in jax.tree_util.tree_flatten_with_path(pure)[0]}
 
 
-def test_sharded_step_equals_single_device_and_params_follow_the_rules(tmp_path):
+@pytest.mark.parametrize("extra", [
+    (),
+    # hybrids, trained in segments (the windowed path) on the mesh
+    ("model.attention.pattern=[linear, full]", "model.segment_len=16", "model.bptt_segments=2"),
+    ("model.attention.pattern=[recurrent, linear]", "model.segment_len=16",
+     "model.attention.recurrent.compressive=delta"),
+], ids=["full", "linear-full", "recurrent-linear"])
+def test_sharded_step_equals_single_device_and_params_follow_the_rules(tmp_path, extra):
     mesh = ["mesh.ici={data: 2, fsdp: 2, tensor: 2}"]
-    cfg = _cfg(tmp_path / "sharded", "train.steps=1", *mesh)
+    cfg = _cfg(tmp_path / "sharded", "train.steps=1", *mesh, *extra)
     final, state = train(cfg, progress=False, return_state=True)
 
     # Single-device reference: the same step function, no mesh, one device.

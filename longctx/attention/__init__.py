@@ -1,9 +1,6 @@
-"""Token-mixing math. ``full``: exact attention kernels. ``registry``: backend name -> mixer.
+"""Deprecated aliases, kept for one release: the kernels moved to ``longctx.backends``.
 
-The functional kernels here know nothing of Flax; the Flax mixers live in
-``longctx.model.mixers`` and are looked up through ``registry.BACKENDS``.
+``longctx.attention.full`` is ``longctx.backends.full.ops`` and
+``longctx.attention.linear`` is ``longctx.backends.linear.ops``; new code uses
+``longctx.ops`` (the public functional namespace).
 """
-
-from longctx.attention import full
-
-__all__ = ["full"]

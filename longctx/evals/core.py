@@ -4,8 +4,11 @@
     python -m longctx.evals --run-dir runs/passkey --task passkey --lengths 256 1024 4096
 
 The run directory is the trainer's: its ``config.yaml`` rebuilds the model and the
-newest readable checkpoint in ``checkpoints/`` supplies the parameters (restored
-onto one device). "Train short, test long": the model runs at every requested
+newest readable checkpoint in ``checkpoints/`` supplies the parameters (the model's
+part only, restored onto one device; no optimizer state is allocated). The model is
+built from the config *as evaluated*: overrides, and a KV cache
+(``model.max_seq_len``) raised to the longest evaluated length, are applied before
+building, so a ``full`` model scanned in segments keeps every key at any length. "Train short, test long": the model runs at every requested
 length on held-out examples (``data.eval_seed``), whatever length it was
 trained at.
 
@@ -29,29 +32,31 @@ from longctx.config import load_config, with_overrides
 from longctx.data import synthetic
 from longctx.parallel import sharding as shd
 from longctx.train.checkpoint import Checkpointer
+from longctx.train.state import TrainState
 
 
-def load_model(run_dir: str, overrides=()):
-    """(config, model, step) from a trainer run directory; raises if nothing is restorable."""
-    from longctx.train.loop import TrainState
+def load_model(run_dir: str, overrides=(), *, max_len: int | None = None):
+    """(config, model, step) from a trainer run directory; raises if nothing is restorable.
 
+    ``max_len``: the longest sequence the model will see; ``model.max_seq_len`` (the
+    KV cache of exact attention carried across segments) is raised to it *before*
+    the model is built.
+    """
     path = epath.Path(run_dir) / "config.yaml"
     if not path.exists():
         raise FileNotFoundError(f"no config.yaml in run directory {run_dir!r}")
     cfg = load_config(str(path), list(overrides))
+    if max_len is not None and max_len > cfg.model.max_seq_len:
+        cfg = with_overrides(cfg, [f"model.max_seq_len={max_len}"])
     mesh = shd.make_mesh({"data": 1}, devices=jax.devices()[:1])
-    ts = TrainState.create(cfg, mesh, shd.DEFAULT_RULES)
+    ts = TrainState.create(cfg, mesh, shd.DEFAULT_RULES, with_optimizer=False)
     ckpt = Checkpointer(str(epath.Path(run_dir) / "checkpoints"), keep=cfg.checkpoint.keep,
                         async_save=False)
-    restored = ckpt.restore_latest(ts.restore_target())
+    restored = ts.restore(ckpt)
     ckpt.close()
     if restored is None:
         raise FileNotFoundError(f"no readable checkpoint under {run_dir}/checkpoints")
-    step, pure, _ = restored
-    from flax import nnx
-
-    nnx.replace_by_pure_dict(ts.state, pure)
-    return cfg, ts.model(), step
+    return cfg, ts.model(), restored[0]
 
 
 def _predict(model, tokens):
@@ -100,10 +105,7 @@ def mqar_eval(model, cfg, *, lengths, examples, batch_size=8):
 
 def run(run_dir, *, task, lengths, depths=(0.0, 0.25, 0.5, 0.75, 1.0), examples=32,
         overrides=(), out=None):
-    cfg, model, step = load_model(run_dir, overrides)
-    # Longer evaluation lengths may exceed the trained KV-cache size used by segment scans.
-    if max(lengths) > cfg.model.max_seq_len:
-        cfg = with_overrides(cfg, [f"model.max_seq_len={max(lengths)}"])
+    cfg, model, step = load_model(run_dir, overrides, max_len=max(lengths))
     if task == "passkey":
         rows = passkey_eval(model, cfg, lengths=lengths, depths=depths, examples=examples)
     elif task == "mqar":

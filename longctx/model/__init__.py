@@ -1,4 +1,4 @@
-"""The Flax NNX language model: layers, token mixers, the Transformer."""
+"""The Flax NNX language model: the Transformer driver, the mixer registry, the segment engine."""
 
 from longctx.model.transformer import Block, Transformer, build_model
 

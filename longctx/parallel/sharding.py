@@ -26,27 +26,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from longctx.parallel.axes import DEFAULT_RULES, LOGICAL_AXES, MESH_AXES  # noqa: F401 (API)
+
 log = logging.getLogger(__name__)
-
-MESH_AXES = ("data", "fsdp", "tensor", "expert", "sequence")
-LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab",
-                "expert")
-
-# Default rules (MaxText-style): batch over every data-parallel axis, parameters'
-# embed dimension over fsdp (ZeRO-3), heads / mlp / vocab over tensor, experts over
-# expert, the sequence over sequence (context parallelism).
-DEFAULT_RULES = {
-    "batch": ["data", "fsdp", "expert"],
-    "length": ["sequence"],
-    "embed": ["fsdp"],
-    "heads": ["tensor"],
-    "kv_heads": ["tensor"],
-    "head_dim": [],
-    "mlp": ["tensor"],
-    "vocab": ["tensor"],
-    "expert": ["expert"],
-}
-
 
 def resolve_mesh_shape(shape: Mapping[str, int], n_devices: int) -> dict[str, int]:
     """Fill a single ``-1`` with the devices left over; check the product."""

@@ -49,17 +49,24 @@ class Checkpointer:
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def restore_latest(self, abstract_state):
+    def restore_latest(self, abstract_state, *, partial: bool = False):
         """``(step, state, data)`` of the newest readable checkpoint, or None if none is.
 
         ``abstract_state``: pytree of ``jax.ShapeDtypeStruct`` (with shardings) in the
-        layout the state should be restored to.
+        layout the state should be restored to. ``partial``: ``abstract_state`` is a
+        subtree of what was saved (e.g. the model without its optimizer); only it is read.
         """
+        if partial:
+            restore = ocp.args.PyTreeRestore(
+                item=abstract_state, partial_restore=True,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))
+        else:
+            restore = ocp.args.StandardRestore(abstract_state)
         bad, found = [], None
         for step in reversed(self.steps()):
             try:
                 out = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+                    state=restore, data=ocp.args.JsonRestore()))
                 jax.block_until_ready(out["state"])
                 found = step, out["state"], out["data"]
                 break

@@ -1,8 +1,10 @@
 """FLOPs, MFU, memory and timing helpers shared by the trainer and the benchmarks.
 
 FLOPs (DESIGN.md "Measuring"): ``6 · N · tokens`` for the matmuls, with N the
-active non-embedding parameters, plus attention ``4 · B · T² · H · D`` forward
-per layer (halved when causal, 3× for forward + backward). MFU divides the
+active non-embedding parameters, plus 3× (forward + backward) the mixing FLOPs
+that each layer's mixer reports for the sequence (``mixing_flops``: causal
+softmax pairs, the chunked linear form, segment attention over the XL ring and
+the memories), so MFU is counted alike for every backend and hybrid pattern. MFU divides the
 achieved rate by the device's peak: a table for GPUs / TPUs, and on CPU a float32
 matmul rate measured on this machine (printed beside it, since CPUs have no
 meaningful datasheet peak for XLA).
@@ -73,15 +75,6 @@ def scratch_bytes(jitted, *args) -> int:
     return jitted.lower(*args).compile().memory_analysis().temp_size_in_bytes
 
 
-def attention_flops(*, batch, seq_len, n_heads, head_dim, n_layers, causal=True, window=None):
-    """Forward + backward attention FLOPs (QK^T and PV matmuls)."""
-    keys = seq_len if window is None else min(window, seq_len)
-    fwd = 4 * batch * seq_len * keys * n_heads * head_dim
-    if causal and window is None:
-        fwd /= 2
-    return 3 * fwd * n_layers
-
-
 def active_params(model_cfg, params) -> tuple[int, int]:
     """(all parameters, active non-embedding parameters) of an ``nnx.State`` of Params.
 
@@ -106,13 +99,15 @@ def active_params(model_cfg, params) -> tuple[int, int]:
     return total, active
 
 
-def train_flops_per_step(model_cfg, n_nonembed_params: int, *, batch: int, seq_len: int) -> float:
-    flops = 6 * n_nonembed_params * batch * seq_len
-    if model_cfg.attention.backend == "full":
-        flops += attention_flops(batch=batch, seq_len=seq_len, n_heads=model_cfg.n_heads,
-                                 head_dim=model_cfg.resolved_head_dim,
-                                 n_layers=model_cfg.n_layers, window=model_cfg.attention.window)
-    return flops
+def train_flops_per_step(model, n_active_params: int, *, batch: int, seq_len: int) -> float:
+    """FLOPs of one training step (forward + backward) of ``model`` on ``[batch, seq_len]``.
+
+    ``6 · N · tokens`` (``tokens`` includes what the model adds, e.g. memory tokens)
+    plus ``3 ×`` the mixers' forward mixing FLOPs. ``model`` may be abstract
+    (``nnx.eval_shape``): only its configuration is read.
+    """
+    tokens = batch * model.tokens_processed(seq_len)
+    return 6.0 * n_active_params * tokens + 3.0 * model.mixing_flops(batch, seq_len)
 
 
 def device_peak_memory() -> int | None:

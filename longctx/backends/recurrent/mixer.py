@@ -58,13 +58,15 @@ the extra gate parameters are initialised to constants, so a model built from
 the same ``nnx.Rngs`` has the same weights as the ``full`` model.
 
 4. **Memory tokens** (Recurrent Memory Transformer, Bulatov et al. 2022, decoder
-   form), ``num_memory_tokens = M``: they cross every layer, so the model driver
-   (``longctx.model.transformer``) adds them: each segment is run as
+   form), ``num_memory_tokens = M``: they cross every layer, so a wrapper around
+   the whole stack adds them (:class:`~longctx.backends.recurrent.memory_tokens.MemoryTokens`,
+   returned by :meth:`RecurrentAttention.stack_wrapper`): each segment is run as
    ``[read M ; segment ; write M]`` where the read and the write tokens both enter
    as the carried memory (initially a learned embedding); the last layer's
    outputs at the write positions become the next segment's read memory. This
    layer then gets ``x [B, M + S + M, E]`` (positions of memory tokens -1,
-   ignored) and applies the visibility of :func:`_with_memory_tokens`: memory
+   ignored) and applies the visibility of
+   :func:`~longctx.backends.recurrent.memory.with_memory_tokens`: memory
    tokens are unrotated, skip the short conv, are never cached and do not read
    the compressive / kNN memories.
 """
@@ -75,61 +77,78 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from longctx.attention import full as full_attention
-from longctx.config import ModelConfig
-from longctx.model.layers import param
-from longctx.model.mixers.full import FullAttention
-
-EPS = 1e-6  # guards s(Q) z = 0 (an empty memory reads as 0)
-
-
-def elu1(x):
-    """Infini-attention's feature map: positive, so the normaliser is > 0."""
-    return jax.nn.elu(x) + 1.0
-
-
-def compressive_read(sq, M, z):
-    """``A_mem = s(Q) M / (s(Q) z)``: ``sq [B, S, K, G, D]``, ``M [B, K, D, D]``, ``z [B, K, D]``."""
-    num = jnp.einsum("bskgd,bkde->bskge", sq, M)
-    den = jnp.einsum("bskgd,bkd->bskg", sq, z)[..., None]
-    return num / (den + EPS)
-
-
-def compressive_write(sk, v, M, z, rule):
-    """One segment's write ``(dM [B, K, D, D], dz [B, K, D])`` from ``sk, v [B, S, K, D]``.
-
-    ``sk`` is ``s(K)`` already zeroed on tokens that must not write.
-    """
-    if rule == "delta":  # retrieve what M already holds for each key, write the rest
-        num = jnp.einsum("bskd,bkde->bske", sk, M)
-        den = jnp.einsum("bskd,bkd->bsk", sk, z)[..., None]
-        v = v - num / (den + EPS)
-    return jnp.einsum("bskd,bske->bkde", sk, v), jnp.sum(sk, axis=1)
-
-
-def _gather_rows(buf, idx):
-    """``buf [B, L, K, D]``, ``idx [B, K, G, S, k]`` -> ``[B, K, G, S, k, D]``."""
-    B, K, G, S, k = idx.shape
-    bt = buf.transpose(0, 2, 1, 3)  # [B, K, L, D]
-    out = jnp.take_along_axis(bt, idx.reshape(B, K, G * S * k)[..., None], axis=2)
-    return out.reshape(B, K, G, S, k, buf.shape[-1])
+from longctx.backends.base import MixerDims, causal_pairs
+from longctx.backends.full import ops as full_attention
+from longctx.backends.full.config import FullConfig
+from longctx.backends.full.mixer import FullAttention
+from longctx.backends.recurrent.config import RecurrentConfig
+from longctx.backends.recurrent.memory import (compressive_read, compressive_write, elu1,
+                                               knn_read, with_memory_tokens, write_ring)
+from longctx.backends.recurrent.memory_tokens import MemoryTokens
+from longctx.layers import param
 
 
 class RecurrentAttention(FullAttention):
-    """``full``'s projections, short conv and RoPE; segment memories as state."""
+    """``full``'s projections, short conv and RoPE; segment memories as state.
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        super().__init__(cfg, rngs=rngs)
-        self.rec = rec = cfg.attention.recurrent
-        self.seg_len = N = cfg.segment_len or cfg.max_seq_len
+    Built from the sizes, the exact-attention section (``model.attention.impl``,
+    ``window``, ``conv_size``) and its own section ``model.attention.recurrent``.
+    """
+
+    def __init__(self, dims: MixerDims, exact: FullConfig, rec: RecurrentConfig, *,
+                 rngs: nnx.Rngs):
+        super().__init__(dims, exact, rngs=rngs)
+        self.rec = rec  # frozen dataclass: static
+        self.seg_len = N = dims.segment_len or dims.max_seq_len
         self.ring = (rec.cache_segments + 1) * N  # XL slots: C previous segments + this one
         self.knn_ring = rec.knn_size + N if rec.knn_size else 0
-        H = cfg.n_heads
+        H = dims.n_heads
         # Gates start at sigmoid(0) = 1/2; constants, so the rng stream is that of `full`.
         self.mem_gate = (param(rngs, (H,), ("heads",), value=jnp.zeros((H,), jnp.float32))
                          if rec.compressive != "none" else nnx.data(None))
         self.knn_gate = (param(rngs, (H,), ("heads",), value=jnp.zeros((H,), jnp.float32))
                          if rec.knn_size else nnx.data(None))
+
+    @classmethod
+    def from_config(cls, dims: MixerDims, attention, *, rngs: nnx.Rngs) -> "RecurrentAttention":
+        return cls(dims, attention.section("full"), attention.section("recurrent"), rngs=rngs)
+
+    @classmethod
+    def stack_wrapper(cls, dims: MixerDims, attention, *, rngs: nnx.Rngs):
+        """Memory tokens (RMT) cross every layer: a wrapper around the stack, or None."""
+        M = attention.section("recurrent").num_memory_tokens
+        if not M:
+            return None
+        return MemoryTokens(M, dims.d_model, segment_len=dims.segment_len,
+                            std=dims.init_std, rngs=rngs)
+
+    def mixing_flops(self, batch: int, seq_len: int, segment_len: int = 0) -> float:
+        """Visible (query, key) pairs of the local attention (``4 H D`` each, as ``full``)
+        plus the memories' reads and writes, per segment of ``N`` tokens.
+
+        Segment ``s`` sees ``min(s, C) N`` cached keys; memory tokens add ``2M`` rows
+        and keys (segment tokens see the ``M`` read keys, read tokens the read keys,
+        write tokens what the last token sees plus all ``2M``); compressive memory
+        reads ``s(Q) M`` and ``s(Q) z`` (``2D^2 + 2D`` per query head) and writes
+        ``s(K)^T V`` (``2D^2`` per kv head; the delta rule's retrieval doubles it);
+        kNN scores every slot of its ring (``2 L D``) and reads ``topk`` values.
+        """
+        N = segment_len or self.seg_len
+        C, M, W = self.rec.cache_segments, self.rec.num_memory_tokens, self.attn.window
+        H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
+        pairs = 0
+        for s, start in enumerate(range(0, seq_len, N)):
+            S, cached = min(N, seq_len - start), min(s, C) * N
+            pairs += causal_pairs(S, before=cached, window=W)
+            if M:
+                pairs += S * M + M * M + M * (min(cached + S, W or cached + S) + 2 * M)
+        flops = 4.0 * pairs * H * D
+        if self.rec.compressive != "none":
+            write = 2 * D * D * (2 if self.rec.compressive == "delta" else 1)
+            flops += seq_len * (H * (2 * D * D + 2 * D) + K * write)
+        if self.rec.knn_size:
+            flops += seq_len * H * 2 * D * (self.knn_ring + self.rec.knn_topk)
+        return batch * flops
 
     @property
     def _has_memory(self):
@@ -206,7 +225,7 @@ class RecurrentAttention(FullAttention):
 
         # 1. Local attention: this segment and the C before it (XL cache, no gradient).
         cache = jax.lax.stop_gradient({n: state[n] for n in ("k", "v", "pos", "seg")})
-        cache = _write(cache, positions % self.ring, k, v, positions, ids)
+        cache = write_ring(cache, positions % self.ring, k, v, positions, ids)
         new_state.update(cache)
 
         def ring_mask(q_pos, q_seg, q_start):  # [B, Sq] each -> [B, 1, 1, Sq, L]
@@ -220,7 +239,7 @@ class RecurrentAttention(FullAttention):
         k_all, v_all = cache["k"].astype(q.dtype), cache["v"].astype(q.dtype)
         S = q.shape[1]
         if mtok is not None:  # memory tokens
-            q, k_all, v_all, mask = _with_memory_tokens(q, k_all, v_all, mask, ids, mtok,
+            q, k_all, v_all, mask = with_memory_tokens(q, k_all, v_all, mask, ids, mtok,
                                                         ring_mask, positions, seg_start)
         o = full_attention.masked_attention(q, k_all, v_all, mask)
         if mtok is not None:  # memory rows (after the segment's S) bypass the memories below
@@ -240,7 +259,7 @@ class RecurrentAttention(FullAttention):
             M_eff, z_eff = jnp.where(same, mem["M"], 0.0), jnp.where(same[..., 0], mem["z"], 0.0)
             sk = elu1(k0.astype(jnp.float32)) * (ids == last[:, None])[..., None, None]
             dM, dz = compressive_write(sk, v.astype(jnp.float32), M_eff, z_eff,
-                                       self.rec.compressive)
+                                      self.rec.compressive)
             keep = (mem["seg"] == last)[:, None, None, None]  # pending writes of this document
             dM = dM + jnp.where(keep, mem["dM"], 0.0)
             dz = dz + jnp.where(keep[..., 0], mem["dz"], 0.0)
@@ -256,79 +275,11 @@ class RecurrentAttention(FullAttention):
         # 3. kNN memory: top-k over the Mk tokens before this segment (read, then write).
         if self.rec.knn_size:
             knn = jax.lax.stop_gradient(state["knn"])
-            read = self._knn_read(q0, knn, seg_start, ids)
-            new_state["knn"] = _write(knn, positions % self.knn_ring, jax.lax.stop_gradient(k0),
+            read = knn_read(q0, knn, seg_start, ids, self.rec)
+            new_state["knn"] = write_ring(knn, positions % self.knn_ring, jax.lax.stop_gradient(k0),
                                       jax.lax.stop_gradient(v), positions, ids)
             g = jax.nn.sigmoid(self.knn_gate[...])[:, None]
             o = (g * read + (1 - g) * o.astype(jnp.float32)).astype(q.dtype)
         if mtok is not None:
             o = jnp.concatenate([o, o_mem], axis=1)  # [segment ; read ; write]
         return o, new_state
-
-    def _knn_read(self, q0, knn, seg_start, ids):
-        """Softmax over the top-k retrieved pairs: ``q0 [B, S, H, D]`` -> ``[B, S, H, D]``."""
-        rec, K, D = self.rec, self.n_kv_heads, self.head_dim
-        qg = full_attention._grouped(q0, K)  # [B, K, G, S, D]
-        s = jnp.einsum("bkgsd,blkd->bkgsl", qg, knn["k"].astype(q0.dtype),
-                       preferred_element_type=jnp.float32) * D**-0.5
-        k_pos = knn["pos"][:, None, None, None, :]
-        lo = seg_start[:, None, None, :, None]
-        ok = ((k_pos >= 0) & (k_pos < lo) & (k_pos >= lo - rec.knn_size)
-              & (knn["seg"][:, None, None, None, :] == ids[:, None, None, :, None]))
-        s = jnp.where(ok, s, -jnp.inf)
-        if rec.knn_approx:
-            top, idx = jax.lax.approx_max_k(s, rec.knn_topk, recall_target=rec.knn_recall)
-        else:
-            top, idx = jax.lax.top_k(s, rec.knn_topk)  # [B, K, G, S, k]
-        vals = _gather_rows(knn["v"].astype(jnp.float32), idx)  # [B, K, G, S, k, D]
-        p = jnp.exp(top - full_attention._safe_softmax_stats(top)[..., None])
-        l = jnp.sum(p, axis=-1, keepdims=True)
-        p = p / jnp.where(l == 0, 1.0, l)  # nothing retrievable: reads 0
-        o = jnp.einsum("bkgsn,bkgsnd->bkgsd", p, vals)
-        return full_attention._ungrouped(o)
-
-
-def _with_memory_tokens(q, k_ring, v_ring, mask, ids, mem, ring_mask, positions, seg_start):
-    """Queries ``[segment ; read ; write]`` over keys ``[ring ; read ; write]`` and their mask.
-
-    ``mem = (qm [B, 2M, H, D], km, vm [B, 2M, K, D], read_seg [B], write_seg [B])``
-    (read rows first). Visibility (Recurrent Memory Transformer, decoder form):
-    a segment token sees the read memory of its own document and the ring as
-    before, never the write tokens; read tokens see the read tokens only (they are
-    known before the segment); write tokens see the read tokens of their
-    document, what the segment's last token sees in the ring, and every write
-    token. All memory tokens are unrotated (no position).
-    """
-    qm, km, vm, read_seg, write_seg = mem
-    B, S = ids.shape
-    M2 = qm.shape[1]
-    M = M2 // 2
-    L = k_ring.shape[1]
-    is_read = (jnp.arange(M2) < M)[None, None, None, None, :]  # [1, 1, 1, 1, 2M] over mem keys
-    # Segment rows: the ring (mask) + read keys of the same document.
-    tok_mem = is_read & (ids == read_seg[:, None])[:, None, None, :, None]
-    tok_rows = jnp.concatenate([mask, jnp.broadcast_to(tok_mem, (B, 1, 1, S, M2))], axis=-1)
-    # Read rows: read keys only.
-    read_rows = jnp.concatenate([jnp.zeros((B, 1, 1, M, L), bool),
-                                 jnp.broadcast_to(is_read, (B, 1, 1, M, M2))], axis=-1)
-    # Write rows: as the last token over the ring, read keys of the write document, all writes.
-    last = lambda a: jnp.broadcast_to(a[:, -1:], (B, M))  # noqa: E731
-    w_ring = ring_mask(last(positions), last(ids), last(seg_start))
-    w_mem = jnp.where(is_read, (read_seg == write_seg)[:, None, None, None, None], True)
-    write_rows = jnp.concatenate([w_ring, jnp.broadcast_to(w_mem, (B, 1, 1, M, M2))], axis=-1)
-    mask = jnp.concatenate([tok_rows, read_rows, write_rows], axis=3)  # [B, 1, 1, S+2M, L+2M]
-    q = jnp.concatenate([q, qm.astype(q.dtype)], axis=1)
-    k = jnp.concatenate([k_ring, km.astype(k_ring.dtype)], axis=1)
-    v = jnp.concatenate([v_ring, vm.astype(v_ring.dtype)], axis=1)
-    return q, k, v, mask
-
-
-def _write(buf, slots, k, v, positions, ids):
-    """Write ``k, v [B, S, K, D]`` with their positions and ids at ``slots [B, S]`` of a ring."""
-
-    def one(b, slot, new):  # per batch row: b [L, ...], slot [S], new [S, ...]
-        return b.at[slot].set(new.astype(b.dtype))
-
-    return {"k": jax.vmap(one)(buf["k"], slots, k), "v": jax.vmap(one)(buf["v"], slots, v),
-            "pos": jax.vmap(one)(buf["pos"], slots, positions.astype(jnp.int32)),
-            "seg": jax.vmap(one)(buf["seg"], slots, ids)}

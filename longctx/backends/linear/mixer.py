@@ -1,7 +1,8 @@
 """The ``linear`` token mixer: linear attention, RetNet, GLA, DeltaNet, Gated DeltaNet.
 
 One layer, the variant chosen by ``model.attention.linear.variant``; the math is
-in :mod:`longctx.attention.linear` (``linear_attention`` / ``delta_rule``)::
+in :mod:`longctx.backends.linear.ops` (``linear_attention`` / ``delta_rule``),
+the section in :mod:`longctx.backends.linear.config`::
 
     x [B, S, E] -> q, k [B, S, H, K], v [B, S, H, V]     (projections, H = model.n_heads)
                -> short causal depthwise conv on q, k, v (conv_size > 0; its tail is state)
@@ -57,35 +58,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from longctx.attention import linear as linear_ops
-from longctx.config import LinearConfig, ModelConfig
-from longctx.model.layers import DTYPES, causal_conv, param
+from longctx.backends.base import Mixer, MixerDims
+from longctx.backends.linear import ops as linear_ops
+from longctx.backends.linear.config import DELTA_VARIANTS, LinearConfig
+from longctx.layers import DTYPES, causal_conv, param
 
-FEATURE_MAPS = {
+FEATURE_MAPS = {  # names: longctx.backends.linear.config.FEATURE_MAPS
     "identity": lambda x: x,
     "elu1": lambda x: jax.nn.elu(x) + 1.0,  # Katharopoulos et al. 2020: positive features
     "relu": jax.nn.relu,
     "silu": jax.nn.silu,
 }
-
-# variant -> its default feature map (model.attention.linear.feature_map = null)
-VARIANTS = {
-    "linear": "elu1",
-    "retnet": "identity",
-    "gla": "identity",
-    "deltanet": "silu",
-    "gated_deltanet": "silu",
-}
-DELTA_VARIANTS = ("deltanet", "gated_deltanet")
-
-
-def feature_map_name(lin: LinearConfig) -> str:
-    return lin.feature_map if lin.feature_map is not None else VARIANTS[lin.variant]
-
-
-def normalize_ok(lin: LinearConfig) -> bool:
-    """``normalize`` needs an additive variant and non-negative features (else z can be ~0)."""
-    return lin.variant not in DELTA_VARIANTS and feature_map_name(lin) in ("elu1", "relu")
 
 
 def retnet_log_decay(n_heads: int):
@@ -115,17 +98,16 @@ def _l2norm(x, eps=1e-6):
     return (xf * jax.lax.rsqrt(jnp.sum(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
-class LinearAttention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        lin = cfg.attention.linear
+class LinearAttention(Mixer):
+    def __init__(self, dims: MixerDims, lin: LinearConfig, *, rngs: nnx.Rngs):
         self.lin = lin  # frozen dataclass: static
-        self.n_heads = H = cfg.n_heads
-        self.key_dim = K = lin.key_dim or cfg.resolved_head_dim
-        self.value_dim = V = lin.value_dim or cfg.resolved_head_dim
-        self.dtype = DTYPES[cfg.dtype]
-        self.feature_map = feature_map_name(lin)
-        E, W = cfg.d_model, lin.conv_size
-        std, out_std = cfg.init_std, cfg.init_std / (2 * cfg.n_layers) ** 0.5
+        self.n_heads = H = dims.n_heads
+        self.key_dim = K = lin.key_dim or dims.head_dim
+        self.value_dim = V = lin.value_dim or dims.head_dim
+        self.dtype = DTYPES[dims.dtype]
+        self.feature_map = lin.resolved_feature_map
+        E, W = dims.d_model, lin.conv_size
+        std, out_std = dims.init_std, dims.out_std
         self.wq = param(rngs, (E, H, K), ("embed", "heads", "head_dim"), std=std)
         self.wk = param(rngs, (E, H, K), ("embed", "heads", "head_dim"), std=std)
         self.wv = param(rngs, (E, H, V), ("embed", "heads", "head_dim"), std=std)
@@ -162,6 +144,19 @@ class LinearAttention(nnx.Module):
             rngs, (V,), ("head_dim",), value=jnp.ones((V,), jnp.float32)))
         self.w_out_gate = nnx.data(None if not lin.output_gate else param(
             rngs, (E, H, V), ("embed", "heads", "head_dim"), std=std))
+
+    @classmethod
+    def from_config(cls, dims: MixerDims, attention, *, rngs: nnx.Rngs) -> "LinearAttention":
+        return cls(dims, attention.section("linear"), rngs=rngs)
+
+    def mixing_flops(self, batch: int, seq_len: int, segment_len: int = 0) -> float:
+        """The chunk form's matmuls (:func:`~longctx.backends.linear.ops.chunk_flops`);
+        chunks never span segments, so a segment shorter than a chunk is one chunk."""
+        chunk = min(self.lin.chunk_size, segment_len or seq_len, seq_len)
+        V = self.value_dim + int(self.lin.normalize)  # the normaliser rides as a value column
+        return linear_ops.chunk_flops(batch * seq_len * self.n_heads, key_dim=self.key_dim,
+                                      value_dim=V, chunk_size=chunk,
+                                      delta=self.lin.variant in DELTA_VARIANTS)
 
     # -- state protocol -------------------------------------------------------
 

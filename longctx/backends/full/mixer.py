@@ -1,12 +1,12 @@
 """The ``full`` token mixer: exact softmax attention with RoPE, GQA and a KV cache.
 
-State protocol (shared by every mixer)::
-
-    init_state(batch_size, dtype) -> State
-    __call__(x, *, positions, state=None, segment_ids=None) -> (y, new_state)
+State protocol: :mod:`longctx.backends.base`. Built from explicit sizes
+(:class:`~longctx.backends.base.MixerDims`) and its section
+(:class:`~longctx.backends.full.config.FullConfig`, the keys directly under
+``model.attention``).
 
 Without state the whole segment attends to itself with
-:func:`longctx.attention.full.attention` (flash / cuDNN / reference by
+:func:`longctx.backends.full.ops.attention` (flash / cuDNN / reference by
 ``model.attention.impl``). With state, the state is a KV cache of
 ``model.max_seq_len`` slots: the segment's keys and values are written at slot
 ``position % max_seq_len`` and the queries attend to every cached key whose
@@ -32,26 +32,27 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from longctx.attention import full as full_attention
-from longctx.config import ModelConfig
-from longctx.model.layers import DTYPES, causal_conv, param, rope
+from longctx.backends.base import Mixer, MixerDims, causal_pairs
+from longctx.backends.full import ops as full_attention
+from longctx.backends.full.config import FullConfig
+from longctx.layers import DTYPES, causal_conv, param, rope
 
 
-class FullAttention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
-        self.head_dim = D = cfg.resolved_head_dim
-        self.dtype = DTYPES[cfg.dtype]
-        self.attn = cfg.attention
-        self.rope_theta, self.rope_scaling = cfg.rope_theta, cfg.rope_scaling
-        self.cache_len = cfg.max_seq_len
-        E, H, K = cfg.d_model, cfg.n_heads, cfg.n_kv_heads
-        std, out_std = cfg.init_std, cfg.init_std / (2 * cfg.n_layers) ** 0.5
+class FullAttention(Mixer):
+    def __init__(self, dims: MixerDims, cfg: FullConfig, *, rngs: nnx.Rngs):
+        self.n_heads, self.n_kv_heads = dims.n_heads, dims.n_kv_heads
+        self.head_dim = D = dims.head_dim
+        self.dtype = DTYPES[dims.dtype]
+        self.attn = cfg  # frozen dataclass: static
+        self.rope_theta, self.rope_scaling = dims.rope_theta, dims.rope_scaling
+        self.cache_len = dims.max_seq_len
+        E, H, K = dims.d_model, dims.n_heads, dims.n_kv_heads
+        std, out_std = dims.init_std, dims.out_std
         self.wq = param(rngs, (E, H, D), ("embed", "heads", "head_dim"), std=std)
         self.wk = param(rngs, (E, K, D), ("embed", "kv_heads", "head_dim"), std=std)
         self.wv = param(rngs, (E, K, D), ("embed", "kv_heads", "head_dim"), std=std)
         self.wo = param(rngs, (H, D, E), ("heads", "head_dim", "embed"), std=out_std)
-        self.conv_size = W = cfg.attention.conv_size
+        self.conv_size = W = cfg.conv_size
 
         def conv(heads):
             if not W:
@@ -61,6 +62,20 @@ class FullAttention(nnx.Module):
                          value=jnp.zeros((W, heads, D), jnp.float32).at[-1].set(1.0))
 
         self.conv_q, self.conv_k, self.conv_v = conv(H), conv(K), conv(K)
+
+    @classmethod
+    def from_config(cls, dims: MixerDims, attention, *, rngs: nnx.Rngs) -> "FullAttention":
+        return cls(dims, attention.section("full"), rngs=rngs)
+
+    def mixing_flops(self, batch: int, seq_len: int, segment_len: int = 0) -> float:
+        """``QK^T`` and ``PV`` over the visible (causal, windowed) pairs: ``4 H D`` each.
+
+        Useful work, as MFU conventions count it (PaLM, MaxText): masked-out blocks
+        and the KV cache's empty slots are not counted. Segments change nothing.
+        """
+        del segment_len
+        pairs = causal_pairs(seq_len, window=self.attn.window)
+        return 4.0 * batch * pairs * self.n_heads * self.head_dim
 
     def init_state(self, batch_size: int, dtype=jnp.float32):
         """KV cache: k/v ``[B, L, Hkv, D]``, their positions (-1 = empty) and segment ids."""

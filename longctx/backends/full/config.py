@@ -1,0 +1,44 @@
+"""Config section of exact softmax attention (jax-free).
+
+Its keys sit directly under ``model.attention`` (``model.attention.impl``,
+``block_q``, ``block_k``, ``window``, ``conv_size``): they configure every layer
+that runs exact attention, i.e. the ``full`` layers and the local attention of
+the ``recurrent`` layers (which builds on ``full``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from longctx.errors import require
+
+IMPLS = ("auto", "xla", "flash", "cudnn")  # see longctx.backends.full.ops
+
+
+@dataclass(frozen=True)
+class FullConfig:
+    impl: str = "auto"  # exact-attention kernel: auto | xla | flash | cudnn
+    block_q: int = 512  # flash: query rows per block
+    block_k: int = 512  # flash: keys per block
+    window: int | None = None  # sliding-window size in tokens; None = global attention
+    # Short causal depthwise conv on q, k, v before RoPE ("smeared keys", Olsson et al.
+    # 2022; canon layers, Allen-Zhu 2025); 0: off.
+    conv_size: int = 0
+
+    def validate(self, prefix: str = "model.attention") -> None:
+        require(self.impl in IMPLS, f"{prefix}.impl={self.impl!r}; expected one of {IMPLS}")
+        require(self.block_q >= 1 and self.block_k >= 1,
+                f"{prefix}.block_q={self.block_q}, block_k={self.block_k} must be >= 1")
+        require(self.conv_size >= 0, f"{prefix}.conv_size={self.conv_size} must be >= 0")
+        require(self.window is None or self.window >= 1,
+                f"{prefix}.window={self.window} must be >= 1 or null")
+
+    def validate_use(self, model, *, seq_len: int | None, layers: list[int]) -> None:
+        """Constraints when ``layers`` of ``model`` (a ``ModelConfig``) are ``full`` layers."""
+        if model.segment_len and seq_len is not None:
+            # `full` carries a KV cache of max_seq_len tokens across segments.
+            require(seq_len <= model.max_seq_len,
+                    f"data.seq_len={seq_len} > model.max_seq_len={model.max_seq_len}: with "
+                    f"model.segment_len={model.segment_len} the `full` layers {layers} keep "
+                    "every key of the sequence in their KV cache; raise max_seq_len or use "
+                    "segment_len=0")

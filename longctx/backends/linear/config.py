@@ -1,0 +1,72 @@
+"""Config section of the linear attention family, ``model.attention.linear`` (jax-free)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from longctx.errors import require
+
+# variant -> its default feature map (feature_map = null); see longctx.backends.linear.mixer
+VARIANTS = {
+    "linear": "elu1",
+    "retnet": "identity",
+    "gla": "identity",
+    "deltanet": "silu",
+    "gated_deltanet": "silu",
+}
+DELTA_VARIANTS = ("deltanet", "gated_deltanet")
+FEATURE_MAPS = ("identity", "elu1", "relu", "silu")
+GATE_BIAS_INITS = ("zero", "retnet")
+
+
+@dataclass(frozen=True)
+class LinearConfig:
+    variant: str = "gated_deltanet"  # linear | retnet | gla | deltanet | gated_deltanet
+    feature_map: str | None = None  # on q, k: identity | elu1 | relu | silu; None: variant default
+    chunk_size: int = 64  # tokens per chunk of the chunkwise-parallel form
+    conv_size: int = 4  # short causal depthwise conv on q, k, v (its tail is state); 0: off
+    key_dim: int | None = None  # per-head key dim K; None: model head_dim
+    value_dim: int | None = None  # per-head value dim V; None: model head_dim
+    normalize: bool = False  # divide by q . (decayed sum of k); linear | retnet | gla only
+    gate_low_rank: int = 16  # gla: rank of the data-dependent gate projection
+    gate_normalizer: float = 16.0  # gla: g = logsigmoid(x W1 W2 + b) / gate_normalizer
+    # gla: initial gate bias b. "zero": b = 0 (fla), every key forgets at
+    # exp(log(1/2)/16) = 0.958 per step at init; "retnet": per head, the bias that makes
+    # g = log(1 - 2^(-5-h)) (RetNet's multi-scale decays) at x = 0.
+    gate_bias_init: str = "zero"
+    output_norm: bool = True  # RMSNorm over each head's output
+    output_gate: bool = True  # o * silu(x W_gate) before the output projection
+
+    @property
+    def resolved_feature_map(self) -> str:
+        return self.feature_map if self.feature_map is not None else VARIANTS[self.variant]
+
+    @property
+    def normalize_ok(self) -> bool:
+        """``normalize`` needs an additive variant and non-negative features (else z can be ~0)."""
+        return (self.variant not in DELTA_VARIANTS
+                and self.resolved_feature_map in ("elu1", "relu"))
+
+    def validate(self, prefix: str = "model.attention.linear") -> None:
+        require(self.variant in VARIANTS,
+                f"{prefix}.variant={self.variant!r}; expected one of {tuple(VARIANTS)}")
+        require(self.feature_map is None or self.feature_map in FEATURE_MAPS,
+                f"{prefix}.feature_map={self.feature_map!r}; expected null or one of "
+                f"{FEATURE_MAPS}")
+        require(self.gate_bias_init in GATE_BIAS_INITS,
+                f"{prefix}.gate_bias_init={self.gate_bias_init!r}: expected one of "
+                f"{GATE_BIAS_INITS}")
+        require(self.chunk_size >= 1 and self.conv_size >= 0 and self.gate_low_rank >= 1,
+                f"{prefix}.chunk_size={self.chunk_size}, conv_size={self.conv_size}, "
+                f"gate_low_rank={self.gate_low_rank} must be >= 1, >= 0, >= 1")
+        require((self.key_dim or 1) >= 1 and (self.value_dim or 1) >= 1
+                and self.gate_normalizer > 0,
+                f"{prefix}.key_dim={self.key_dim}, value_dim={self.value_dim} must be >= 1 or "
+                f"null, gate_normalizer={self.gate_normalizer} > 0")
+        require(not self.normalize or self.normalize_ok,
+                f"{prefix}.normalize=true needs variant linear | retnet | gla and a "
+                f"non-negative feature map (elu1 | relu); got variant={self.variant!r}, "
+                f"feature_map={self.feature_map!r}")
+
+    def validate_use(self, model, *, seq_len: int | None, layers: list[int]) -> None:
+        """No constraint across sections: any length, with or without segments."""

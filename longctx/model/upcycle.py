@@ -1,0 +1,46 @@
+"""Sparse upcycling: an MoE model initialised from a dense one (Komatsuzaki et al. 2022)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from longctx.config import ModelConfig
+from longctx.model.transformer import build_model
+
+
+def upcycle(dense_model, moe_cfg_model: ModelConfig, *, rngs: nnx.Rngs, noise_std: float = 0.0):
+    """An MoE model initialised from a dense one: every non-MoE parameter copied, each
+    expert a copy of the layer's dense MLP (``+ noise_std * std(w) * N(0, 1)``,
+    independent per expert), router / shared experts / balancing state fresh.
+
+    ``moe_cfg_model`` must match the dense config except for ``moe`` (expert_dim
+    = the dense mlp_dim). With ``topk_softmax`` or ``norm_topk_prob`` (weights
+    summing to 1), no noise and no dropped tokens, the MoE model computes the
+    dense model's function.
+    """
+    model = build_model(moe_cfg_model, rngs=rngs)
+    dense = dict(nnx.to_flat_state(nnx.state(dense_model, nnx.Param)))
+    used = set()
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        src = dense.get(path)
+        if src is None:
+            continue  # router, shared experts, load probe: fresh
+        used.add(path)
+        value, shape = src[...], var[...].shape
+        if value.shape == shape:
+            var[...] = value
+        elif shape == (moe_cfg_model.moe.num_experts, *value.shape):
+            experts = jnp.broadcast_to(value, shape)
+            if noise_std > 0:
+                noise = jax.random.normal(rngs.params(), shape, value.dtype)
+                experts = experts + noise_std * jnp.std(value) * noise
+            var[...] = experts
+        else:
+            raise ValueError(f"upcycle: {'/'.join(map(str, path))} has shape {value.shape} in "
+                             f"the dense model and {shape} in the MoE model")
+    missing = sorted("/".join(map(str, p)) for p in dense if p not in used)
+    if missing:
+        raise ValueError(f"upcycle: dense parameters with no place in the MoE model: {missing}")
+    return model
