@@ -11,10 +11,16 @@ safe-loaded only.
 
 Everything is checked at load time: an unknown key names the nearest valid
 ones, a wrong type names the key, the value and the expected type, and
-impossible combinations (``n_heads % n_kv_heads``, an unregistered backend, a
-sequence longer than the KV cache, ...) say which values clash. Each layer reads
-only its own section (``ModelConfig``, ``AttentionConfig``, ...), so a layer can
-be built in a test without a whole config.
+impossible combinations (``n_heads % n_kv_heads``, an unregistered backend in
+``model.attention.pattern``, a sequence longer than the KV cache, ...) say which
+values clash.
+
+Each backend's section lives with the backend (``longctx/backends/<name>/config.py``,
+the MoE's in ``longctx/moe/config.py``) and validates itself: its own keys always,
+and what it needs of the rest of the model when some layer uses it
+(``validate_use``). This module imports those sections and no jax; the mixers
+are built from explicit sizes plus their section alone
+(``longctx.backends.base.MixerDims``).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ each switched on by ``model.attention.recurrent`` and composable, reach further:
    mixed with the local attention by a learned per-head gate
    ``sigmoid(b) A_mem + (1 - sigmoid(b)) A_local`` (``b`` starts at 0). The
    segment-level update is two einsums (the recurrence of
-   ``longctx.attention.linear`` per *segment*, not per token: a query never reads
+   ``longctx.backends.linear.ops`` per *segment*, not per token: a query never reads
    its own segment's writes there, the exact local attention covers those). A
    decode step adds its token's write to a pending ``dM, dz`` that is committed
    when the segment's last position is reached, so decoding equals the forward.
