@@ -122,7 +122,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DataConfig:
     source: str = "synthetic"  # synthetic | text (UTF-8 files, bytes) | jsonl | tokens (.bin)
-    path: str | None = None  # file (or comma-separated files) for text / jsonl / tokens
+    path: str | None = None  # file (or comma-separated files) for text / jsonl / tokens; tokens: or a directory made by longctx.data.prepare
     token_dtype: str = "uint16"  # tokens: uint16 | uint32
     eos_id: int | None = None  # tokens: document separator id in the .bin stream
     text_field: str = "text"  # jsonl: the field holding the text

@@ -42,6 +42,7 @@ batch size, seed, shuffle, epochs) is the same.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Mapping
 
 import grain
@@ -51,6 +52,7 @@ from longctx.data.sources import (
     ByteTextSource,
     DocumentSource,
     JsonlSource,
+    PreparedTokenSource,
     SyntheticSource,
     TokenBinSource,
     check_token_ids,
@@ -294,10 +296,16 @@ def build_source(kind: str, *, seq_len: int, vocab_size: int, drop_remainder: bo
     ``build_source("text", seq_len=, vocab_size=, paths=[...], separator="\\n\\n")``
     ``build_source("jsonl", seq_len=, vocab_size=, path=..., text_field="text")``
     ``build_source("tokens", seq_len=, vocab_size=, path=..., dtype="uint16", eos_id=None)``
+    ``build_source("tokens", seq_len=, vocab_size=, path=DIR)``: a directory made by
+    ``python -m longctx.data.prepare`` (`PreparedTokenSource`; dtype and eos_id from its
+    ``meta.json``, ``vocab_size`` checked against it)
     """
     if kind not in SOURCES:
         raise ValueError(f"build_source: unknown {kind=}; registered kinds: {sorted(SOURCES)}")
     cls = SOURCES[kind]
+    if kind == "tokens" and os.path.isdir(os.fspath(kwargs.get("path", ""))):
+        cls = PreparedTokenSource
+        kwargs = {"path": kwargs["path"], "eos_id": kwargs.get("eos_id"), "vocab_size": vocab_size}
     if issubclass(cls, DocumentSource):
         # Ids are checked by the packer, which knows each document's location.
         return PackedLMSource(cls(**kwargs), seq_len=seq_len, vocab_size=vocab_size,

@@ -52,6 +52,7 @@ __all__ = [
     "ByteTextSource",
     "JsonlSource",
     "TokenBinSource",
+    "PreparedTokenSource",
 ]
 
 BYTE_VOCAB_SIZE = 256  # byte-level tokenizer: ids 0..255
@@ -408,3 +409,62 @@ class TokenBinSource(DocumentSource):
 
     def __repr__(self) -> str:
         return f"TokenBinSource({self.path!r}, dtype={self.dtype.name!r}, eos_id={self.eos_id!r})"
+
+
+class PreparedTokenSource(DocumentSource):
+    """A directory written by ``python -m longctx.data.prepare``: its shards, in order.
+
+    ``meta.json`` (written last by ``prepare``) gives the dtype, the EOS id and the
+    shard list; a directory without it is not (completely) prepared and is refused,
+    and so is a shard whose size disagrees with ``meta.json``. Documents end after
+    each EOS (as in `TokenBinSource`); no document straddles two shards.
+    ``vocab_size`` (the model's) must be at least the tokenizer's ``vocab_size``.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, vocab_size: int | None = None,
+                 eos_id: int | None = None):
+        _check_vocab_size(vocab_size, "PreparedTokenSource")
+        self.path = os.fspath(path)
+        meta_path = os.path.join(self.path, "meta.json")
+        if not os.path.isfile(meta_path):
+            raise _missing(meta_path, "meta.json of a prepared token directory (incomplete "
+                                      "or not made by python -m longctx.data.prepare)")
+        with open(meta_path, encoding="utf-8") as fh:
+            self.meta = meta = json.load(fh)
+        if vocab_size is not None and int(vocab_size) < int(meta["vocab_size"]):
+            raise ValueError(f"model.vocab_size={vocab_size} is smaller than the tokenizer's "
+                             f"vocab_size={meta['vocab_size']} of {meta_path}")
+        if eos_id is not None and int(eos_id) != int(meta["eos_id"]):
+            raise ValueError(f"data.eos_id={eos_id} disagrees with eos_id={meta['eos_id']} "
+                             f"of {meta_path} (leave data.eos_id unset)")
+        self.vocab_size, self.eos_id = vocab_size, int(meta["eos_id"])
+        self.shards = [TokenBinSource(os.path.join(self.path, s["file"]), meta["dtype"],
+                                      self.eos_id) for s in meta["shards"]]
+        for src, s in zip(self.shards, meta["shards"]):
+            if src.num_tokens != int(s["num_tokens"]):
+                raise ValueError(f"corrupt prepared directory: {src.path} holds {src.num_tokens} "
+                                 f"tokens, {meta_path} says {s['num_tokens']}")
+        self.num_tokens = sum(src.num_tokens for src in self.shards)
+        counts = [len(src) for src in self.shards]
+        self._shard = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
+        self._first = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        self.lengths = (np.concatenate([src.lengths for src in self.shards]).astype(np.int64)
+                        if self.shards else np.zeros(0, np.int64))
+
+    def _local(self, i: int) -> tuple[TokenBinSource, int]:
+        s = int(self._shard[i])
+        return self.shards[s], i - int(self._first[s])
+
+    def _read(self, i: int, start: int, stop: int) -> np.ndarray:
+        src, j = self._local(i)
+        return src._read(j, start, stop)
+
+    def location(self, i: int, offset: int = 0) -> str:
+        src, j = self._local(i)
+        return src.location(j, offset)
+
+    def __getstate__(self):
+        return dict(self.__dict__)  # the shards drop their own memmaps
+
+    def __repr__(self) -> str:
+        return f"PreparedTokenSource({self.path!r})"
