@@ -143,6 +143,7 @@ class TrainConfig:
     steps: int = 1000
     batch_size: int = 32  # global batch (all processes together)
     grad_accum_steps: int = 1  # microbatches per step; batch_size must divide by it
+    loss_chunk_size: int = 0  # >0: head + cross entropy this many tokens at a time (no [B,T,V])
     seed: int = 0  # parameter init
     log_every: int = 50
     eval_every: int = 250  # 0: only at the end
@@ -431,6 +432,7 @@ def validate(cfg: Config) -> None:
     _require(t.steps >= 1 and t.batch_size >= 1,
              f"train.steps={t.steps}, train.batch_size={t.batch_size} must be >= 1")
     _require(t.log_every >= 1, f"train.log_every={t.log_every} must be >= 1")
+    _require(t.loss_chunk_size >= 0, f"train.loss_chunk_size={t.loss_chunk_size} must be >= 0")
     _require(t.grad_accum_steps >= 1 and t.batch_size % t.grad_accum_steps == 0,
              f"train.batch_size={t.batch_size} must be a multiple of "
              f"train.grad_accum_steps={t.grad_accum_steps}")

@@ -161,6 +161,11 @@ class Transformer(nnx.Module):
 
     def step(self, tokens, state, *, segment_ids=None):
         """One segment ``tokens [B, S]`` with carried ``state`` -> (logits, aux, state)."""
+        x, aux, new = self.hidden_step(tokens, state, segment_ids=segment_ids)
+        return self.head(x), aux, new
+
+    def hidden_step(self, tokens, state, *, segment_ids=None):
+        """:meth:`step` before the head: ``(x [B, S, E], aux, state)``."""
         S = tokens.shape[1]
         positions = state["next_pos"][:, None] + jnp.arange(S, dtype=jnp.int32)[None, :]
         new = {"next_pos": state["next_pos"] + S}
@@ -171,12 +176,19 @@ class Transformer(nnx.Module):
         x, aux, new["layers"] = self._blocks(x, positions, state["layers"], segment_ids)
         if self.wrapper is not None:
             x, new["wrapper"] = self.wrapper.exit(x, ctx)
-        return self._head(x), aux, new
+        return x, aux, new
 
     # -- forward ----------------------------------------------------------------
 
     def __call__(self, tokens, *, segment_ids=None):
         """``tokens [B, T]`` int -> ``(logits [B, T, vocab] float32, aux dict)``."""
+        x, aux = self.hidden(tokens, segment_ids=segment_ids)
+        return self.head(x), aux
+
+    def hidden(self, tokens, *, segment_ids=None):
+        """``tokens [B, T]`` -> ``(x [B, T, E], aux)``: the last block's output, before
+        :meth:`head` (a loss can apply the head chunk by chunk, never holding
+        ``[B, T, vocab]``)."""
         tokens = self._check_tokens(tokens)
         if segment_ids is not None and segment_ids.shape != tokens.shape:
             raise ValueError(f"segment_ids shape {segment_ids.shape} != tokens shape {tokens.shape}")
@@ -185,7 +197,7 @@ class Transformer(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
             x = constrain(self.embed(tokens, self.dtype), ACTIVATION_AXES)
             x, aux, _ = self._blocks(x, positions, None, segment_ids)
-            return self._head(x), aux
+            return x, aux
         return self._scan_segments(tokens, segment_ids)
 
     def _check_tokens(self, tokens):
@@ -217,7 +229,7 @@ class Transformer(nnx.Module):
             auxes.append(aux)
         return x, _mean_aux(auxes), new_states
 
-    def _head(self, x):
+    def head(self, x):
         """Final norm and LM head: ``[B, S, E]`` -> logits ``[B, S, vocab]`` float32."""
         x = self.final_norm(x)
         if self.lm_head is None:
@@ -237,15 +249,15 @@ class Transformer(nnx.Module):
 
         def segment(params, state, seg, i):
             model = nnx.merge(graphdef, params)
-            logits, aux, state = model.step(seg["tokens"], state,
-                                            segment_ids=seg.get("segment_ids"))
-            return state, (logits, aux)
+            x, aux, state = model.hidden_step(seg["tokens"], state,
+                                              segment_ids=seg.get("segment_ids"))
+            return state, (x, aux)
 
-        _, (logits, aux) = segments.scan_segments(
+        _, (x, aux) = segments.scan_segments(
             segment, params, self.init_state(B), data, jnp.arange(n, dtype=jnp.int32),
             segment_len=N, bptt=self.cfg.bptt_segments)
-        logits = logits.swapaxes(0, 1).reshape(B, n * N, -1)[:, :T]
-        return logits, jax.tree.map(lambda a: jnp.mean(a, axis=0), aux)
+        x = x.swapaxes(0, 1).reshape(B, n * N, -1)[:, :T]  # [B, T, E]
+        return x, jax.tree.map(lambda a: jnp.mean(a, axis=0), aux)
 
 
 def build_model(cfg: ModelConfig, *, rngs: nnx.Rngs) -> Transformer:

@@ -154,11 +154,13 @@ def train(cfg: Config, *, progress: bool = True, stop_at_step: int | None = None
 
     # -- the update step: one jit over the mesh, state donated ---------------------------
     batch_sharding = shd.batch_sharding(mesh, rules)
-    train_step = jax.jit(make_train_step(graphdef, t.grad_accum_steps),
+    train_step = jax.jit(make_train_step(graphdef, t.grad_accum_steps,
+                                         loss_chunk_size=t.loss_chunk_size),
                          in_shardings=(state_sharding, batch_sharding),
                          out_shardings=(state_sharding, None),
                          donate_argnums=0)  # the old state's buffers hold the new one
-    eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(state_sharding, batch_sharding))
+    eval_step = jax.jit(make_eval_step(graphdef, loss_chunk_size=t.loss_chunk_size),
+                        in_shardings=(state_sharding, batch_sharding))
 
     def device_batch(b):
         b = {k: v for k, v in b.items() if k in ("tokens", "targets", "loss_mask", "segment_ids")}

@@ -12,16 +12,21 @@ import optax
 from flax import nnx
 
 from longctx.model import segments
+from longctx.train.loss import chunked_cross_entropy, cross_entropy
 
 # Fill of each batch field past the end of a sequence padded to whole segments: masked.
 PAD_FILL = {"tokens": 0, "targets": 0, "loss_mask": 0, "segment_ids": -1}
 
 
-def _metrics_of(logits, batch, mask):
-    """Summed masked cross entropy and number of correct argmax predictions."""
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    correct = (jnp.argmax(logits, -1) == batch["targets"]) * mask
-    return (ce * mask).sum(), correct.sum()
+def _metrics_of(model, x, batch, mask, chunk_size):
+    """Summed masked cross entropy and number of correct argmax predictions of the
+    hidden states ``x [B, T, E]``: the head applied at once (``chunk_size`` 0) or
+    ``chunk_size`` tokens at a time, never holding ``[B, T, vocab]``."""
+    if not chunk_size:
+        return cross_entropy(model.head(x), batch["targets"], mask)
+    graphdef, state = nnx.split(model)  # a pure head: merged afresh inside the scan
+    head = lambda xc: nnx.merge(graphdef, state).head(xc)  # noqa: E731
+    return chunked_cross_entropy(head, x, batch["targets"], mask, chunk_size=chunk_size)
 
 
 def _aux_loss(aux) -> jax.Array:
@@ -29,22 +34,24 @@ def _aux_loss(aux) -> jax.Array:
     return sum(v for k, v in aux.items() if k.endswith("_loss"))
 
 
-def loss_fn(model, batch, denom=None):
+def loss_fn(model, batch, denom=None, *, chunk_size: int = 0):
     """Masked next-token cross entropy (+ any ``*_loss`` term in aux, already weighted).
 
     ``denom``: the number of scored tokens to normalise by; gradient accumulation
     passes the whole batch's count so that the summed microbatch gradients equal
-    the full batch's gradient exactly.
+    the full batch's gradient exactly. ``chunk_size`` (``train.loss_chunk_size``):
+    0 = logits at once, else the chunked cross entropy of :mod:`longctx.train.loss`.
     """
-    logits, aux = model(batch["tokens"], segment_ids=batch.get("segment_ids"))
+    x, aux = model.hidden(batch["tokens"], segment_ids=batch.get("segment_ids"))
     mask = batch["loss_mask"].astype(jnp.float32)
     denom = jnp.maximum(mask.sum(), 1.0) if denom is None else denom
-    ce, correct = _metrics_of(logits, batch, mask)
+    ce, correct = _metrics_of(model, x, batch, mask, chunk_size)
     loss = ce / denom + _aux_loss(aux)
     return loss, {"loss": loss, "accuracy": correct / denom, **aux}
 
 
-def segment_value_and_grad(model_def, model_state, batch, denom, *, grads: bool = True):
+def segment_value_and_grad(model_def, model_state, batch, denom, *, grads: bool = True,
+                           chunk_size: int = 0):
     """Loss, metrics (and gradients) of a segment-scanned model, window by window.
 
     The value and gradient of :func:`loss_fn` on ``model(tokens)`` for
@@ -76,8 +83,8 @@ def segment_value_and_grad(model_def, model_state, batch, denom, *, grads: bool 
 
     def segment(ps, state, x, i):  # one segment: its summed cross entropy, not its logits
         m = nnx.merge(graphdef, ps, rest)
-        logits, aux, state = m.step(x["tokens"], state, segment_ids=x.get("segment_ids"))
-        ce, correct = _metrics_of(logits, x, x["loss_mask"].astype(jnp.float32))
+        h, aux, state = m.hidden_step(x["tokens"], state, segment_ids=x.get("segment_ids"))
+        ce, correct = _metrics_of(m, h, x, x["loss_mask"].astype(jnp.float32), chunk_size)
         real = (i < n).astype(jnp.float32)  # padding segments: no aux
         return state, (ce, correct, jax.tree.map(lambda a: a * real / n, aux))
 
@@ -112,7 +119,7 @@ def segment_value_and_grad(model_def, model_state, batch, denom, *, grads: bool 
     return (loss, {"loss": loss, "accuracy": correct / denom, **aux}), acc
 
 
-def make_train_step(graphdef, accum_steps: int):
+def make_train_step(graphdef, accum_steps: int, *, loss_chunk_size: int = 0):
     """``(state, batch) -> (state, metrics)``: grads (accumulated), one optimizer update."""
 
     def step(state, batch):
@@ -123,9 +130,10 @@ def make_train_step(graphdef, accum_steps: int):
 
         def grads_of(model_state, batch):  # pure in the model's state: safe inside lax.scan
             if segmented:  # memory independent of length (truncated BPTT window by window)
-                (_, metrics), grads = segment_value_and_grad(model_def, model_state, batch, denom)
+                (_, metrics), grads = segment_value_and_grad(model_def, model_state, batch, denom,
+                                                             chunk_size=loss_chunk_size)
                 return grads, metrics
-            fn = lambda m: loss_fn(m, batch, denom)  # noqa: E731
+            fn = lambda m: loss_fn(m, batch, denom, chunk_size=loss_chunk_size)  # noqa: E731
             (_, metrics), grads = nnx.value_and_grad(fn, has_aux=True)(
                 nnx.merge(model_def, model_state))
             return grads, metrics
@@ -155,7 +163,7 @@ def make_train_step(graphdef, accum_steps: int):
     return step
 
 
-def make_eval_step(graphdef):
+def make_eval_step(graphdef, *, loss_chunk_size: int = 0):
     """``(state, batch) -> metrics`` of the model in a (model, optimizer) state."""
 
     def step(state, batch):
@@ -163,7 +171,8 @@ def make_eval_step(graphdef):
         if model.runs_in_segments(batch["tokens"].shape[1]):
             model_def, model_state = nnx.split(model)
             denom = jnp.maximum(batch["loss_mask"].astype(jnp.float32).sum(), 1.0)
-            return segment_value_and_grad(model_def, model_state, batch, denom, grads=False)[0][1]
-        return loss_fn(model, batch)[1]
+            return segment_value_and_grad(model_def, model_state, batch, denom, grads=False,
+                                          chunk_size=loss_chunk_size)[0][1]
+        return loss_fn(model, batch, chunk_size=loss_chunk_size)[1]
 
     return step
