@@ -6,12 +6,15 @@
     model = longctx.build_model(cfg.model, rngs=flax.nnx.Rngs(0))
     logits, aux = model(tokens)   # int32 [B, T] -> float32 [B, T, vocab], dict of scalars
 
+    out = longctx.generate(model, prompt, max_new_tokens=64)   # [B, T + 64]
+
 ``longctx.ops`` is the functional namespace (every kernel, no Flax).
 """
 
 from longctx import ops
 from longctx.config import Config, ConfigError, load_config
 from longctx.model import build_model
+from longctx.generate import generate  # the function (python -m longctx.generate: the CLI)
 
 __version__ = "0.1.0"
-__all__ = ["Config", "ConfigError", "build_model", "load_config", "ops"]
+__all__ = ["Config", "ConfigError", "build_model", "generate", "load_config", "ops"]
