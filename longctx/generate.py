@@ -46,7 +46,7 @@ from longctx.evals.core import load_model
 
 log = logging.getLogger(__name__)
 
-__all__ = ["generate", "sample_logits", "main"]
+__all__ = ["generate", "prefill", "decode", "sample_logits", "main"]
 
 
 def sample_logits(logits, key, *, temperature: float, top_k: int | None, top_p: float | None):
@@ -69,7 +69,7 @@ def sample_logits(logits, key, *, temperature: float, top_k: int | None, top_p: 
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def _prefill(model, tokens, piece: int):
+def prefill(model, tokens, piece: int):
     """``tokens [B, T]`` through ``model.step`` in pieces of ``piece`` tokens (the last
     one shorter) -> ``(logits of the last token [B, V], state)``."""
     B, T = tokens.shape
@@ -95,13 +95,13 @@ def _prefill(model, tokens, piece: int):
     return logits, state
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature",
-                                             "top_k", "top_p", "piece", "stream"))
-def _generate(graphdef, params, tokens, seed, eos_id, *, max_new_tokens, temperature, top_k,
-              top_p, piece, stream):
-    model = nnx.merge(graphdef, params)
-    B = tokens.shape[0]
-    logits, state = _prefill(model, tokens, piece)
+def decode(model, logits, state, seed, eos_id, *, max_new_tokens: int, temperature: float,
+           top_k: int | None, top_p: float | None, stream=None):
+    """The decode loop from the prefill's ``logits [B, V]`` and ``state``: one
+    ``lax.while_loop`` of sample -> ``model.step(token)``; ``seed`` uint32 and ``eos_id``
+    int32 (-1: none) are traced. Returns the new tokens ``[B, max_new_tokens]`` int32."""
+    graphdef, params = nnx.split(model)
+    B = logits.shape[0]
     key = jax.random.PRNGKey(seed)
     has_eos = eos_id >= 0
     out0 = jnp.full((B, max_new_tokens), jnp.where(has_eos, eos_id, 0), jnp.int32)
@@ -123,7 +123,17 @@ def _generate(graphdef, params, tokens, seed, eos_id, *, max_new_tokens, tempera
         return i + 1, logits[:, -1], state, out, done
 
     c = (jnp.int32(0), logits, state, out0, jnp.zeros((B,), bool))
-    out = jax.lax.while_loop(cond, body, c)[3]
+    return jax.lax.while_loop(cond, body, c)[3]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature",
+                                             "top_k", "top_p", "piece", "stream"))
+def _generate(graphdef, params, tokens, seed, eos_id, *, max_new_tokens, temperature, top_k,
+              top_p, piece, stream):
+    model = nnx.merge(graphdef, params)
+    logits, state = prefill(model, tokens, piece)
+    out = decode(model, logits, state, seed, eos_id, max_new_tokens=max_new_tokens,
+                 temperature=temperature, top_k=top_k, top_p=top_p, stream=stream)
     return jnp.concatenate([tokens.astype(jnp.int32), out], axis=1)
 
 

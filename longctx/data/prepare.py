@@ -54,6 +54,7 @@ import shutil
 import sys
 
 import numpy as np
+from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 __all__ = ["prepare", "load_tokenizer", "resolve_eos", "split_documents", "main"]
@@ -80,8 +81,6 @@ def _tokenizer_file(path: str) -> str:
 
 def load_tokenizer(path: str):
     """``(tokenizers.Tokenizer, sha256 hex of its tokenizer.json)``."""
-    from tokenizers import Tokenizer
-
     f = _tokenizer_file(path)
     with open(f, "rb") as fh:
         data = fh.read()
