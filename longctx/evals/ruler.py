@@ -21,14 +21,17 @@ length (each task first averaged over its depths), as RULER averages task scores
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from longctx.data import ruler
+from longctx.config import task_kwargs
+from longctx.data import ruler, synthetic
 
-__all__ = ["score_batch", "ruler_eval", "summarize"]
+__all__ = ["score_batch", "task_eval", "ruler_eval", "summarize"]
 
 METRICS = ("accuracy", "exact_match", "answer_logprob")
 
@@ -57,13 +60,24 @@ def score_batch(model, batch) -> dict[str, np.ndarray]:
             "logprob": np.where(mask, np.asarray(logp), 0.0).sum(1)}
 
 
-def _cell(model, task, *, seed, length, vocab_size, depth, examples, batch_size):
+def task_eval(model, cfg, task, *, length, examples=16, seed=None, batch_size=8, **kwargs):
+    """``{accuracy, exact_match, answer_logprob}`` of any synthetic task (``synthetic.TASKS``:
+    a RULER task, the ``ruler`` mixture, passkey, mqar, ...) at ``length``.
+
+    The task's options are the config's (``task_kwargs`` with ``data.task=task``), updated
+    by ``kwargs`` (e.g. ``depth=0.5``); examples from ``cfg.data.eval_seed`` unless ``seed``.
+    """
+    if task not in synthetic.TASKS:
+        raise ValueError(f"task_eval: unknown {task=}; expected one of {sorted(synthetic.TASKS)}")
+    kw = {**task_kwargs(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, task=task))),
+          **kwargs}
+    seed = cfg.data.eval_seed if seed is None else seed
     tot = {"correct": 0, "scored": 0, "exact": 0, "logprob": 0.0}
     for start in range(0, examples, batch_size):
-        exs = [ruler.TASKS[task](seed, i, seq_len=length, vocab_size=vocab_size, depth=depth)
-               for i in range(start, min(start + batch_size, examples))]
-        s = score_batch(model, {k: np.stack([e[k] for e in exs])
-                                for k in ("tokens", "targets", "loss_mask")})
+        b = synthetic.make_batch(task, seed=seed, start_index=start,
+                                 batch_size=min(batch_size, examples - start), seq_len=length,
+                                 vocab_size=cfg.model.vocab_size, **kw)
+        s = score_batch(model, b)
         for k in tot:
             tot[k] += s[k].sum()
     return {"accuracy": float(tot["correct"] / tot["scored"]),
@@ -93,9 +107,8 @@ def ruler_eval(model, cfg, *, lengths, depths=(0.0, 0.5, 1.0), examples=16, task
             for d in (depths if task in ruler.DEPTH_TASKS else [None]):
                 rows.append({"task": "ruler", "subtask": task, "length": int(L),
                              "depth": None if d is None else float(d),
-                             **_cell(model, task, seed=seed, length=L,
-                                     vocab_size=cfg.model.vocab_size, depth=d,
-                                     examples=examples, batch_size=batch_size)})
+                             **task_eval(model, cfg, task, length=L, examples=examples,
+                                         seed=seed, batch_size=batch_size, depth=d)})
     return rows + summarize(rows)
 
 
