@@ -30,26 +30,14 @@ import os
 
 import numpy as np
 
-from experiments.context_sweep import default_specs
+from experiments.context_sweep import default_specs, train_run
 from longctx.config import load_config
 from longctx.data import synthetic
+from longctx.evals import scaling
 from longctx.evals.core import load_model
 from longctx.evals.ruler import task_eval
-from longctx.evals import scaling
-from longctx.train import train
 
 METRICS = ("exact_match", "answer_logprob", "accuracy")
-
-
-def train_run(config, overrides, run_dir, *, steps, seed):
-    """Train one run (fresh) into ``run_dir``; returns its directory."""
-    cfg = load_config(config, [*overrides, f"train.run_dir={run_dir}", f"train.steps={steps}",
-                               f"train.seed={seed}", f"data.seed={seed}", "train.eval_every=0",
-                               "train.tensorboard=false", "checkpoint.resume=false",
-                               "checkpoint.every_steps=0", "checkpoint.async_save=false",
-                               f"optim.warmup_steps={max(steps // 10, 1)}"])
-    train(cfg, progress=False)
-    return run_dir
 
 
 def points(args, specs):
