@@ -11,7 +11,7 @@ import pytest
 
 from longctx.config import ConfigError, load_config
 from longctx.data import ruler, synthetic
-from longctx.data.ruler import ASSIGN, COMMON, FREQUENT, NEEDLE, QUERY, WORD0
+from longctx.data.ruler import ASSIGN, COMMON, FREQUENT, NEEDLE, QUERY
 
 V = 64
 QUESTIONS = (QUERY, COMMON, FREQUENT)
