@@ -29,6 +29,7 @@ def test_a_noisy_sigmoid_in_log_x_is_a_phase_change_at_x0():
     step = np.where(X > xs[4], 0.9, 0.05) + _noise(0.02, seed=1)
     g = S.fit(X, step, n_boot=50)
     assert g.phase_change is not None and xs[3] <= g.phase_change[1] <= xs[5]
+    assert g.phase_change[0] <= xs[4] and g.phase_change[2] >= xs[5]  # at least the gap
 
 
 def test_log_linear_and_power_law_are_never_a_phase_change_and_recover_their_parameters():

@@ -36,7 +36,9 @@ curve and beats every smooth one (constant, log-linear, power law) by
 ``PHASE_MARGIN`` in score (its held-out mean squared error at least 2x lower); its
 10-90 % transition, ``2 ln 9 / k`` decades, spans at most
 ``PHASE_WIDTH`` of the data's range of ``log10 x``; ``x0`` lies inside the data;
-the jump ``|hi - lo|`` exceeds 4 residual standard deviations. Otherwise None.
+the jump ``|hi - lo|`` exceeds 4 residual standard deviations. Otherwise None. The
+interval is the bootstrap one, widened to the gap between the knob values on either
+side of ``x0`` when the transition is narrower than that gap.
 """
 
 from __future__ import annotations
@@ -345,6 +347,12 @@ def fit(x, y, *, n_boot: int = 200, seed: int = 0, curves=None) -> Fit:
         if ((not others or scores["sigmoid"] <= min(others) - PHASE_MARGIN)
                 and width <= PHASE_WIDTH * R and xs[0] <= params["x0"] <= xs[-1]
                 and abs(params["hi"] - params["lo"]) > 4 * sd):
-            phase = (ci["x0"][0], params["x0"], ci["x0"][1])
+            # a jump sharper than the spacing of the knob values cannot be placed inside the
+            # gap around x0 (a noise-free step bootstraps to one x0): the interval spans it
+            lo, hi = ci["x0"]
+            below, above = float(xs[xs <= params["x0"]][-1]), float(xs[xs >= params["x0"]][0])
+            if width < math.log10(above / below):
+                lo, hi = min(lo, below), max(hi, above)
+            phase = (lo, params["x0"], hi)
     return Fit(best=best, params=params, ci=ci, phase_change=phase, scores=scores, cv_rmse=cv,
                fits=fits, boot=boot, n=n)
