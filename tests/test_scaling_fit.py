@@ -18,7 +18,7 @@ def _noise(sd, seed=0):
 def test_a_noisy_sigmoid_in_log_x_is_a_phase_change_at_x0():
     x0 = 10**3.3
     y = 0.1 + 0.8 / (1 + np.exp(-8 * (U - 3.3))) + _noise(0.03)
-    f = S.fit(X, y, n_boot=100)
+    f = S.fit(X, y, n_boot=50)
     assert f.best == "sigmoid" and f.phase_change is not None
     lo, mid, hi = f.phase_change
     assert lo <= x0 <= hi and hi / lo < 10**0.3  # narrow: within a factor 2
@@ -34,14 +34,14 @@ def test_a_noisy_sigmoid_in_log_x_is_a_phase_change_at_x0():
 
 def test_log_linear_and_power_law_are_never_a_phase_change_and_recover_their_parameters():
     y = 0.1 + 0.2 * U + _noise(0.03)
-    f = S.fit(X, y, n_boot=100)
+    f = S.fit(X, y, n_boot=50)
     assert f.best == "log_linear" and f.phase_change is None
     assert f.ci["a"][0] <= 0.1 <= f.ci["a"][1] and f.ci["b"][0] <= 0.2 <= f.ci["b"][1]
     y = 2 + 5 * X**-0.5 + _noise(0.01, seed=2)
     # In log x a power law is an exponential, i.e. a sigmoid's tail: either may win, but
     # never as a phase change (the tail's transition is far wider than the data).
     assert S.fit(X, y, n_boot=20).phase_change is None
-    p = S.fit(X, y, n_boot=100, curves=["constant", "log_linear", "power_law"])
+    p = S.fit(X, y, n_boot=50, curves=["constant", "log_linear", "power_law"])
     assert p.best == "power_law" and p.phase_change is None
     assert p.ci["b"][0] <= -0.5 <= p.ci["b"][1] and p.ci["b"][1] - p.ci["b"][0] < 0.3
     assert p.ci["c"][0] <= 2 <= p.ci["c"][1]

@@ -108,17 +108,28 @@ def _huber(r, delta):
     return np.where(a <= delta, 0.5 * r * r, delta * (a - 0.5 * delta)).sum(-1)
 
 
-def _robust(name, theta, u, y, u_ref, delta, iters=4):
+def _solve1(g, y, w):
+    """``y ~ b0 + b1 g`` by weighted least squares, closed form (one shape, the hot path)."""
+    s0, s1, s2 = w.sum(), (w * g).sum(), (w * g * g).sum()
+    t0, t1 = (w * y).sum(), (w * g * y).sum()
+    det = s0 * s2 - s1 * s1
+    if abs(det) <= 1e-12 * max(s0 * s2, 1e-300):  # g constant: the mean only
+        return np.array([t0 / s0, 0.0])
+    return np.array([(s2 * t0 - s1 * t1) / det, (s0 * t1 - s1 * t0) / det])
+
+
+def _robust(name, theta, u, y, u_ref, delta, iters=3):
     """Huber loss of the IRLS amplitudes at shape ``theta`` [p]; (loss, beta [2])."""
-    B = _basis(name, theta[None], u, u_ref)
-    beta, r = _solve(B, y)
-    for _ in range(iters):
-        w = np.minimum(1.0, delta / np.maximum(np.abs(r[0]), 1e-300))
-        beta, r = _solve(B, y, w)
-    return float(_huber(r, delta)[0]), beta[0]
+    g = _basis(name, theta[None], u, u_ref)[0, :, 1]
+    w = np.ones_like(y)
+    for _ in range(iters + 1):
+        beta = _solve1(g, y, w)
+        r = y - beta[0] - beta[1] * g
+        w = np.minimum(1.0, delta / np.maximum(np.abs(r), 1e-300))
+    return float(_huber(r, delta)), beta
 
 
-def _nelder_mead(f, x0, step, iters=120, tol=1e-10):
+def _nelder_mead(f, x0, step, iters=80, tol=1e-9):
     """Minimise ``f`` from ``x0`` (simplex of ``step`` sizes). Returns (x, f(x))."""
     n = x0.size
     pts = [x0] + [x0 + np.eye(n)[i] * step[i] for i in range(n)]
