@@ -4,6 +4,9 @@
     python -m experiments.context_sweep --backends all           # + gated_deltanet, moe, new backends
     python -m experiments.context_sweep --backends flash xla --lengths 1024 4096 --out runs/sweep
     python -m experiments.context_sweep --task passkey --train-steps 200 --lengths 256 1024
+    python -m experiments.context_sweep --task ruler --train-steps 300 --lengths 256 1024 4096
+    python -m experiments.context_sweep --task niah_single --backends flash hybrid \
+        --run-dir flash=runs/a hybrid=runs/b --lengths 256 4096     # evaluate existing runs
 
 For each backend x context length it builds the model of ``--config`` (batch
 ``--batch``), compiles one training step (the trainer's own
@@ -17,6 +20,13 @@ from the smaller lengths (log-log fit) and skips what would exceed
 whose scratch exceeds the budget is ``oom`` without running, and a real
 out-of-memory is caught as ``oom``. Rows already in ``results.jsonl`` are not
 measured again (resumable).
+
+Quality axis (``--task``, any synthetic task: ``ruler`` is the RULER mixture, or one of
+its tasks, ``mqar``, ``passkey``): each backend is trained once, ``--train-steps`` steps
+at ``--train-len`` (default the shortest length), or taken from ``--run-dir
+BACKEND=RUN``, and evaluated at every length of the sweep on held-out examples
+(train short, test long): token ``accuracy``, ``exact_match`` and the answer's mean
+log-probability (``longctx.evals.ruler.task_eval``).
 
 Outputs in ``--out``: ``results.jsonl`` (one row per backend x length),
 ``results.md`` (a table), ``frontier.png`` (log-log step time and memory vs
@@ -42,11 +52,14 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from longctx.model.registry import BACKENDS
-from longctx.config import ConfigError, load_config, with_overrides
+from longctx.config import ConfigError, load_config
+from longctx.data import synthetic
+from longctx.evals.core import load_model
+from longctx.evals.ruler import task_eval
 from longctx.model import build_model
+from longctx.model.registry import BACKENDS
+from longctx.train import make_optimizer, make_train_step, train
 from longctx.train import metrics as M
-from longctx.train import make_optimizer, make_train_step
 
 # Named backend overlays: what each row of the frontier means.
 SPECS = {
@@ -80,8 +93,8 @@ DEFAULT_LENGTHS = [1024, 4096, 16384, 65536, 262144, 1048576]
 # `--backends all` adds every other named spec (gated_deltanet, moe, new registrations).
 DEFAULT_BACKENDS = ["flash", "xla", "linear", "hybrid", "recurrent"]
 FIELDS = ("backend", "length", "status", "message", "compile_s", "step_s", "tokens_per_s",
-          "tflops_per_s", "mfu", "scratch_bytes", "peak_bytes", "accuracy", "device_kind",
-          "jax_version", "overrides")
+          "tflops_per_s", "mfu", "scratch_bytes", "peak_bytes", "task", "train_len", "accuracy",
+          "exact_match", "answer_logprob", "device_kind", "jax_version", "overrides")
 
 
 def default_specs() -> dict[str, list[str]]:
@@ -151,20 +164,45 @@ def measure(cfg, *, batch, repeats, budget_bytes, long_step_s=5.0):
             "peak_bytes": M.device_peak_memory()}
 
 
-def quality(cfg, *, task, train_steps):
-    """Train ``train_steps`` steps on ``task`` at this length; held-out accuracy."""
-    from longctx.train import train
+def train_run(config, overrides, run_dir, *, steps, seed=0):
+    """Train a fresh run of ``config`` + ``overrides`` for ``steps`` into ``run_dir``."""
+    cfg = load_config(config, [*overrides, f"train.run_dir={run_dir}", f"train.steps={steps}",
+                               f"train.seed={seed}", f"data.seed={seed}", "train.eval_every=0",
+                               "train.tensorboard=false", "checkpoint.resume=false",
+                               "checkpoint.every_steps=0", "checkpoint.async_save=false",
+                               f"optim.warmup_steps={max(steps // 10, 1)}"])
+    train(cfg, progress=False)
+    return run_dir
 
-    final = train(with_overrides(cfg, [
-        f"data.task={task}", f"train.steps={train_steps}", "train.eval_every=0",
-        "train.tensorboard=false", "checkpoint.resume=false", "checkpoint.every_steps=0",
-        f"optim.warmup_steps={max(train_steps // 10, 1)}"]), progress=False)
-    return final.get("eval_accuracy")
+
+class Quality:
+    """The quality axis: each backend trained once at ``train_len`` on ``task`` (or an existing
+    run from ``--run-dir``), then evaluated at every length of the sweep (train short, test long)."""
+
+    def __init__(self, args, specs):
+        self.args, self.specs, self.models = args, specs, {}
+        self.train_len = args.train_len or min(args.lengths)
+        self.runs = dict(args.run_dir or {})
+
+    def __call__(self, name, L):
+        a = self.args
+        if name not in self.models:
+            run = self.runs.get(name)
+            if run is None:
+                run = train_run(a.config, [*self.specs[name], *a.overrides, f"data.task={a.task}",
+                                           f"data.seq_len={self.train_len}",
+                                           f"model.max_seq_len={max(self.train_len, 1024)}"],
+                                os.path.join(a.out, "runs", f"{name}-train{self.train_len}"),
+                                steps=a.train_steps)
+            self.models[name] = load_model(run, max_len=max(a.lengths))
+        cfg, model, _ = self.models[name]
+        return {"task": a.task, "train_len": cfg.data.seq_len,
+                **task_eval(model, cfg, a.task, length=L, examples=a.eval_examples)}
 
 
 def write_table(rows, path):
     cols = ["backend", "length", "status", "step_s", "tokens_per_s", "mfu", "scratch_MiB",
-            "compile_s", "accuracy"]
+            "compile_s", "accuracy", "exact_match", "answer_logprob"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in sorted(rows, key=lambda r: (r["backend"], r["length"])):
         cells = []
@@ -197,12 +235,20 @@ def plot(rows, path, budget_bytes):
         if has_q:
             q = [r for r in ok if r.get("accuracy") is not None]
             if q:
-                axes[2].plot([r["length"] for r in q], [r["accuracy"] for r in q], "o-", label=name)
+                line, = axes[2].plot([r["length"] for r in q],
+                                     [r.get("exact_match", r["accuracy"]) for r in q], "o-",
+                                     label=f"{name} exact match")
+                axes[2].plot([r["length"] for r in q], [r["accuracy"] for r in q], "x--",
+                             color=line.get_color(), lw=0.8, label=f"{name} token accuracy")
+                if q[0].get("train_len"):
+                    axes[2].axvline(q[0]["train_len"], color="k", ls=":", lw=0.8)
     axes[1].axhline(budget_bytes / 2**20, color="k", ls="--", lw=1, label="memory budget")
-    titles = ["train step time (s)", "compiled scratch memory (MiB)", "eval accuracy"]
+    tasks = sorted({r["task"] for r in rows if r.get("task")})
+    quality_title = f"quality: {', '.join(tasks)} (trained at the dotted length)"
+    titles = ["train step time (s)", "compiled scratch memory (MiB)", quality_title]
     for ax, title in zip(axes, titles):
         ax.set_xscale("log", base=2)
-        if title != "eval accuracy":
+        if title != quality_title:
             ax.set_yscale("log")
         ax.set_xlabel("context length (tokens)")
         ax.set_title(title)
@@ -229,12 +275,23 @@ def main(argv=None):
                    help="a step whose first call exceeds this is timed by that call alone")
     p.add_argument("--time-budget-s", type=float, default=120.0,
                    help="skip a length whose predicted step time exceeds this")
-    p.add_argument("--task", choices=["passkey", "mqar"], default=None,
-                   help="also train each point and report accuracy")
+    p.add_argument("--task", choices=sorted(synthetic.TASKS), default=None,
+                   help="quality axis: train each backend at --train-len on this task (ruler: "
+                        "the RULER mixture) and evaluate it at every length")
     p.add_argument("--train-steps", type=int, default=100)
+    p.add_argument("--train-len", type=int, default=None,
+                   help="quality: training length (default: the shortest length)")
+    p.add_argument("--eval-examples", type=int, default=16, help="quality: examples per length")
+    p.add_argument("--run-dir", nargs="+", default=None, metavar="BACKEND=RUN",
+                   help="quality: evaluate these trainer runs instead of training")
     p.add_argument("overrides", nargs="*", help="config overrides for every run")
     args = p.parse_args(argv)
 
+    if args.run_dir:
+        bad = [r for r in args.run_dir if "=" not in r]
+        if bad or not args.task:
+            p.error(f"--run-dir takes BACKEND=RUN pairs and needs --task (got {args.run_dir})")
+        args.run_dir = dict(r.split("=", 1) for r in args.run_dir)
     specs = default_specs()
     names = list(specs) if args.backends == ["all"] else args.backends
     unknown = [n for n in names if n not in specs]
@@ -250,6 +307,7 @@ def main(argv=None):
     print(f"device: {jax.devices()[0].device_kind}; {len(todo)} points to measure, "
           f"{len(done)} already in {results_path}")
 
+    quality = Quality(args, specs) if args.task else None
     with tqdm(todo, desc="sweep", dynamic_ncols=True) as bar:
         for name, L in bar:
             bar.set_postfix(backend=name, length=L)
@@ -280,9 +338,8 @@ def main(argv=None):
                     cfg = load_config(args.config, overrides)
                     row.update(measure(cfg, batch=args.batch, repeats=args.repeats,
                                        budget_bytes=budget, long_step_s=args.long_step_s))
-                    if args.task and row["status"] == "ok":
-                        row["accuracy"] = quality(cfg, task=args.task,
-                                                  train_steps=args.train_steps)
+                    if quality is not None and row["status"] == "ok":
+                        row.update(quality(name, L))
                 except Exception as e:  # noqa: BLE001 -- recorded in the row, sweep goes on
                     oom = "RESOURCE_EXHAUSTED" in str(e) or isinstance(e, MemoryError)
                     row.update(status="oom" if oom else "error",

@@ -38,7 +38,7 @@ import yaml
 from longctx.backends.full.config import FullConfig
 from longctx.backends.linear.config import LinearConfig
 from longctx.backends.recurrent.config import RecurrentConfig
-from longctx.data import synthetic
+from longctx.data import ruler, synthetic
 from longctx.errors import ConfigError, require
 from longctx.moe.config import MoEConfig
 from longctx.parallel.axes import DEFAULT_RULES, LOGICAL_AXES, MESH_AXES
@@ -126,13 +126,13 @@ class DataConfig:
     token_dtype: str = "uint16"  # tokens: uint16 | uint32
     eos_id: int | None = None  # tokens: document separator id in the .bin stream
     text_field: str = "text"  # jsonl: the field holding the text
-    task: str = "mqar"  # synthetic task: mqar | passkey | copy | selective_copy
+    task: str = "mqar"  # synthetic: mqar | passkey | copy | selective_copy | RULER (data/ruler.py)
     seq_len: int = 64
     seed: int = 0  # example i of the stream is a function of (seed, i) only
     shuffle: bool = True  # file sources: shuffle rows (deterministic from seed)
     num_kv_pairs: int = 4  # mqar
     passkey_len: int = 5  # passkey
-    passkey_depth_min: float = 0.0  # passkey: needle depth drawn uniformly in [min, max]
+    passkey_depth_min: float = 0.0  # passkey, RULER: needle depth drawn uniformly in [min, max]
     passkey_depth_max: float = 1.0  #   (0: start of the haystack, 1: just before the query)
     eval_seed: int = 1  # held-out synthetic stream for evaluation
     eval_path: str | None = None  # held-out file for file sources; None: no evaluation
@@ -465,6 +465,7 @@ def validate_mesh(m: MeshConfig) -> None:
 def task_kwargs(cfg: Config) -> dict:
     """The task-specific generator options of ``cfg.data``."""
     d = cfg.data
+    depth = (d.passkey_depth_min, d.passkey_depth_max)
     return {"mqar": dict(num_kv_pairs=d.num_kv_pairs),
-            "passkey": dict(passkey_len=d.passkey_len,
-                            depth=(d.passkey_depth_min, d.passkey_depth_max))}.get(d.task, {})
+            "passkey": dict(passkey_len=d.passkey_len, depth=depth),
+            **{t: dict(depth=depth) for t in ruler.TASKS}}.get(d.task, {})  # RULER: needle depth

@@ -64,3 +64,31 @@ def test_over_budget_is_skipped_not_run(tmp_path):
                         "--repeats", "1", "--budget-gb", str(budget_gb), *SMALL])
     rows = {r["length"]: r for r in _rows(out2)}
     assert rows[1024]["status"] == "oom-predicted" and rows[1024]["compile_s"] is None
+
+
+def test_quality_axis_trains_once_at_the_short_length_and_evaluates_every_length(
+        tmp_path, monkeypatch):
+    # speed / memory are tested above; here only the quality axis runs for real
+    monkeypatch.setattr(context_sweep, "measure", lambda cfg, **kw: {
+        "status": "ok", "step_s": 1.0, "scratch_bytes": 1, "compile_s": 0.0})
+    out = str(tmp_path / "sweep")
+    context_sweep.main(["--backends", "flash", "--lengths", "32", "64", "--out", out,
+                        "--repeats", "1", "--task", "niah_single", "--train-steps", "2",
+                        "--eval-examples", "2", *SMALL, "train.batch_size=8"])
+    rows = _rows(out)
+    assert [(r["length"], r["train_len"], r["task"]) for r in rows] == [
+        (32, 32, "niah_single"), (64, 32, "niah_single")]
+    for r in rows:
+        assert 0 <= r["exact_match"] <= r["accuracy"] + 1e-9 <= 1 + 1e-9
+        assert r["answer_logprob"] <= 0
+    assert os.listdir(os.path.join(out, "runs")) == ["flash-train32"]  # one training run
+    # --run-dir: evaluate that run instead of training a new one
+    out2 = str(tmp_path / "sweep2")
+    run = os.path.join(out, "runs", "flash-train32")
+    context_sweep.main(["--backends", "flash", "--lengths", "32", "--out", out2, "--repeats", "1",
+                        "--task", "niah_single", "--eval-examples", "2", "--run-dir",
+                        f"flash={run}", *SMALL])
+    again = _rows(out2)
+    assert not os.path.exists(os.path.join(out2, "runs"))
+    assert again[0]["accuracy"] == rows[0]["accuracy"]  # same model, same held-out examples
+    assert again[0]["exact_match"] == rows[0]["exact_match"]

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from longctx.data import ruler
 from longctx.data import synthetic as syn
 
 # (seq_len, vocab_size, num_kv_pairs)
@@ -37,6 +38,7 @@ def test_registry_is_explicit():
         "passkey": syn.passkey,
         "copy": syn.copy,
         "selective_copy": syn.selective_copy,
+        **ruler.TASKS,
     }
 
 

@@ -24,6 +24,8 @@ from typing import Callable
 
 import numpy as np
 
+from longctx.data import ruler
+
 __all__ = [
     "mqar",
     "passkey",
@@ -345,6 +347,7 @@ TASKS: dict[str, Callable[..., dict[str, np.ndarray]]] = {
     "passkey": passkey,
     "copy": copy,
     "selective_copy": selective_copy,
+    **ruler.TASKS,  # RULER-style suite (longctx/data/ruler.py) and its mixture "ruler"
 }
 
 

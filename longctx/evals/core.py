@@ -1,7 +1,11 @@
-"""Long-context evaluations of a trained checkpoint: passkey by depth and length, MQAR.
+"""Long-context evaluations of a trained checkpoint: passkey by depth and length, MQAR,
+the RULER-style suite (``longctx/evals/ruler.py``), perplexity by position
+(``longctx/evals/perplexity.py``).
 
     python -m longctx.evals --run-dir runs/tiny --task mqar --lengths 64 128
     python -m longctx.evals --run-dir runs/passkey --task passkey --lengths 256 1024 4096
+    python -m longctx.evals --run-dir runs/ruler --task ruler --lengths 256 1024 --depths 0 0.5 1
+    python -m longctx.evals --run-dir runs/text --task perplexity --lengths 1024 --data DIR
 
 The run directory is the trainer's: its ``config.yaml`` rebuilds the model and the
 newest readable checkpoint in ``checkpoints/`` supplies the parameters (the model's
@@ -30,6 +34,8 @@ from etils import epath
 
 from longctx.config import load_config, with_overrides
 from longctx.data import synthetic
+from longctx.evals.perplexity import perplexity_eval
+from longctx.evals.ruler import ruler_eval
 from longctx.parallel import sharding as shd
 from longctx.train.checkpoint import Checkpointer
 from longctx.train.state import TrainState
@@ -103,15 +109,31 @@ def mqar_eval(model, cfg, *, lengths, examples, batch_size=8):
     return rows
 
 
+TASKS = ("passkey", "mqar", "ruler", "perplexity")
+
+
 def run(run_dir, *, task, lengths, depths=(0.0, 0.25, 0.5, 0.75, 1.0), examples=32,
-        overrides=(), out=None):
+        overrides=(), out=None, ruler_tasks=None, data=None):
+    """Evaluate ``run_dir``'s newest checkpoint on ``task`` at every length; rows, also
+    appended to ``out`` (default ``RUN_DIR/eval_TASK.jsonl``).
+
+    ``ruler_tasks``: a subset of the RULER suite (default all); ``data``: held-out
+    tokens for ``perplexity`` (default the run's ``data.eval_path``).
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown eval task {task!r}; expected one of {TASKS}")
+    if not lengths or min(lengths) < 1:
+        raise ValueError(f"{lengths=}: expected one or more positive lengths")
     cfg, model, step = load_model(run_dir, overrides, max_len=max(lengths))
     if task == "passkey":
         rows = passkey_eval(model, cfg, lengths=lengths, depths=depths, examples=examples)
     elif task == "mqar":
         rows = mqar_eval(model, cfg, lengths=lengths, examples=examples)
+    elif task == "ruler":
+        rows = ruler_eval(model, cfg, lengths=lengths, depths=depths, examples=examples,
+                          tasks=ruler_tasks)
     else:
-        raise ValueError(f"unknown eval task {task!r}; expected 'passkey' or 'mqar'")
+        rows = perplexity_eval(model, cfg, lengths=lengths, examples=examples, path=data)
     for r in rows:
         r.update(step=step, trained_seq_len=cfg.data.seq_len)
     out = out or os.path.join(run_dir, f"eval_{task}.jsonl")
