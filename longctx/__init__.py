@@ -6,12 +6,16 @@
     model = longctx.build_model(cfg.model, rngs=flax.nnx.Rngs(0))
     logits, aux = model(tokens)   # int32 [B, T] -> float32 [B, T, vocab], dict of scalars
 
-``longctx.ops`` is the functional namespace (every kernel, no Flax).
+    child = longctx.inherit(model, child_cfg.model, ratio=0.5, rngs=flax.nnx.Rngs(1))
+
+``longctx.ops`` is the functional namespace (every kernel, no Flax). ``longctx.inherit`` is
+the function :func:`longctx.inherit.core.inherit` (its package: ``longctx/inherit/``).
 """
 
 from longctx import ops
 from longctx.config import Config, ConfigError, load_config
+from longctx.inherit.core import inherit
 from longctx.model import build_model
 
 __version__ = "0.1.0"
-__all__ = ["Config", "ConfigError", "build_model", "load_config", "ops"]
+__all__ = ["Config", "ConfigError", "build_model", "inherit", "load_config", "ops"]
