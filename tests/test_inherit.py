@@ -79,7 +79,8 @@ def test_full_to_linear_hybrid_recurrent_table(parent):
             name = k.split("/")[-1]
             if k not in par and name not in ("w_a", "conv_q", "conv_k", "conv_v"):
                 np.testing.assert_array_equal(child[k], fresh[k], err_msg=k)  # extras fresh
-            elif mixer and name in ("wk", "wv", "conv_k", "conv_v") and child[k].shape != par[k].shape:
+            elif (mixer and name in ("wk", "wv", "conv_k", "conv_v")
+                  and child[k].shape != par[k].shape):
                 # GQA parent (2 kv heads) -> 4 heads: kv head h // 2 serves head h
                 np.testing.assert_array_equal(child[k], np.take(par[k], [0, 0, 1, 1], axis=-2),
                                               err_msg=k)

@@ -217,7 +217,8 @@ def train(cfg: Config, *, progress: bool = True, stop_at_step: int | None = None
             if not memory_logged:
                 mem = M.device_peak_memory()
                 if mem is None:  # CPU: the compiled program's own accounting
-                    ma = train_step.lower(state, batch, *parent_args).compile().memory_analysis()
+                    compiled = train_step.lower(state, batch, *parent_args).compile()
+                    ma = compiled.memory_analysis()
                     mem = ma.temp_size_in_bytes + ma.argument_size_in_bytes + ma.output_size_in_bytes
                 log.info("train step memory: %.1f MiB", mem / 2**20)
                 memory_logged = True
