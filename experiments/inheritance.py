@@ -12,11 +12,12 @@ ratio in ``--ratios``, a child is built with :func:`longctx.inherit` (``distill`
 weights, KL to the parent with ``alpha_0 = ratio`` decayed to 0 over the child's steps) and
 trained for the same ``--steps`` with the same optimizer and data, for ``--seeds`` seeds
 (seed = the fresh part's init and the data order). Ratio 0 is the fresh model, the same
-for every method, so it is trained once per (architecture, seed).
+for every method, so it is trained once per (architecture, seed); so is ``layers`` at a ratio
+that inherits no layer (``round(ratio * n_layers) = 0``: the fresh model), which is skipped.
 
 Metric: held-out MQAR accuracy at the query positions (``data.eval_seed``) every
 ``--eval-every`` steps; *recovered* = child accuracy / parent accuracy; *steps to 90%*:
-the first evaluated step with recovered >= 0.9 (``-`` if never within the budget).
+the first evaluated step with recovered >= 0.9 (``>steps`` if never within the budget).
 Outputs in ``--out``: ``results.jsonl`` (one row per child with its curve),
 ``results.md`` (mean +- std over seeds), ``recovered.png`` (recovered vs steps, a line
 per ratio, a panel per architecture x method).
@@ -40,6 +41,7 @@ import longctx
 from longctx.config import task_kwargs
 from longctx.data import synthetic
 from longctx.inherit.config import InheritConfig
+from longctx.inherit.core import inherited_layers
 from longctx.train.distill import Distiller
 from longctx.train.optimizer import make_optimizer
 from longctx.train.step import make_eval_step, make_train_step
@@ -125,7 +127,8 @@ def summarise(rows, parent_acc, ratios, out):
     for (arch, method, ratio), rs in groups.items():
         r0 = np.array([r["curve"][0][2] / parent_acc for r in rs])
         r1 = np.array([r["curve"][-1][2] / parent_acc for r in rs])
-        s90 = ", ".join("-" if r["steps_to_90"] is None else str(r["steps_to_90"]) for r in rs)
+        s90 = ", ".join(f">{r['curve'][-1][0]}" if r["steps_to_90"] is None
+                        else str(r["steps_to_90"]) for r in rs)
         lines.append(f"| {arch} | {method} | {ratio:g} | {r0.mean():.2f} ± {r0.std():.2f} | "
                      f"{r1.mean():.2f} ± {r1.std():.2f} | {s90} | {len(rs)} |")
     text = "\n".join(lines) + "\n"
@@ -163,7 +166,7 @@ def main(argv=None):
     p.add_argument("--ratios", nargs="+", type=float, default=[1.0, 0.5, 0.2, 0.0])
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--parent-steps", type=int, default=400)
-    p.add_argument("--steps", type=int, default=150, help="each child's training steps")
+    p.add_argument("--steps", type=int, default=200, help="each child's training steps")
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--eval-batches", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="tiny budgets: a smoke run")
@@ -194,7 +197,8 @@ def main(argv=None):
             for seed in range(a.seeds):
                 data = batches(cfg, seed=seed, n=a.steps)
                 runs = [("fresh", 0.0)] if 0.0 in a.ratios else []
-                runs += [(m, r) for m in a.methods for r in a.ratios if r > 0]
+                runs += [(m, r) for m in a.methods for r in a.ratios if r > 0
+                         and (m != "layers" or inherited_layers(r, cfg.model.n_layers))]
                 for method, ratio in runs:
                     rngs = nnx.Rngs(seed)
                     distiller = None
