@@ -4,7 +4,6 @@ the layer choice for growth and shrinking, dense -> MoE, and the errors."""
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
