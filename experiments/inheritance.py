@@ -78,7 +78,7 @@ class Runner:
         self.cache = {}
 
     def steps(self, cfg, steps: int, distiller):
-        key = (cfg.model, steps, distiller is not None)
+        key = (cfg.model, steps, None if distiller is None else distiller.icfg)  # alpha static
         if key not in self.cache:
             graphdef = nnx.split(nnx.eval_shape(lambda: self._build(cfg, steps)))[0]
             self.cache[key] = (jax.jit(make_train_step(graphdef, 1, distill=distiller)),
