@@ -73,6 +73,9 @@ def write_run(parent, child_cfg, run_dir: str, *, ratio: float, method: str,
         over += [f"inherit.parent={os.path.abspath(parent_dir)}",
                  f"inherit.distill_alpha={distill_alpha}"]
     cfg = with_overrides(child_cfg, over)
+    if not cfg.checkpoint.resume:
+        raise ConfigError("checkpoint.resume=false: the trainer would start from a fresh init "
+                          "and ignore the inherited step 0; leave it true")
     rngs = nnx.Rngs(cfg.train.seed)  # the trainer's own init
     if method == "distill":
         child, rules = build_model(cfg.model, rngs=rngs), {}
