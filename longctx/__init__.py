@@ -7,14 +7,17 @@
     logits, aux = model(tokens)   # int32 [B, T] -> float32 [B, T, vocab], dict of scalars
 
     out = longctx.generate(model, prompt, max_new_tokens=64)   # [B, T + 64]
+    child = longctx.inherit(model, child_cfg.model, ratio=0.5, rngs=flax.nnx.Rngs(1))
 
-``longctx.ops`` is the functional namespace (every kernel, no Flax).
+``longctx.ops`` is the functional namespace (every kernel, no Flax). ``longctx.inherit`` is
+the function :func:`longctx.inherit.core.inherit` (its package: ``longctx/inherit/``).
 """
 
 from longctx import ops
 from longctx.config import Config, ConfigError, load_config
+from longctx.inherit.core import inherit
 from longctx.model import build_model
 from longctx.generate import generate  # the function (python -m longctx.generate: the CLI)
 
 __version__ = "0.1.0"
-__all__ = ["Config", "ConfigError", "build_model", "generate", "load_config", "ops"]
+__all__ = ["Config", "ConfigError", "build_model", "generate", "inherit", "load_config", "ops"]

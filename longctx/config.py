@@ -40,11 +40,12 @@ from longctx.backends.linear.config import LinearConfig
 from longctx.backends.recurrent.config import RecurrentConfig
 from longctx.data import ruler, synthetic
 from longctx.errors import ConfigError, require
+from longctx.inherit.config import InheritConfig
 from longctx.moe.config import MoEConfig
 from longctx.parallel.axes import DEFAULT_RULES, LOGICAL_AXES, MESH_AXES
 
 __all__ = ["AttentionConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig",
-           "FullConfig", "LinearConfig", "MeshConfig", "ModelConfig", "MoEConfig",
+           "FullConfig", "InheritConfig", "LinearConfig", "MeshConfig", "ModelConfig", "MoEConfig",
            "OptimConfig", "RecurrentConfig", "TrainConfig", "load_config", "with_overrides"]
 
 
@@ -195,6 +196,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    inherit: InheritConfig = field(default_factory=InheritConfig)  # distil from a parent
 
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -443,6 +445,7 @@ def validate(cfg: Config) -> None:
     _require(o.schedule in SCHEDULES, f"optim.schedule={o.schedule!r}; expected one of {SCHEDULES}")
     _require(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
     _require(o.lr > 0, f"optim.lr={o.lr} must be > 0")
+    cfg.inherit.validate()
 
 
 def validate_mesh(m: MeshConfig) -> None:

@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 import longctx
 from longctx.config import ConfigError, MoEConfig
-from longctx.model.upcycle import upcycle
+from longctx.inherit.core import upcycle
 from longctx.moe import ops as moe
 from longctx.moe.layer import MoE
 from longctx.layers import SwiGLU

@@ -34,6 +34,7 @@ from longctx.data.pipeline import build_source, make_dataset, restore_iterator
 from longctx.parallel import distributed
 from longctx.parallel import sharding as shd
 from longctx.train import metrics as M
+from longctx.train import distill
 from longctx.train.checkpoint import Checkpointer
 from longctx.train.optimizer import lr_schedule
 from longctx.train.state import TrainState
@@ -152,11 +153,19 @@ def train(cfg: Config, *, progress: bool = True, stop_at_step: int | None = None
         ckpt.save(step, nnx.to_pure_dict(state), {"input": train_it.get_state(), "step": step},
                   wait=wait)
 
+    # -- distillation: a frozen parent, sharded like the child (inherit section) -----
+    distiller, parent_args, parent_shardings = None, (), ()
+    if cfg.inherit.distill_alpha > 0:
+        distiller, parent_state, parent_sharding = distill.load_parent(cfg, mesh, rules)
+        parent_args, parent_shardings = (parent_state,), (parent_sharding,)
+        log.info("distilling from %s (alpha %.3g over %d steps)", cfg.inherit.parent,
+                 cfg.inherit.distill_alpha, cfg.inherit.distill_steps)
+
     # -- the update step: one jit over the mesh, state donated ---------------------------
     batch_sharding = shd.batch_sharding(mesh, rules)
     train_step = jax.jit(make_train_step(graphdef, t.grad_accum_steps,
-                                         loss_chunk_size=t.loss_chunk_size),
-                         in_shardings=(state_sharding, batch_sharding),
+                                         loss_chunk_size=t.loss_chunk_size, distill=distiller),
+                         in_shardings=(state_sharding, batch_sharding, *parent_shardings),
                          out_shardings=(state_sharding, None),
                          donate_argnums=0)  # the old state's buffers hold the new one
     eval_step = jax.jit(make_eval_step(graphdef, loss_chunk_size=t.loss_chunk_size),
@@ -210,11 +219,12 @@ def train(cfg: Config, *, progress: bool = True, stop_at_step: int | None = None
             if not memory_logged:
                 mem = M.device_peak_memory()
                 if mem is None:  # CPU: the compiled program's own accounting
-                    ma = train_step.lower(state, batch).compile().memory_analysis()
+                    compiled = train_step.lower(state, batch, *parent_args).compile()
+                    ma = compiled.memory_analysis()
                     mem = ma.temp_size_in_bytes + ma.argument_size_in_bytes + ma.output_size_in_bytes
                 log.info("train step memory: %.1f MiB", mem / 2**20)
                 memory_logged = True
-            state, metrics = train_step(state, batch)
+            state, metrics = train_step(state, batch, *parent_args)
             since += 1
             done = step + 1
             if done % t.log_every == 0 or done == t.steps:

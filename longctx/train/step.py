@@ -6,6 +6,8 @@ instead of testing a backend name.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -119,21 +121,32 @@ def segment_value_and_grad(model_def, model_state, batch, denom, *, grads: bool 
     return (loss, {"loss": loss, "accuracy": correct / denom, **aux}), acc
 
 
-def make_train_step(graphdef, accum_steps: int, *, loss_chunk_size: int = 0):
-    """``(state, batch) -> (state, metrics)``: grads (accumulated), one optimizer update."""
+def make_train_step(graphdef, accum_steps: int, *, loss_chunk_size: int = 0, distill=None):
+    """``(state, batch) -> (state, metrics)``: grads (accumulated), one optimizer update.
 
-    def step(state, batch):
+    ``loss_chunk_size`` (``train.loss_chunk_size``): the cross entropy ``C`` tokens at a
+    time, never ``[B, T, vocab]`` logits (0 = at once).
+
+    ``distill``: a :class:`longctx.train.distill.Distiller`; the step is then
+    ``(state, batch, parent_state)`` and its loss mixes in the KL to the frozen parent.
+    """
+
+    def step(state, batch, parent_state=None):
         model, optimizer = nnx.merge(graphdef, state)
         model_def, model_state = nnx.split(model)
         denom = jnp.maximum(batch["loss_mask"].astype(jnp.float32).sum(), 1.0)
         segmented = model.runs_in_segments(batch["tokens"].shape[1])
+        loss = functools.partial(loss_fn, chunk_size=loss_chunk_size)
+        if distill is not None:  # the parent's logits ride in the batch (sliced by accumulation)
+            batch = {**batch, "parent_logits": distill.parent_logits(parent_state, batch)}
+            loss = distill.loss(optimizer.step[...])
 
         def grads_of(model_state, batch):  # pure in the model's state: safe inside lax.scan
             if segmented:  # memory independent of length (truncated BPTT window by window)
                 (_, metrics), grads = segment_value_and_grad(model_def, model_state, batch, denom,
                                                              chunk_size=loss_chunk_size)
                 return grads, metrics
-            fn = lambda m: loss_fn(m, batch, denom, chunk_size=loss_chunk_size)  # noqa: E731
+            fn = lambda m: loss(m, batch, denom)  # noqa: E731
             (_, metrics), grads = nnx.value_and_grad(fn, has_aux=True)(
                 nnx.merge(model_def, model_state))
             return grads, metrics

@@ -1,0 +1,66 @@
+"""python -m longctx.inherit: a run directory the trainer resumes (with distillation from
+the parent), and the refusals (vocabulary, Hugging Face parent without longctx.hf)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from flax import nnx
+
+import longctx
+from longctx.evals.core import load_model
+from longctx.inherit.__main__ import main, write_run
+from longctx.train.loop import train
+
+TINY = "experiments/configs/tiny.yaml"
+SMALL = ["model.d_model=32", "model.n_heads=4", "model.n_kv_heads=2", "model.mlp_dim=64",
+         "model.n_layers=1", "model.vocab_size=64", "data.seq_len=16", "train.batch_size=8",
+         "train.tensorboard=false", "train.eval_batches=1", "train.log_every=1"]
+
+
+def test_cli_writes_a_run_the_trainer_resumes_and_distils(tmp_path):
+    # a parent run directory: a random model written in the trainer's format
+    pcfg = longctx.load_config(TINY, SMALL)
+    parent = longctx.build_model(pcfg.model, rngs=nnx.Rngs(5))
+    write_run(parent, pcfg, str(tmp_path / "parent"), ratio=1.0, method="interpolate")
+    child_yaml = tmp_path / "child.yaml"
+    child_yaml.write_text(f"base: {os.path.abspath(TINY)}\n")
+    out = tmp_path / "child"
+    main(["--parent", str(tmp_path / "parent"), "--config", str(child_yaml), "--ratio", "1",
+          "--distill-alpha", "0.5", "--run-dir", str(out), *SMALL,
+          "model.attention.pattern=[linear]", "optim.lr=1e-12", "optim.warmup_steps=0",
+          "train.steps=1"])
+    info = json.loads((out / "inheritance.json").read_text())
+    assert info["mapped"]["repeat_kv"] == 4 and info["mapped"]["liger"] == 1  # wk wv conv_k/v
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+    cfg, child, step = load_model(str(out))
+    assert step == 0 and cfg.inherit.distill_alpha == 0.5
+    np.testing.assert_array_equal(child.embed.embedding[...], parent.embed.embedding[...])
+    final, state = train(cfg, progress=False, return_state=True)
+    # resumed from the inherited step 0 (lr ~ 0: the weights stay the parent's), and the
+    # distillation term is there (a linear child of a full parent: KL > 0)
+    got = np.asarray(state[0]["embed"]["embedding"])
+    np.testing.assert_allclose(got, parent.embed.embedding[...], atol=1e-6)
+    assert final["kl"] > 0 and final["distill_alpha"] == 0.5
+    assert final["loss"] == pytest.approx(0.5 * final["ce"] + 0.5 * final["kl"], rel=1e-4)
+
+
+def test_cli_refusals(tmp_path):
+    pcfg = longctx.load_config(TINY, SMALL)
+    parent = longctx.build_model(pcfg.model, rngs=nnx.Rngs(5))
+    write_run(parent, pcfg, str(tmp_path / "parent"), ratio=1.0, method="interpolate")
+    args = ["--parent", str(tmp_path / "parent"), "--config", TINY, "--ratio", "0.5",
+            "--run-dir", str(tmp_path / "out"), *SMALL]
+    with pytest.raises(SystemExit, match="parent's vocab_size=64 differs from the child's "
+                                         "model.vocab_size=128"):
+        main(args + ["model.vocab_size=128"])
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    with pytest.raises(SystemExit, match="needs longctx.hf"):
+        main(["--parent", str(hf)] + args[2:])
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("")
+    with pytest.raises(SystemExit, match="exists and is not empty"):
+        main(args)
