@@ -110,3 +110,50 @@ def test_load_balance_equalises_visited_key_blocks():
     assert sum(lb) < 0.6 * total
     win = context.visited_key_blocks(T, n, causal=True, window=512, block=256)
     assert sum(win) <= 3 * (T // 256)  # a window: a band of blocks, not a triangle
+
+
+# ----------------------------------------------------------------------------
+# Sequence-parallel linear attention / delta rule (state passing) vs one device.
+# ----------------------------------------------------------------------------
+
+LINEAR_CASES = ["linear", "gla_per_key", "gated_delta_reset"]
+
+
+@pytest.mark.parametrize("case", LINEAR_CASES)
+def test_sequence_parallel_linear_equals_one_device(case):
+    from longctx.backends.linear import ops as linear_ops
+    from longctx.parallel import context_linear
+
+    B, T, H, K, V = 2, 32, 2, 4, 6
+    ks = jax.random.split(jax.random.key(1), 7)
+    q = jax.random.normal(ks[0], (B, T, H, K))
+    k = jax.random.normal(ks[1], (B, T, H, K)) * 0.5
+    v = jax.random.normal(ks[2], (B, T, H, V))
+    S0 = jax.random.normal(ks[3], (B, H, K, V))
+    if case == "linear":
+        ops, sp, g, extra = linear_ops.linear_attention, context_linear.linear_attention, None, ()
+    elif case == "gla_per_key":
+        ops, sp = linear_ops.linear_attention, context_linear.linear_attention
+        g, extra = jax.nn.log_sigmoid(jax.random.normal(ks[4], (B, T, H, K)) + 2), ()
+    else:  # gated delta rule with a hard reset (packed documents) inside device 1's chunk
+        ops, sp = linear_ops.delta_rule, context_linear.delta_rule
+        g = jax.nn.log_sigmoid(jax.random.normal(ks[4], (B, T, H)) + 2).at[:, 13].set(-jnp.inf)
+        k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+        extra = (jax.nn.sigmoid(jax.random.normal(ks[5], (B, T, H))),)
+
+    def loss(fn):
+        def f(S0, q, k, v):
+            o, S = fn(q, k, v, *extra, g=g, initial_state=S0, output_final_state=True,
+                      chunk_size=4)
+            return jnp.sum(o * v[..., :1]) + jnp.sum(S * S0), (o, S)
+        return f
+
+    with jax.set_mesh(_mesh(2, 4)):
+        (_, (o, S)), grads = jax.jit(jax.value_and_grad(loss(sp), argnums=(0, 1, 2, 3),
+                                                        has_aux=True))(S0, q, k, v)
+    (_, (o_ref, S_ref)), grads_ref = jax.value_and_grad(loss(ops), argnums=(0, 1, 2, 3),
+                                                        has_aux=True)(S0, q, k, v)
+    np.testing.assert_allclose(o, o_ref, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(S, S_ref, atol=2e-5, rtol=2e-5)
+    for name, a, b in zip(["S0", "q", "k", "v"], grads, grads_ref):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4, err_msg=f"d{name}")
