@@ -71,6 +71,14 @@ def axis_size(axis: str = "sequence") -> int:
     return int(mesh.shape[axis])
 
 
+def active_strategy(context_parallel: str, axis: str = "sequence") -> str | None:
+    """The strategy a layer runs under the current mesh (``model.attention.context_parallel``):
+    None for ``"none"`` or when the mesh does not split ``axis``; ``"auto"`` is ring."""
+    if context_parallel == "none" or axis_size(axis) <= 1:
+        return None
+    return "ring" if context_parallel == "auto" else context_parallel
+
+
 def check_split(T: int, n: int, load_balance: bool) -> None:
     parts = 2 * n if load_balance else n
     if T % parts:
@@ -476,5 +484,5 @@ def visited_key_blocks(T: int, n: int, *, causal=True, window=None, load_balance
     return counts
 
 
-__all__ = ["STRATEGIES", "attention", "axis_size", "check_split", "local_positions",
+__all__ = ["STRATEGIES", "active_strategy", "attention", "axis_size", "check_split", "local_positions",
            "visited_key_blocks", "zigzag", "zigzag_indices", "unzigzag"]
