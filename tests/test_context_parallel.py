@@ -79,12 +79,17 @@ def test_matches_dense_outputs_and_gradients(strategy, lb, causal, window, use_s
         assert float(jnp.abs(o2[:, 20:] - o[:, 20:]).max()) > 1e-2
 
 
-def test_zigzag_is_a_permutation_and_its_inverse():
+@pytest.mark.parametrize("n", [1, 2, 8])
+def test_zigzag_is_a_permutation_and_its_inverse(n):
     x = jnp.arange(2 * 32).reshape(2, 32)
-    perm = context.zigzag_indices(32, 4)
-    np.testing.assert_array_equal(context.zigzag(x, 4), x[:, perm])
-    np.testing.assert_array_equal(context.unzigzag(context.zigzag(x, 4), 4), x)
-    assert list(perm[:8]) == [0, 1, 2, 3, 28, 29, 30, 31]  # device 0: chunks 0 and 7
+    perm = context.zigzag_indices(32, n)
+    np.testing.assert_array_equal(context.zigzag_reference(x, n), x[:, perm])
+    with jax.set_mesh(_mesh(1, n)):
+        z = jax.jit(context.zigzag)(x)  # the sharded form: ppermutes of half shards
+        np.testing.assert_array_equal(z, x[:, perm])
+        np.testing.assert_array_equal(jax.jit(context.unzigzag)(z), x)
+    if n == 8:
+        assert list(perm[:4]) == [0, 1, 30, 31]  # device 0: chunks 0 and 15
 
 
 def test_unsplittable_length_names_T_and_N():

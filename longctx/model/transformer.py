@@ -186,12 +186,12 @@ class Transformer(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
             n = self._zigzag_devices()  # context parallelism: permute once, not per layer
             if n:
-                tokens, positions = context.zigzag(tokens, n), context.zigzag(positions, n)
-                segment_ids = None if segment_ids is None else context.zigzag(segment_ids, n)
+                tokens, positions = context.zigzag(tokens), context.zigzag(positions)
+                segment_ids = None if segment_ids is None else context.zigzag(segment_ids)
             x = constrain(self.embed(tokens, self.dtype), ACTIVATION_AXES)
             x, aux, _ = self._blocks(x, positions, None, segment_ids)
             if n:
-                x = context.unzigzag(x, n)
+                x = context.unzigzag(x)
             return self._head(x), aux
         return self._scan_segments(tokens, segment_ids)
 

@@ -38,7 +38,7 @@ the dual chunk swap of Striped / Llama-3 context parallelism): every device then
 has the same number of visible key blocks (:func:`visited_key_blocks` counts
 them). The public function takes and returns natural order and permutes inside;
 a model that permutes its tokens once per forward passes ``inputs_permuted=True``
-(:func:`zigzag` / :func:`unzigzag`). ``T % 2N != 0`` is an error naming ``T``
+(:func:`zigzag` / :func:`unzigzag`: two ``ppermute``s of half a shard, never a gather). ``T % 2N != 0`` is an error naming ``T``
 and ``N``. Without load balance device ``i`` holds the contiguous chunk ``i``
 (``T % N == 0`` required).
 """
@@ -102,8 +102,8 @@ def _chunks(n):
     return [c for i in range(n) for c in (i, 2 * n - 1 - i)]
 
 
-def zigzag(x, n: int, axis: int = 1):
-    """Natural -> zigzag order along ``axis`` (static slices: GSPMD moves whole chunks)."""
+def zigzag_reference(x, n: int, axis: int = 1):
+    """Natural -> zigzag order along ``axis`` by static slices (readable; GSPMD gathers)."""
     T = x.shape[axis]
     check_split(T, n, True)
     C = T // (2 * n)
@@ -111,15 +111,51 @@ def zigzag(x, n: int, axis: int = 1):
     return jnp.concatenate(parts, axis=axis)
 
 
-def unzigzag(x, n: int, axis: int = 1):
-    """Zigzag -> natural order along ``axis`` (inverse of :func:`zigzag`)."""
-    T = x.shape[axis]
-    check_split(T, n, True)
-    C = T // (2 * n)
-    where = {c: j for j, c in enumerate(_chunks(n))}
-    parts = [jax.lax.slice_in_dim(x, where[c] * C, (where[c] + 1) * C, axis=axis)
-             for c in range(2 * n)]
-    return jnp.concatenate(parts, axis=axis)
+def _zigzag_perms(n):
+    """Two ``ppermute`` pairs: device ``d`` sends chunk ``2d`` (perm A) and ``2d+1`` (perm B)
+    of its contiguous half-chunks to the device that holds it in zigzag order."""
+    home = lambda c: c if c < n else 2 * n - 1 - c  # noqa: E731
+    return [(d, home(2 * d)) for d in range(n)], [(d, home(2 * d + 1)) for d in range(n)]
+
+
+def _local_zigzag(x, n, axis_name, t_axis=1, inverse=False):
+    """Inside shard_map over ``axis_name``: this device's contiguous tokens <-> its zigzag
+    tokens, two ``ppermute``s of half a shard each (no gather of the sequence).
+
+    Device ``i`` receives (perm A, perm B) = (slot 0, slot 1) if ``i`` is even, else
+    (slot 1, slot 0), where slot 0 is chunk ``i`` and slot 1 chunk ``2N-1-i``.
+    """
+    perm_a, perm_b = _zigzag_perms(n)
+    h0, h1 = jnp.split(x, 2, axis=t_axis)
+    odd = jax.lax.axis_index(axis_name) % 2 == 1
+    if inverse:  # swap the slots back, then send each half along the inverted pair
+        h0, h1 = jnp.where(odd, h1, h0), jnp.where(odd, h0, h1)
+        a = jax.lax.ppermute(h0, axis_name, [(b, a) for a, b in perm_a])
+        b = jax.lax.ppermute(h1, axis_name, [(b, a) for a, b in perm_b])
+        return jnp.concatenate([a, b], axis=t_axis)
+    a = jax.lax.ppermute(h0, axis_name, perm_a)
+    b = jax.lax.ppermute(h1, axis_name, perm_b)
+    return jnp.concatenate([jnp.where(odd, b, a), jnp.where(odd, a, b)], axis=t_axis)
+
+
+def _sharded_zigzag(x, axis, inverse):
+    n = axis_size(axis)
+    check_split(x.shape[1], n, True)
+    spec = P(None, axis)
+    f = jax.shard_map(lambda x: _local_zigzag(x, n, axis, inverse=inverse), in_specs=spec,
+                      out_specs=spec, axis_names=frozenset({axis}), check_vma=False)
+    return f(x)
+
+
+def zigzag(x, axis: str = "sequence"):
+    """``x [B, T, ...]`` sharded over mesh axis ``axis`` (N devices): natural -> zigzag order
+    (equal to :func:`zigzag_reference`), moving half a shard per device, twice."""
+    return _sharded_zigzag(x, axis, False)
+
+
+def unzigzag(x, axis: str = "sequence"):
+    """Zigzag -> natural order along time (inverse of :func:`zigzag`)."""
+    return _sharded_zigzag(x, axis, True)
 
 
 def local_positions(idx, T: int, n: int, load_balance: bool):
@@ -437,25 +473,25 @@ def attention(q, k, v, *, causal=True, scale=None, window=None, segment_ids=None
                 bq=_largest_divisor(part, block_q), bk=_largest_divisor(part, block_k),
                 n=n, axis=axis, load_balance=bool(load_balance), T=T)
     permute = load_balance and not inputs_permuted
-    if permute:
-        q, k, v = zigzag(q, n), zigzag(k, n), zigzag(v, n)
-        segment_ids = None if segment_ids is None else zigzag(segment_ids, n)
     seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
 
     def local(q, k, v, seg):
+        if permute:  # natural -> zigzag inside the shard_map: half a shard moves, twice
+            q, k, v = (_local_zigzag(x, n, axis) for x in (q, k, v))
+            seg = None if seg is None else _local_zigzag(seg, n, axis)
         # [B, Tl, Hq, D] -> [B, Hkv, Tl*G, D] (row t*G + g), k/v -> [B, Hkv, Tl, D]
         qr = q.reshape(B, Tl, Hkv, c.G, D).transpose(0, 2, 1, 3, 4).reshape(B, Hkv, Tl * c.G, D)
         kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         qpos = local_positions(jax.lax.axis_index(axis), T, n, load_balance)
         run = _ring if strategy == "ring" else _all_gather_local
         o = run(c, qr, kt, vt, qpos, seg, seg)
-        return o.reshape(B, Hkv, Tl, c.G, D).transpose(0, 2, 1, 3, 4).reshape(B, Tl, Hq, D)
+        o = o.reshape(B, Hkv, Tl, c.G, D).transpose(0, 2, 1, 3, 4).reshape(B, Tl, Hq, D)
+        return _local_zigzag(o, n, axis, inverse=True) if permute else o
 
     spec = P(None, axis)
     f = jax.shard_map(local, in_specs=(spec, spec, spec, None if seg is None else spec),
                       out_specs=spec, axis_names=frozenset({axis}), check_vma=False)
-    o = f(q, k, v, seg)
-    return unzigzag(o, n) if permute else o
+    return f(q, k, v, seg)
 
 
 # ----------------------------------------------------------------------------
@@ -485,4 +521,4 @@ def visited_key_blocks(T: int, n: int, *, causal=True, window=None, load_balance
 
 
 __all__ = ["STRATEGIES", "active_strategy", "attention", "axis_size", "check_split", "local_positions",
-           "visited_key_blocks", "zigzag", "zigzag_indices", "unzigzag"]
+           "visited_key_blocks", "zigzag", "zigzag_indices", "zigzag_reference", "unzigzag"]
