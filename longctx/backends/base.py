@@ -49,6 +49,11 @@ class MixerDims:
 class Mixer(nnx.Module):
     """Base class of the token mixers: the protocol above, with its defaults."""
 
+    # Token order the stateless call expects when the mesh splits the sequence (context
+    # parallelism): "natural", or "zigzag" (longctx.parallel.context). The model permutes
+    # its tokens once per forward iff every layer says "zigzag".
+    token_layout = "natural"
+
     @classmethod
     def from_config(cls, dims: MixerDims, attention, *, rngs: nnx.Rngs) -> "Mixer":
         raise NotImplementedError(f"{cls.__name__} must define from_config")

@@ -41,6 +41,7 @@ from longctx.layers import DTYPES, Embed, RMSNorm, SwiGLU, param
 from longctx.model import segments
 from longctx.model.registry import build_mixer, build_stack_wrapper
 from longctx.moe.layer import MoE
+from longctx.parallel import context
 from longctx.parallel.sharding import constrain
 
 # Activations between blocks: batch over the data-parallel axes, length over
@@ -195,10 +196,25 @@ class Transformer(nnx.Module):
         B, T = tokens.shape
         if not self.runs_in_segments(T):
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+            n = self._zigzag_devices()  # context parallelism: permute once, not per layer
+            if n:
+                tokens, positions = context.zigzag(tokens), context.zigzag(positions)
+                segment_ids = None if segment_ids is None else context.zigzag(segment_ids)
             x = constrain(self.embed(tokens, self.dtype), ACTIVATION_AXES)
             x, aux, _ = self._blocks(x, positions, None, segment_ids)
+            if n:
+                x = context.unzigzag(x)
             return x, aux
         return self._scan_segments(tokens, segment_ids)
+
+    def _zigzag_devices(self) -> int:
+        """Devices of the zigzag token order when the mesh splits the sequence and every
+        mixer asks for it (``Mixer.token_layout``), else 0: natural order."""
+        if context.active_strategy(self.cfg.attention.context_parallel) is None:
+            return 0
+        if any(b.mixer.token_layout != "zigzag" for b in self.blocks):
+            return 0
+        return context.axis_size()
 
     def _check_tokens(self, tokens):
         tokens = jnp.asarray(tokens)

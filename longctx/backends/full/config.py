@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from longctx.errors import require
 
 IMPLS = ("auto", "xla", "flash", "cudnn")  # see longctx.backends.full.ops
+CONTEXT_PARALLEL = ("auto", "ring", "all_gather", "none")  # see longctx.parallel.context
 
 
 @dataclass(frozen=True)
@@ -24,12 +25,23 @@ class FullConfig:
     # Short causal depthwise conv on q, k, v before RoPE ("smeared keys", Olsson et al.
     # 2022; canon layers, Allen-Zhu 2025); 0: off.
     conv_size: int = 0
+    # With the sequence split over mesh axis `sequence` (> 1): exact attention by ring or
+    # all-gather (longctx.parallel.context) and sequence-parallel linear layers (state
+    # passing); auto = ring; none = leave attention to GSPMD. No effect on a mesh without it.
+    context_parallel: str = "auto"
+    # Zigzag token order (device i holds chunks i and 2N-1-i) so causal attention costs every
+    # device the same. Used only when every layer is `full` with conv_size 0 (recurrences and
+    # convolutions need natural order); otherwise the split is contiguous.
+    cp_load_balance: bool = True
 
     def validate(self, prefix: str = "model.attention") -> None:
         require(self.impl in IMPLS, f"{prefix}.impl={self.impl!r}; expected one of {IMPLS}")
         require(self.block_q >= 1 and self.block_k >= 1,
                 f"{prefix}.block_q={self.block_q}, block_k={self.block_k} must be >= 1")
         require(self.conv_size >= 0, f"{prefix}.conv_size={self.conv_size} must be >= 0")
+        require(self.context_parallel in CONTEXT_PARALLEL,
+                f"{prefix}.context_parallel={self.context_parallel!r}; expected one of "
+                f"{CONTEXT_PARALLEL}")
         require(self.window is None or self.window >= 1,
                 f"{prefix}.window={self.window} must be >= 1 or null")
 

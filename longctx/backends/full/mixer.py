@@ -36,10 +36,15 @@ from longctx.backends.base import Mixer, MixerDims, causal_pairs
 from longctx.backends.full import ops as full_attention
 from longctx.backends.full.config import FullConfig
 from longctx.layers import DTYPES, causal_conv, param, rope
+from longctx.parallel import context
 
 
 class FullAttention(Mixer):
-    def __init__(self, dims: MixerDims, cfg: FullConfig, *, rngs: nnx.Rngs):
+    def __init__(self, dims: MixerDims, cfg: FullConfig, *, rngs: nnx.Rngs,
+                 zigzag: bool = False):
+        # Context parallelism: with `zigzag` the stateless input arrives in zigzag token
+        # order whenever the mesh splits the sequence (the model permutes once per forward).
+        self.token_layout = "zigzag" if zigzag else "natural"
         self.n_heads, self.n_kv_heads = dims.n_heads, dims.n_kv_heads
         self.head_dim = D = dims.head_dim
         self.dtype = DTYPES[dims.dtype]
@@ -65,7 +70,11 @@ class FullAttention(Mixer):
 
     @classmethod
     def from_config(cls, dims: MixerDims, attention, *, rngs: nnx.Rngs) -> "FullAttention":
-        return cls(dims, attention.section("full"), rngs=rngs)
+        # Zigzag only if every layer of the stack is `full` without a short conv (a conv or
+        # a recurrence must see natural order): see model.attention.cp_load_balance.
+        zigzag = (attention.cp_load_balance and not attention.conv_size
+                  and set(attention.layer_backends(len(attention.pattern) or 1)) == {"full"})
+        return cls(dims, attention.section("full"), rngs=rngs, zigzag=zigzag)
 
     def mixing_flops(self, batch: int, seq_len: int, segment_len: int = 0) -> float:
         """``QK^T`` and ``PV`` over the visible (causal, windowed) pairs: ``4 H D`` each.
@@ -121,7 +130,15 @@ class FullAttention(Mixer):
         dt = self.dtype
         q, k, v, _, _, conv_state = self._qkv(x, positions, state, segment_ids)
         a = self.attn
-        if state is None:
+        strategy = context.active_strategy(a.context_parallel)
+        if state is None and strategy is not None:  # the sequence is split over `sequence`
+            zigzag = self.token_layout == "zigzag"
+            o = context.attention(q, k, v, causal=True, window=a.window,
+                                  segment_ids=segment_ids, strategy=strategy,
+                                  load_balance=zigzag, inputs_permuted=zigzag,
+                                  block_q=a.block_q, block_k=a.block_k)
+            new_state = None
+        elif state is None:
             o = full_attention.attention(q, k, v, causal=True, window=a.window,
                                          segment_ids=segment_ids, impl=a.impl,
                                          block_q=a.block_q, block_k=a.block_k)

@@ -62,6 +62,7 @@ from longctx.backends.base import Mixer, MixerDims
 from longctx.backends.linear import ops as linear_ops
 from longctx.backends.linear.config import DELTA_VARIANTS, LinearConfig
 from longctx.layers import DTYPES, causal_conv, param
+from longctx.parallel import context, context_linear
 
 FEATURE_MAPS = {  # names: longctx.backends.linear.config.FEATURE_MAPS
     "identity": lambda x: x,
@@ -99,8 +100,12 @@ def _l2norm(x, eps=1e-6):
 
 
 class LinearAttention(Mixer):
-    def __init__(self, dims: MixerDims, lin: LinearConfig, *, rngs: nnx.Rngs):
+    def __init__(self, dims: MixerDims, lin: LinearConfig, *, rngs: nnx.Rngs,
+                 context_parallel: str = "auto"):
         self.lin = lin  # frozen dataclass: static
+        # model.attention.context_parallel: with the mesh splitting the sequence, the
+        # stateless call passes the state across devices (longctx.parallel.context_linear).
+        self.context_parallel = context_parallel
         self.n_heads = H = dims.n_heads
         self.key_dim = K = lin.key_dim or dims.head_dim
         self.value_dim = V = lin.value_dim or dims.head_dim
@@ -147,7 +152,8 @@ class LinearAttention(Mixer):
 
     @classmethod
     def from_config(cls, dims: MixerDims, attention, *, rngs: nnx.Rngs) -> "LinearAttention":
-        return cls(dims, attention.section("linear"), rngs=rngs)
+        return cls(dims, attention.section("linear"), rngs=rngs,
+                   context_parallel=attention.context_parallel)
 
     def mixing_flops(self, batch: int, seq_len: int, segment_len: int = 0) -> float:
         """The chunk form's matmuls (:func:`~longctx.backends.linear.ops.chunk_flops`);
@@ -230,10 +236,14 @@ class LinearAttention(Mixer):
         kw = dict(g=g, initial_state=None if state is None else state["S"],
                   output_final_state=state is not None, chunk_size=lin.chunk_size,
                   form="recurrent" if state is not None and S == 1 else "chunk")
+        ops = linear_ops
+        if state is None and context.active_strategy(self.context_parallel) is not None:
+            ops = context_linear  # the sequence is split over `sequence`: state passing
+            del kw["form"]
         if beta is not None:
-            o, S_new = linear_ops.delta_rule(q, k, v, beta, **kw)
+            o, S_new = ops.delta_rule(q, k, v, beta, **kw)
         else:
-            o, S_new = linear_ops.linear_attention(q, k, v, **kw)
+            o, S_new = ops.linear_attention(q, k, v, **kw)
         o = o.astype(jnp.float32)  # [B, S, H, V(+1)]
         if lin.normalize:
             o = o[..., :-1] / (o[..., -1:] + linear_ops.NORMALIZE_EPS)

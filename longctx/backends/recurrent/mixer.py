@@ -86,6 +86,7 @@ from longctx.backends.recurrent.memory import (compressive_read, compressive_wri
                                                knn_read, with_memory_tokens, write_ring)
 from longctx.backends.recurrent.memory_tokens import MemoryTokens
 from longctx.layers import param
+from longctx.parallel import context
 
 
 class RecurrentAttention(FullAttention):
@@ -175,6 +176,11 @@ class RecurrentAttention(FullAttention):
         return state
 
     def __call__(self, x, *, positions, state=None, segment_ids=None):
+        if context.axis_size() > 1:
+            raise ValueError(
+                f"the recurrent backend runs its segments one after another and cannot split "
+                f"a sequence over mesh axis 'sequence' (size {context.axis_size()}); set "
+                "mesh.ici.sequence=1 and scale length with model.segment_len instead")
         dt = self.dtype
         Mt = self.rec.num_memory_tokens
         mem_x = mem_ids = None
