@@ -289,6 +289,7 @@ def prepare(tokenizer: str, inputs, out: str, *, eos: str | None = None,
     sizes = [_check_readable(p) for p in inputs]  # every input, before any work
     units = [u for p, s in zip(inputs, sizes)
              for u in _units(p, _kind(p, split_blank_lines), s, chunk_bytes, text_field)]
+    workers = min(workers, len(units))  # no more processes than work units (1: in-process)
 
     tmp = f"{out}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
