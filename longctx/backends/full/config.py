@@ -12,14 +12,14 @@ from dataclasses import dataclass
 
 from longctx.errors import require
 
-IMPLS = ("auto", "xla", "flash", "cudnn")  # see longctx.backends.full.ops
+IMPLS = ("auto", "xla", "flash", "cudnn", "splash")  # see longctx.backends.full.ops
 
 
 @dataclass(frozen=True)
 class FullConfig:
-    impl: str = "auto"  # exact-attention kernel: auto | xla | flash | cudnn
-    block_q: int = 512  # flash: query rows per block
-    block_k: int = 512  # flash: keys per block
+    impl: str = "auto"  # exact-attention kernel: auto | xla | flash | cudnn | splash (TPU)
+    block_q: int = 512  # flash, splash (a multiple of 128): query rows per block
+    block_k: int = 512  # flash, splash (a multiple of 128): keys per block
     window: int | None = None  # sliding-window size in tokens; None = global attention
     # Short causal depthwise conv on q, k, v before RoPE ("smeared keys", Olsson et al.
     # 2022; canon layers, Allen-Zhu 2025); 0: off.
