@@ -2,4 +2,8 @@
 
 * ``splash_attention``: JAX's Pallas TPU splash-attention kernels behind the
   contract of ``longctx.backends.full.ops.attention`` (``impl="splash"``).
+* ``linear_attention``: chunked (gated) linear attention, one Pallas kernel
+  (``form="pallas"`` of ``ops.linear_attention``).
+* ``delta_rule``: the (gated) delta rule, WY factors in JAX, state recurrence in
+  Pallas (``form="pallas"`` of ``ops.delta_rule``).
 """

@@ -1,4 +1,4 @@
-"""Pallas chunked linear attention in interpret mode on CPU against the recurrent form.
+"""Pallas chunked linear attention and delta rule in interpret mode on CPU vs the recurrent form.
 
 The recurrent form (``lax.scan`` over time, one rank-one update per token) of
 ``longctx.backends.linear.ops`` is the independent reference: outputs, final
@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from longctx.backends.linear import ops
+from longctx.kernels import delta_rule as pk_delta
 from longctx.kernels import linear_attention as pk
 
 B, T, H, K, V, C = 1, 40, 2, 8, 6, 16  # T = 2.5 chunks
@@ -70,3 +71,30 @@ def test_pallas_linear_attention_is_causal_and_dispatched():
             ops.linear_attention(q, k, v, g=g, form="pallas")
     with pytest.raises(ValueError, match="no normalize"):
         ops.linear_attention(q, k, v, form="pallas", normalize=True)
+
+
+@pytest.mark.parametrize("gated", [True])  # g=None runs the same kernel with b = 0
+def test_pallas_delta_rule_matches_recurrent(gated):
+    q, k, v, g, S0 = _inputs("scalar" if gated else "none")
+    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)  # as the layer does
+    beta = jax.nn.sigmoid(jax.random.normal(jax.random.PRNGKey(7), (B, T, H)))
+
+    def run(fn, **kw):
+        def loss(q, k, v, beta, g, S0):
+            o, S = fn(q, k, v, beta, g=g, initial_state=S0, output_final_state=True, **kw)
+            return jnp.sum(o * jnp.sin(o)) + jnp.sum(S * jnp.cos(S)), (o, S)
+
+        argnums = (0, 1, 2, 3, 5) if g is None else (0, 1, 2, 3, 4, 5)
+        return jax.jit(jax.value_and_grad(loss, argnums=argnums, has_aux=True))(
+            q, k, v, beta, g, S0)
+
+    (_, (o, S)), grads = run(pk_delta.delta_rule, chunk_size=C, interpret=True)
+    (_, (o_ref, S_ref)), grads_ref = run(ops.delta_rule, form="recurrent")
+    np.testing.assert_allclose(o, o_ref, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(S, S_ref, atol=1e-5, rtol=1e-5)
+    names = ["q", "k", "v", "beta", "S0"] if g is None else ["q", "k", "v", "beta", "g", "S0"]
+    for name, a, b in zip(names, grads, grads_ref):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4, err_msg=f"d{name}")
+    if not pk.available():
+        with pytest.raises(ValueError, match=f"backend is '{jax.default_backend()}'"):
+            ops.delta_rule(q, k, v, beta, g=g, form="pallas")
