@@ -42,7 +42,8 @@ def fwd_bwd(f, n_args):
 
 
 def _row(name, T, t_new, t_base, note=""):
-    print(f"| {name} | {T} | {t_new * 1e3:.1f} | {t_base * 1e3:.1f} | {t_base / t_new:.2f}x | {note} |")
+    print(f"| {name} | {T} | {t_new * 1e3:.1f} | {t_base * 1e3:.1f} | "
+          f"{t_base / t_new:.2f}x | {note} |")
 
 
 def bench_attention(args, dtype, key):
@@ -110,7 +111,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     dtype = jnp.dtype(args.dtype)
     key = jax.random.PRNGKey(0)
-    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
+    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), "
+          f"jax {jax.__version__}")
     print("| row | T / tokens | new ms | baseline ms | speed-up (baseline / new) | note |")
     print("|---|---|---|---|---|---|")
     for name, fn in (("attention", bench_attention), ("linear", bench_linear),

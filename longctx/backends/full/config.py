@@ -29,6 +29,9 @@ class FullConfig:
         require(self.impl in IMPLS, f"{prefix}.impl={self.impl!r}; expected one of {IMPLS}")
         require(self.block_q >= 1 and self.block_k >= 1,
                 f"{prefix}.block_q={self.block_q}, block_k={self.block_k} must be >= 1")
+        require(self.impl != "splash" or (self.block_q % 128 == 0 and self.block_k % 128 == 0),
+                f"{prefix}.block_q={self.block_q}, block_k={self.block_k} must be multiples of "
+                f"128 with {prefix}.impl=splash (the TPU lane width)")
         require(self.conv_size >= 0, f"{prefix}.conv_size={self.conv_size} must be >= 0")
         require(self.window is None or self.window >= 1,
                 f"{prefix}.window={self.window} must be >= 1 or null")
