@@ -1,5 +1,9 @@
-"""Pallas kernels (GPU/TPU), each with its pure-JAX reference beside it.
+"""Pallas kernels (GPU/TPU), each with its pure-JAX reference beside it; tested in interpret mode.
 
-Empty so far: the pure-JAX flash attention in ``longctx.backends.full.ops`` is the
-fast path on every platform until a Pallas kernel beats it here.
+* ``splash_attention``: JAX's Pallas TPU splash-attention kernels behind the
+  contract of ``longctx.backends.full.ops.attention`` (``impl="splash"``).
+* ``linear_attention``: chunked (gated) linear attention, one Pallas kernel
+  (``form="pallas"`` of ``ops.linear_attention``).
+* ``delta_rule``: the (gated) delta rule, WY factors in JAX, state recurrence in
+  Pallas (``form="pallas"`` of ``ops.delta_rule``).
 """

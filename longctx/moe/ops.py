@@ -49,6 +49,7 @@ token's first choice push out an earlier token's second choice.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import NamedTuple
 
@@ -58,6 +59,9 @@ from jax.sharding import PartitionSpec as P
 
 from longctx.moe.config import DROPLESS_IMPLS, ROUTERS, MoEConfig
 from longctx.parallel import sharding as shd
+
+log = logging.getLogger(__name__)
+_LOGGED: set = set()
 
 
 # ----------------------------------------------------------------------------
@@ -255,6 +259,11 @@ def dropless_moe(x, experts, weights, w_gate, w_up, w_down, *, impl: str = "auto
     E = w_gate.shape[0]
     if impl == "auto":
         impl = "blocks" if jax.default_backend() == "cpu" else "ragged_dot"
+        if impl not in _LOGGED:  # every automatic choice is logged once, with its reason
+            _LOGGED.add(impl)
+            log.info("dropless MoE impl=auto chose %s on %s (%s)", impl, jax.default_backend(),
+                     "ragged_dot is a masked dense product over all experts on CPU"
+                     if impl == "blocks" else "native grouped matmul")
     flat = experts.reshape(-1)  # [N*k] slot s = (token s // k, choice s % k)
     M = flat.shape[0]
     order = jnp.argsort(flat, stable=True)  # slots sorted by expert

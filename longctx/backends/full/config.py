@@ -12,15 +12,15 @@ from dataclasses import dataclass
 
 from longctx.errors import require
 
-IMPLS = ("auto", "xla", "flash", "cudnn")  # see longctx.backends.full.ops
+IMPLS = ("auto", "xla", "flash", "cudnn", "splash")  # see longctx.backends.full.ops
 CONTEXT_PARALLEL = ("auto", "ring", "all_gather", "none")  # see longctx.parallel.context
 
 
 @dataclass(frozen=True)
 class FullConfig:
-    impl: str = "auto"  # exact-attention kernel: auto | xla | flash | cudnn
-    block_q: int = 512  # flash: query rows per block
-    block_k: int = 512  # flash: keys per block
+    impl: str = "auto"  # exact-attention kernel: auto | xla | flash | cudnn | splash (TPU)
+    block_q: int = 512  # flash, splash (a multiple of 128): query rows per block
+    block_k: int = 512  # flash, splash (a multiple of 128): keys per block
     window: int | None = None  # sliding-window size in tokens; None = global attention
     # Short causal depthwise conv on q, k, v before RoPE ("smeared keys", Olsson et al.
     # 2022; canon layers, Allen-Zhu 2025); 0: off.
@@ -38,6 +38,9 @@ class FullConfig:
         require(self.impl in IMPLS, f"{prefix}.impl={self.impl!r}; expected one of {IMPLS}")
         require(self.block_q >= 1 and self.block_k >= 1,
                 f"{prefix}.block_q={self.block_q}, block_k={self.block_k} must be >= 1")
+        require(self.impl != "splash" or (self.block_q % 128 == 0 and self.block_k % 128 == 0),
+                f"{prefix}.block_q={self.block_q}, block_k={self.block_k} must be multiples of "
+                f"128 with {prefix}.impl=splash (the TPU lane width)")
         require(self.conv_size >= 0, f"{prefix}.conv_size={self.conv_size} must be >= 0")
         require(self.context_parallel in CONTEXT_PARALLEL,
                 f"{prefix}.context_parallel={self.context_parallel!r}; expected one of "

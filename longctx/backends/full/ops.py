@@ -38,8 +38,13 @@ Forms:
   ``O(block_q * block_k)`` per head instead of ``O(T * S)``.
 * ``impl="cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")``
   (GPU, float16/bfloat16, no ``segment_ids``).
-* ``impl="auto"``: cuDNN where the call is supported, else flash when the keys
-  span more than one block, else the reference. The choice is logged once.
+* ``impl="splash"``: the Pallas TPU splash-attention kernels JAX ships
+  (:mod:`longctx.kernels.splash_attention`; TPU only, wrapped in ``shard_map``
+  under a multi-device mesh because GSPMD cannot partition a Pallas call).
+* ``impl="auto"``: splash on TPU; on GPU cuDNN where the call is supported; else
+  flash when the keys span more than one block, else the reference. The choice
+  is logged once. (On TPU ``block_q`` / ``block_k`` are rounded up to multiples
+  of 128 for splash; an explicit ``impl="splash"`` requires them.)
 """
 
 from __future__ import annotations
@@ -51,7 +56,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from longctx.backends.full.config import IMPLS  # auto | xla | flash | cudnn
+from longctx.backends.full.config import IMPLS  # auto | xla | flash | cudnn | splash
+from longctx.kernels import splash_attention as splash
 
 log = logging.getLogger(__name__)
 
@@ -456,8 +462,15 @@ def attention(q, k, v, *, causal=True, scale=None, window=None, segment_ids=None
         return flash_attention(q, k, v, **kw, block_q=block_q, block_k=block_k)
     if impl == "cudnn":
         return cudnn_attention(q, k, v, **kw)
+    if impl == "splash":
+        return splash.splash_attention(q, k, v, **kw, block_q=block_q, block_k=block_k)
     if impl != "auto":
         raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")
+    if splash.available():
+        _log_once("attention impl=auto chose splash (TPU)")
+        lanes = splash.LANES
+        return splash.splash_attention(q, k, v, **kw, block_q=_round_up(block_q, lanes),
+                                       block_k=_round_up(block_k, lanes))
     if _cudnn_possible(q, segment_ids) and q.shape[1] == k.shape[1]:
         try:
             out = cudnn_attention(q, k, v, **kw)

@@ -96,6 +96,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from longctx.kernels import delta_rule as pallas_delta
+from longctx.kernels import linear_attention as pallas_linear
+
 FORMS = ("chunk", "recurrent", "parallel")
 NORMALIZE_EPS = 1e-6  # guards a zero normaliser only; see the module docstring
 GLA_SUBCHUNK = 16  # secondary-level chunk for per-key gates (GLA paper)
@@ -428,7 +431,15 @@ def linear_attention(q, k, v, *, g=None, scale=None, initial_state=None,
 
     ``S_t = exp(g_t) * S_{t-1} + k_t^T v_t``, ``o_t = (scale * q_t) S_t``.
     Returns ``(o [B, T, H, V], final_state [B, H, K, V] float32 or None)``.
+    ``form="pallas"``: the Pallas kernel of ``longctx.kernels.linear_attention``
+    (GPU/TPU only; no ``normalize``); never chosen automatically.
     """
+    if form == "pallas":
+        if normalize:
+            raise ValueError("linear_attention: form='pallas' has no normalize; use form='chunk'")
+        return pallas_linear.linear_attention(
+            q, k, v, g=g, scale=scale, initial_state=initial_state,
+            output_final_state=output_final_state, chunk_size=chunk_size)
     _check("linear_attention", q, k, v, g, None, initial_state, form, chunk_size,
            per_key_ok=True)
     out_dtype = v.dtype
@@ -460,7 +471,13 @@ def delta_rule(q, k, v, beta, *, g=None, scale=None, initial_state=None,
     Keys are used as given (the layer L2-normalises them: with ``|k| <= 1`` and
     ``beta`` in ``(0, 1)`` the map ``I - beta k^T k`` of every step is non-expansive).
     Returns ``(o [B, T, H, V], final_state [B, H, K, V] float32 or None)``.
+    ``form="pallas"``: the Pallas kernel of ``longctx.kernels.delta_rule`` (GPU/TPU only).
     """
+    if form == "pallas":
+        return pallas_delta.delta_rule(q, k, v, beta, g=g, scale=scale,
+                                       initial_state=initial_state,
+                                       output_final_state=output_final_state,
+                                       chunk_size=chunk_size)
     _check("delta_rule", q, k, v, g, beta, initial_state, form, chunk_size, per_key_ok=False)
     out_dtype = v.dtype
     scale = q.shape[-1] ** -0.5 if scale is None else scale

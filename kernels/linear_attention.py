@@ -1,0 +1,207 @@
+"""Chunked (gated) linear attention as one Pallas kernel (``form="pallas"``), with its
+pure-JAX reference beside it.
+
+Same contract as ``longctx.backends.linear.ops.linear_attention`` (``normalize``
+aside)::
+
+    linear_attention(q, k, v, *, g=None, scale=None, initial_state=None,
+                     output_final_state=False, chunk_size=64, interpret=False)
+        -> (o [B, T, H, V], final_state [B, H, K, V] float32 | None)
+    q, k [B, T, H, K]   v [B, T, H, V]   g None | [B, T, H] | [B, T, H, K] (log space)
+
+    S_t = exp(g_t) * S_{t-1} + k_t^T v_t        o_t = (scale q_t) S_t
+
+Kernel (one program per (batch row, head); grid ``(B * H,)``; the BlockSpecs hand
+each program its whole ``[T, K]`` / ``[T, V]`` rows, as JAX's Pallas GPU flash
+attention does, and a ``fori_loop`` walks the chunks carrying the float32
+``[K, V]`` state in registers / VMEM). Per chunk of ``C`` tokens, with ``b`` the
+cumulative log-gate *from the chunk start* (every exponent below is ``<= 0``) and
+``r`` the number of hard resets (``g = -inf``) so far in the chunk::
+
+    A_ij = sum_d q_id k_jd exp(b_id - b_jd)    (j <= i, r_i == r_j; else 0)
+    o    = A v + (q * exp(b) [r == 0]) S
+    S'   = exp(b_C) [r_C == 0] * S + (k * exp(b_C - b) [r == r_C])^T v
+
+A scalar gate (``g [B, T, H]``, or none) makes ``A`` one ``[C, C]`` matmul times a
+decay matrix; a per-key gate (GLA) forms the ``[C, C, K]`` decays explicitly
+(elementwise work ``C^2 K`` per chunk, not on the matrix units; use a small
+``chunk_size``, e.g. 16). ``b`` and ``r`` are computed outside the kernel (an
+elementwise cumsum over each chunk), so the kernel itself has no scan.
+
+Backward: ``jax.custom_vjp`` whose backward is ``jax.vjp`` of
+:func:`chunk_reference` (the same chunk math in plain JAX: a ``lax.scan`` over
+chunks, each chunk one ``jax.checkpoint``), as JAX's Pallas GPU attention does
+for its slow backward. So only the forward runs in Pallas; the gradients equal
+those of the pure-JAX chunk form.
+
+Hardware: written for both Pallas backends (GPU Triton, TPU Mosaic), verified
+only with ``interpret=True`` on CPU (no GPU/TPU was available): whether the
+``[C, C, K]`` per-key path lowers on Triton / Mosaic is untested. On a backend
+other than GPU/TPU without ``interpret`` the call raises, naming the backend.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+
+def available() -> bool:
+    """Can the compiled (non-interpreted) kernel run on the default backend?"""
+    return jax.default_backend() in ("gpu", "tpu")
+
+
+# ----------------------------------------------------------------------------
+# Preparation (outside the kernel): layout, padding, in-chunk cumulative gates.
+# ----------------------------------------------------------------------------
+
+
+def _prepare(q, k, v, g, C):
+    """[B, T, H, ...] -> [B*H, Tp, ...] float32; gates -> (b, r) [B*H, Tp, Kg] per chunk."""
+    B, T, H, K = q.shape
+    Tp = -(-T // C) * C
+
+    def rows(x):
+        x = jnp.moveaxis(x.astype(jnp.float32), 2, 1).reshape(B * H, T, *x.shape[3:])
+        return jnp.pad(x, [(0, 0), (0, Tp - T)] + [(0, 0)] * (x.ndim - 2))
+
+    if g is None:
+        g = jnp.zeros((B, T, H, 1), jnp.float32)
+    elif g.ndim == 3:
+        g = g[..., None]
+    g = rows(g).reshape(B * H, Tp // C, C, g.shape[-1])  # padding: g = 0, no change
+    reset = jnp.isneginf(g)
+    b = jnp.cumsum(jnp.where(reset, 0.0, g), axis=2).reshape(B * H, Tp, -1)
+    r = jnp.cumsum(reset.astype(jnp.float32), axis=2).reshape(B * H, Tp, -1)
+    return rows(q), rows(k), rows(v), b, r
+
+
+def _exp_if(x, ok):
+    return jnp.exp(jnp.where(ok, x, -jnp.inf))  # masked before the exp: never overflows
+
+
+def _chunk(q, k, v, b, r, S):
+    """One chunk: ``q, k [C, K]``, ``v [C, V]``, ``b, r [C, Kg]``, ``S [K, V]`` -> (o, S')."""
+    C = q.shape[0]
+    causal = jnp.arange(C)[:, None] >= jnp.arange(C)[None, :]
+    if b.shape[-1] == 1:  # scalar gate: [C, C] decay matrix times one matmul
+        ok = causal & (r[:, 0][:, None] == r[:, 0][None, :])
+        A = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * _exp_if(
+            b[:, 0][:, None] - b[:, 0][None, :], ok)
+    else:  # per-key gate: explicit [C, C, K] decays
+        ok = causal[:, :, None] & (r[:, None, :] == r[None, :, :])
+        A = jnp.sum(q[:, None, :] * k[None, :, :] * _exp_if(b[:, None, :] - b[None, :, :], ok),
+                    axis=-1)
+    b_last, r_last = b[C - 1:C], r[C - 1:C]  # [1, Kg]
+    o = jnp.dot(A, v, preferred_element_type=jnp.float32)
+    o = o + jnp.dot(q * _exp_if(b, r == 0), S, preferred_element_type=jnp.float32)
+    k_out = k * _exp_if(b_last - b, r == r_last)
+    across = _exp_if(b_last, r_last == 0).reshape(-1, 1)  # [Kg, 1]: S rows decay
+    S = across * S + jnp.dot(k_out.T, v, preferred_element_type=jnp.float32)
+    return o, S
+
+
+# ----------------------------------------------------------------------------
+# The Pallas kernel and the pure-JAX reference of the same math.
+# ----------------------------------------------------------------------------
+
+
+def _kernel(q_ref, k_ref, v_ref, b_ref, r_ref, s0_ref, o_ref, s_ref, *, C):
+    n_chunks = q_ref.shape[0] // C
+
+    def step(n, S):
+        sl = pl.ds(pl.multiple_of(n * C, C), C)
+        o, S = _chunk(q_ref[sl, :], k_ref[sl, :], v_ref[sl, :], b_ref[sl, :], r_ref[sl, :], S)
+        o_ref[sl, :] = o.astype(o_ref.dtype)
+        return S
+
+    s_ref[...] = jax.lax.fori_loop(0, n_chunks, step, s0_ref[...].astype(jnp.float32))
+
+
+def _pallas_forward(q, k, v, b, r, S0, C, interpret):
+    """``q, k [N, Tp, K]``, ``v [N, Tp, V]``, ``b, r [N, Tp, Kg]``, ``S0 [N, K, V]``."""
+    N, Tp, K = q.shape
+    V, Kg = v.shape[-1], b.shape[-1]
+
+    def spec(*shape):
+        return pl.BlockSpec((None, *shape), lambda i: (i,) + (0,) * len(shape))
+
+    return pl.pallas_call(
+        functools.partial(_kernel, C=C),
+        grid=(N,),
+        in_specs=[spec(Tp, K), spec(Tp, K), spec(Tp, V), spec(Tp, Kg), spec(Tp, Kg),
+                  spec(K, V)],
+        out_specs=[spec(Tp, V), spec(K, V)],
+        out_shape=[jax.ShapeDtypeStruct((N, Tp, V), jnp.float32),
+                   jax.ShapeDtypeStruct((N, K, V), jnp.float32)],
+        interpret=interpret,
+    )(q, k, v, b, r, S0)
+
+
+def chunk_reference(q, k, v, b, r, S0, C):
+    """The kernel's math in plain JAX (same inputs and outputs as the Pallas call)."""
+    N, Tp, K = q.shape
+
+    def chunks(x):  # [N, Tp, ...] -> [n, N, C, ...]
+        return jnp.moveaxis(x.reshape(N, Tp // C, C, *x.shape[2:]), 1, 0)
+
+    @jax.checkpoint  # the backward keeps only the state at each chunk start
+    def body(S, xs):
+        o, S = jax.vmap(_chunk)(*xs, S)
+        return S, o
+
+    S, o = jax.lax.scan(body, S0, tuple(map(chunks, (q, k, v, b, r))))
+    return jnp.moveaxis(o, 0, 1).reshape(N, Tp, -1), S
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _gla(q, k, v, b, r, S0, C, interpret):
+    return _pallas_forward(q, k, v, b, r, S0, C, interpret)
+
+
+def _gla_fwd(q, k, v, b, r, S0, C, interpret):
+    return _pallas_forward(q, k, v, b, r, S0, C, interpret), (q, k, v, b, r, S0)
+
+
+def _gla_bwd(C, interpret, res, cts):
+    q, k, v, b, r, S0 = res
+    _, vjp = jax.vjp(lambda q, k, v, b, S0: chunk_reference(q, k, v, b, r, S0, C),
+                     q, k, v, b, S0)
+    dq, dk, dv, db, dS0 = vjp(cts)
+    return dq, dk, dv, db, jnp.zeros_like(r), dS0
+
+
+_gla.defvjp(_gla_fwd, _gla_bwd)
+
+
+def linear_attention(q, k, v, *, g=None, scale=None, initial_state=None,
+                     output_final_state=False, chunk_size=64, interpret=False):
+    """(Gated) linear attention by the Pallas chunk kernel; see the module docstring."""
+    if not interpret and not available():
+        raise ValueError(
+            f"form='pallas' runs a Pallas GPU/TPU kernel; the default backend is "
+            f"{jax.default_backend()!r}. Use form='chunk', or "
+            f"longctx.kernels.linear_attention.linear_attention(..., interpret=True)")
+    if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"expects q, k [B, T, H, K] and v [B, T, H, V]; got "
+                         f"{q.shape=} {k.shape=} {v.shape=}")
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    if g is not None and g.shape not in ((B, T, H), (B, T, H, K)):
+        raise ValueError(f"g must be [B, T, H] or [B, T, H, K]; got {g.shape=}")
+    if initial_state is not None and initial_state.shape != (B, H, K, V):
+        raise ValueError(f"initial_state must be [B, H, K, V] = {(B, H, K, V)}; got "
+                         f"{initial_state.shape=}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"{chunk_size=} must be a positive int")
+    C = max(1, min(chunk_size, T))
+    scale = K**-0.5 if scale is None else scale
+    qr, kr, vr, b, r = _prepare(q * scale, k, v, g, C)
+    S0 = (jnp.zeros((B * H, K, V), jnp.float32) if initial_state is None
+          else initial_state.astype(jnp.float32).reshape(B * H, K, V))
+    o, S = _gla(qr, kr, vr, b, r, S0, C, bool(interpret))
+    o = jnp.moveaxis(o[:, :T].reshape(B, H, T, V), 1, 2).astype(v.dtype)
+    return o, (S.reshape(B, H, K, V) if output_final_state else None)
