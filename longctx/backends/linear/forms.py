@@ -10,13 +10,13 @@ Inputs ``[B, T, H, ...]`` float32 (None passes through), start state ``S0
   chunks' blocks at once as batched matmuls (intra-chunk outputs, each chunk's
   ``K^T V`` contribution, decay, delta-rule WY / UT factors), then only the state
   recurrence ``S_{n+1} = decay_n S_n + U_n`` runs over chunks: a
-  ``lax.associative_scan`` for diagonal (scalar or per-key) decays, a
+  ``lax.scan`` (or ``lax.associative_scan``, ``DIAGONAL_SCAN``) of one
+  multiply-add per chunk for diagonal (scalar or per-key) decays, a
   ``lax.scan`` of one ``[K, K] x [K, V]`` matmul per chunk for the delta rules;
-  then the inter-chunk output ``q_eff S_n`` for all chunks at once. The blocks
-  are one ``jax.checkpoint``: the backward pass keeps the inputs and the chunk
-  start states ``[B, H, N, K, V]`` and recomputes the intra-chunk scores, so
-  scratch memory is linear in ``T`` (``K V / C`` floats per token and head for the
-  states) and the intra-chunk working set is never stored.
+  then the inter-chunk output ``q_eff S_n`` for all chunks at once. Scratch
+  memory is linear in ``T``: the chunk start states ``[B, H, N, K, V]`` (``K V / C``
+  floats per token and head) and the blocks' residuals (``O(C)`` per token);
+  ``CHECKPOINT_BLOCKS`` recomputes the blocks in the backward pass instead.
 * :func:`chunk_scan`: the previous sequential chunk form: one ``lax.scan`` step
   per chunk running that chunk's block (one checkpoint per step). Same results;
   kept as the benchmark baseline (``experiments/bench_linear.py``) and a second
@@ -30,6 +30,16 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+# State recurrence of diagonal decays over chunks: "scan" (one elementwise multiply-add
+# per chunk) or "associative" (lax.associative_scan: log2(N) passes over all states).
+# On CPU the scan measured faster (experiments/bench_linear.py); "associative" is the
+# choice for accelerators where N sequential steps dominate.
+DIAGONAL_SCAN = "scan"
+# Recompute the blocks in the backward pass (jax.checkpoint) instead of storing their
+# residuals. Scratch is linear in T either way (residuals are O(C) floats per token);
+# on CPU storing them measured ~1.4x faster at 16K at ~the same compiled scratch.
+CHECKPOINT_BLOCKS = False
 
 
 def _heads_first(x):
@@ -81,12 +91,19 @@ def _state_starts(aff, S0):
         return jnp.moveaxis(starts, 0, 2), S
     if aff.decay is None:  # no gate: the states are a running sum
         ends = S0[:, :, None] + jnp.cumsum(aff.U, axis=2)
-    else:  # diagonal decays: (d1, U1) then (d2, U2) is (d1 d2, d2 U1 + U2), associative
+    elif DIAGONAL_SCAN == "associative":  # (d1, U1) then (d2, U2) = (d1 d2, d2 U1 + U2)
         def combine(x, y):
             return x[0] * y[0], y[0] * x[1] + y[1]
 
         d, U = jax.lax.associative_scan(combine, (aff.decay, aff.U), axis=2)
         ends = d * S0[:, :, None] + U  # [B, H, N, K, V]
+    else:  # one elementwise multiply-add per chunk
+        def step(S, du):
+            return du[0] * S + du[1], S
+
+        S, starts = jax.lax.scan(step, S0, (jnp.moveaxis(aff.decay, 2, 0),
+                                            jnp.moveaxis(aff.U, 2, 0)))
+        return jnp.moveaxis(starts, 0, 2), S
     starts = jnp.concatenate([S0[:, :, None], ends[:, :, :-1]], axis=2)
     return starts, ends[:, :, -1]
 
@@ -101,7 +118,9 @@ def chunk(block, xs, S0, chunk_size):
             return None
         return jnp.moveaxis(x.reshape(B, N, C, *x.shape[2:]), 3, 1)
 
-    aff = jax.checkpoint(block)(*map(chunks, xs))  # every chunk at once: [B, H, N, ...]
+    if CHECKPOINT_BLOCKS:
+        block = jax.checkpoint(block)
+    aff = block(*map(chunks, xs))  # every chunk at once: [B, H, N, ...]
     starts, S = _state_starts(aff, S0)
     o = aff.o + jnp.einsum("bhnck,bhnkv->bhncv", aff.q_eff, starts)  # inter-chunk term
     o = jnp.moveaxis(o, 1, 3).reshape(B, N * C, H, o.shape[-1])[:, :T]
