@@ -4,6 +4,11 @@
     python -m experiments.bench_linear --lengths 4096 16384 --repeats 2
     python -m experiments.bench_linear --op gated_deltanet --max-flash 0
 
+``chunk`` is the parallel chunk form (all chunks as batched matmuls, only the
+state recurrence over chunks sequential); ``chunk_scan`` the previous sequential
+chunk form (one ``lax.scan`` step per chunk), measured in the same run: the
+``scan/chunk`` column is the speed-up of the parallel form.
+
 For each length and form it prints the median fwd+bwd time (after one warm-up
 run; expensive runs are repeated fewer times, see ``--time-budget``) and the
 compiled scratch memory (``jit(f).lower(...).compile().memory_analysis()
@@ -34,7 +39,7 @@ from longctx.backends.full import ops as full
 from longctx.backends.linear import ops as linear
 from longctx.train.metrics import append_jsonl, scratch_bytes
 
-OPS = ("linear", "retnet", "gla", "deltanet", "gated_deltanet")
+OPS = ("linear", "retnet", "gla", "deltanet", "gated_deltanet", "kda")
 
 
 def timed(fn, *args, repeats=3, budget_s=60.0):
@@ -56,14 +61,14 @@ def inputs(op, B, T, H, D, seed=0):
     q = jax.random.normal(ks[0], (B, T, H, D), jnp.float32)
     k = jax.random.normal(ks[1], (B, T, H, D), jnp.float32)
     v = jax.random.normal(ks[2], (B, T, H, D), jnp.float32)
-    if op in ("deltanet", "gated_deltanet"):
+    if op in ("deltanet", "gated_deltanet", "kda"):
         k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
     extra = {}
     if op in ("retnet", "gated_deltanet"):
         extra["g"] = jax.nn.log_sigmoid(jax.random.normal(ks[3], (B, T, H)) + 4.0)
-    if op == "gla":
+    if op in ("gla", "kda"):
         extra["g"] = jax.nn.log_sigmoid(jax.random.normal(ks[3], (B, T, H, D)) + 4.0) / 16
-    if op in ("deltanet", "gated_deltanet"):
+    if op in ("deltanet", "gated_deltanet", "kda"):
         extra["beta"] = jax.nn.sigmoid(jax.random.normal(ks[4], (B, T, H)))
     return (q, k, v), extra
 
@@ -71,7 +76,7 @@ def inputs(op, B, T, H, D, seed=0):
 def fwd_bwd_linear(op, form, chunk_size):
     def loss(qkv, extra):
         q, k, v = qkv
-        if op in ("deltanet", "gated_deltanet"):
+        if op in ("deltanet", "gated_deltanet", "kda"):
             o, _ = linear.delta_rule(q, k, v, extra["beta"], g=extra.get("g"),
                                      chunk_size=chunk_size, form=form)
         else:
@@ -111,6 +116,8 @@ def main(argv=None):
     p.add_argument("--flash-block", type=int, default=full.DEFAULT_BLOCK_Q)
     p.add_argument("--max-parallel", type=int, default=16384, help="longest parallel run")
     p.add_argument("--max-recurrent", type=int, default=65536, help="longest recurrent run")
+    p.add_argument("--max-chunk-scan", type=int, default=1048576,
+                   help="longest sequential-chunk (baseline) run")
     p.add_argument("--max-flash", type=int, default=32768, help="longest flash run")
     p.add_argument("--mem-budget-gib", type=float, default=12.0,
                    help="skip a run whose compiled scratch memory is larger")
@@ -123,14 +130,16 @@ def main(argv=None):
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), "
           f"jax {jax.__version__}; op={args.op} B={args.batch} H={args.heads} "
           f"K=V={args.head_dim} chunk={args.chunk_size} flash block={args.flash_block}")
-    fns = {form: fwd_bwd_linear(args.op, form, args.chunk_size) for form in linear.FORMS}
+    fns = {form: fwd_bwd_linear(args.op, form, args.chunk_size)
+           for form in linear.FORMS + linear.BASELINE_FORMS}
     fns["flash"] = fwd_bwd_flash(args.flash_block)
-    limits = {"chunk": 1 << 62, "recurrent": args.max_recurrent,
+    limits = {"chunk": 1 << 62, "chunk_scan": args.max_chunk_scan,
+              "recurrent": args.max_recurrent,
               "parallel": args.max_parallel, "flash": args.max_flash}
-    forms = ("chunk", "recurrent", "parallel", "flash")
+    forms = ("chunk", "chunk_scan", "recurrent", "parallel", "flash")
 
     header = ("| T | " + " | ".join(f"{f} s" for f in forms) + " | chunk us/token "
-              "| recurrent/chunk | flash/chunk | " + " | ".join(f"{f} MiB" for f in forms) + " |")
+              "| scan/chunk | recurrent/chunk | flash/chunk | " + " | ".join(f"{f} MiB" for f in forms) + " |")
     print(header)
     print("|" + "---|" * (header.count("|") - 1), flush=True)
     rows = []
@@ -161,7 +170,7 @@ def main(argv=None):
 
         per_tok = row["chunk_s"] / (args.batch * T) * 1e6
         print(f"| {T} | " + " | ".join(s(f) for f in forms) + f" | {per_tok:.2f} | "
-              f"{ratio('recurrent')} | {ratio('flash')} | "
+              f"{ratio('chunk_scan')} | {ratio('recurrent')} | {ratio('flash')} | "
               + " | ".join(mib(f) for f in forms) + " |", flush=True)
 
     long = [(r["T"], r["chunk_s"]) for r in rows if r["T"] >= 16384 and "chunk_s" in r]
@@ -172,6 +181,10 @@ def main(argv=None):
     if at64:
         print(f"chunk vs recurrent at 64K: {at64[0]['recurrent_s'] / at64[0]['chunk_s']:.1f}x "
               "faster (target >= 10x)")
+    for r in rows:
+        if "chunk_scan_s" in r:
+            print(f"parallel chunk vs sequential chunk form at {r['T']}: "
+                  f"{r['chunk_scan_s'] / r['chunk_s']:.2f}x faster")
     both = [r for r in rows if "flash_s" in r]
     wins = [r["T"] for r in both if r["chunk_s"] < r["flash_s"]]
     if both:

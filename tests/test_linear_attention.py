@@ -197,13 +197,13 @@ def test_final_state_only_when_asked_and_scale_default():
 
 @pytest.mark.parametrize("call,match", [
     (lambda q, k, v, b: linear_attention(q, k, v, form="fast"),
-     r"form='fast'; expected one of \('chunk', 'recurrent', 'parallel'\)"),
+     r"form='fast'; expected one of \('chunk', 'recurrent', 'parallel', 'chunk_scan'\)"),
     (lambda q, k, v, b: linear_attention(q, k, v, chunk_size=0), r"chunk_size=0 must be"),
     (lambda q, k, v, b: linear_attention(q, k[:, :, :, :4], v), r"q.shape=\(1, 6, 2, 8\) k.shape"),
     (lambda q, k, v, b: linear_attention(q, k, v[:, :5]), r"v must agree with q on \[B, T, H\]"),
     (lambda q, k, v, b: linear_attention(q, k, v, g=b[..., :1]), r"g must be one of the shapes"),
-    (lambda q, k, v, b: delta_rule(q, k, v, b, g=jnp.zeros((1, 6, 2, 8))),
-     r"delta_rule: g must be one of the shapes \(1, 6, 2\) \(None"),
+    (lambda q, k, v, b: delta_rule(q, k, v, b, g=jnp.zeros((1, 6, 2, 4))),
+     r"delta_rule: g must be one of the shapes \(1, 6, 2\) or \(1, 6, 2, 8\) \(None"),
     (lambda q, k, v, b: delta_rule(q, k, v, b[:, :3]), r"beta must be \[B, T, H\] = \(1, 6, 2\)"),
     (lambda q, k, v, b: linear_attention(q, k, v, initial_state=jnp.zeros((1, 2, 8, 4))),
      r"initial_state must be \[B, H, K, V\] = \(1, 2, 8, 8\); "

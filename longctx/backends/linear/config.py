@@ -13,22 +13,23 @@ VARIANTS = {
     "gla": "identity",
     "deltanet": "silu",
     "gated_deltanet": "silu",
+    "kda": "silu",
 }
-DELTA_VARIANTS = ("deltanet", "gated_deltanet")
+DELTA_VARIANTS = ("deltanet", "gated_deltanet", "kda")
 FEATURE_MAPS = ("identity", "elu1", "relu", "silu")
 GATE_BIAS_INITS = ("zero", "retnet")
 
 
 @dataclass(frozen=True)
 class LinearConfig:
-    variant: str = "gated_deltanet"  # linear | retnet | gla | deltanet | gated_deltanet
+    variant: str = "gated_deltanet"  # linear | retnet | gla | deltanet | gated_deltanet | kda
     feature_map: str | None = None  # on q, k: identity | elu1 | relu | silu; None: variant default
     chunk_size: int = 64  # tokens per chunk of the chunkwise-parallel form
     conv_size: int = 4  # short causal depthwise conv on q, k, v (its tail is state); 0: off
     key_dim: int | None = None  # per-head key dim K; None: model head_dim
     value_dim: int | None = None  # per-head value dim V; None: model head_dim
     normalize: bool = False  # divide by q . (decayed sum of k); linear | retnet | gla only
-    gate_low_rank: int = 16  # gla: rank of the data-dependent gate projection
+    gate_low_rank: int = 16  # gla, kda: rank of the data-dependent gate projection
     gate_normalizer: float = 16.0  # gla: g = logsigmoid(x W1 W2 + b) / gate_normalizer
     # gla: initial gate bias b. "zero": b = 0 (fla), every key forgets at
     # exp(log(1/2)/16) = 0.958 per step at init; "retnet": per head, the bias that makes

@@ -28,6 +28,10 @@ Variants (gates in log space, ``g <= 0``):
   ``g = -exp(A) * softplus(x W_a + dt_bias)`` per head (Yang, Kautz,
   Hatamizadeh 2024, "Gated Delta Networks"; ``A`` and ``dt_bias``
   initialised as in Mamba-2).
+* ``kda``: Kimi Delta Attention (Kimi Team 2025, "Kimi Linear"): Gated DeltaNet
+  with a decay per key, ``g = -exp(A_h) * softplus(x W1 W2 + dt_bias)``
+  ``[B, S, H, K]`` with a rank-``gate_low_rank`` ``W1 W2`` (``A``, ``dt_bias`` per
+  head / per key, Mamba-2 init).
 
 State protocol: ``init_state(B, dtype)`` is ``{"S": [B, H, K, V'] float32,
 "seg": [B, max(conv_size - 1, 1)] int32}`` (``seg``: see ``segment_ids`` below)
@@ -137,14 +141,24 @@ class LinearAttention(Mixer):
                                 value=gla_gate_bias(H, K, lin))
         if lin.variant in DELTA_VARIANTS:
             self.w_beta = param(rngs, (E, H), ("embed", "heads"), std=std)
-        if lin.variant == "gated_deltanet":
-            self.w_a = param(rngs, (E, H), ("embed", "heads"), std=std)
+        if lin.variant == "kda":
+            r = lin.gate_low_rank
+            self.w_gate1 = param(rngs, (E, r), ("embed", None), std=std)
+            self.w_gate2 = param(rngs, (r, H, K), (None, "heads", "head_dim"), std=std)
+        if lin.variant in ("gated_deltanet", "kda"):
+            if lin.variant == "gated_deltanet":
+                self.w_a = param(rngs, (E, H), ("embed", "heads"), std=std)
             # Mamba-2 init: A ~ U(1, 16), dt ~ logU(1e-3, 1e-1), dt_bias = softplus^-1(dt).
             a = jax.random.uniform(rngs.params(), (H,), jnp.float32, 1.0, 16.0)
             dt = jnp.exp(jax.random.uniform(rngs.params(), (H,), jnp.float32,
                                             math.log(1e-3), math.log(1e-1)))
+            dt_bias = dt + jnp.log(-jnp.expm1(-dt))
             self.a_log = param(rngs, (H,), ("heads",), value=jnp.log(a))
-            self.dt_bias = param(rngs, (H,), ("heads",), value=dt + jnp.log(-jnp.expm1(-dt)))
+            if lin.variant == "kda":  # one dt bias per key (the gate is per key)
+                self.dt_bias = param(rngs, (H, K), ("heads", "head_dim"),
+                                     value=jnp.broadcast_to(dt_bias[:, None], (H, K)))
+            else:
+                self.dt_bias = param(rngs, (H,), ("heads",), value=dt_bias)
         self.norm_scale = nnx.data(None if not lin.output_norm else param(
             rngs, (V,), ("head_dim",), value=jnp.ones((V,), jnp.float32)))
         self.w_out_gate = nnx.data(None if not lin.output_gate else param(
@@ -226,6 +240,11 @@ class LinearAttention(Mixer):
                 dt_ = jax.nn.softplus(jnp.einsum("bse,eh->bsh", xf, self.w_a[...])
                                       + self.dt_bias[...])
                 g = -jnp.exp(self.a_log[...]) * dt_  # [B, S, H]
+            if lin.variant == "kda":  # a decay per key from a low-rank projection
+                low = jnp.einsum("bse,er->bsr", xf, self.w_gate1[...])
+                dt_ = jax.nn.softplus(jnp.einsum("bsr,rhk->bshk", low, self.w_gate2[...])
+                                      + self.dt_bias[...])
+                g = -jnp.exp(self.a_log[...])[:, None] * dt_  # [B, S, H, K]
         if reset is not None:  # -inf at the first token of each document: a hard reset
             H = self.n_heads
             g = (jnp.broadcast_to(reset, (B, S, H)) if g is None

@@ -1,0 +1,186 @@
+"""The forms that run a block (:mod:`~longctx.backends.linear.blocks`) or a step over a sequence.
+
+Inputs ``[B, T, H, ...]`` float32 (None passes through), start state ``S0
+[B, H, K, V]`` float32; each returns ``(o [B, T, H, V], S_T [B, H, K, V])``.
+
+* :func:`parallel`: the whole sequence as one block (quadratic; the reference).
+* :func:`recurrent`: ``lax.scan`` over time, one step per token (the naive
+  recurrence and the decoding form).
+* :func:`chunk`: the parallel chunk form (the ``chunk`` form of the ops). All
+  chunks' blocks at once as batched matmuls (intra-chunk outputs, each chunk's
+  ``K^T V`` contribution, decay, delta-rule WY / UT factors), then only the state
+  recurrence ``S_{n+1} = decay_n S_n + U_n`` runs over chunks: a
+  ``lax.scan`` (or ``lax.associative_scan``, ``DIAGONAL_SCAN``) of one
+  multiply-add per chunk for diagonal (scalar or per-key) decays, a
+  ``lax.scan`` of one ``[K, K] x [K, V]`` matmul per chunk for the delta rules;
+  then the inter-chunk output ``q_eff S_n`` for all chunks at once. Scratch
+  memory is linear in ``T``: the chunk start states ``[B, H, N, K, V]`` (``K V / C``
+  floats per token and head) and the blocks' residuals (``O(C)`` per token);
+  ``CHECKPOINT_BLOCKS`` recomputes the blocks in the backward pass instead.
+* :func:`chunk_scan`: the previous sequential chunk form: one ``lax.scan`` step
+  per chunk running that chunk's block (one checkpoint per step). Same results;
+  kept as the benchmark baseline (``experiments/bench_linear.py``) and a second
+  reference.
+
+Chunking pads the last chunk with zeros (``g = 0``, ``k = v = q = 0``, ``beta = 0``,
+``a = b = 0``), which leaves the state unchanged.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# State recurrence of diagonal decays over chunks: "scan" (one elementwise multiply-add
+# per chunk) or "associative" (lax.associative_scan: log2(N) passes over all states).
+# On CPU the scan measured faster (experiments/bench_linear.py); "associative" is the
+# choice for accelerators where N sequential steps dominate.
+DIAGONAL_SCAN = "scan"
+# Recompute the blocks in the backward pass (jax.checkpoint) instead of storing their
+# residuals. Scratch is linear in T either way (residuals are O(C) floats per token);
+# on CPU storing them measured ~1.4x faster at 16K at ~the same compiled scratch.
+CHECKPOINT_BLOCKS = False
+
+
+def _heads_first(x):
+    """[B, T, H, ...] -> [B, H, T, ...] (None passes through)."""
+    return None if x is None else jnp.moveaxis(x, 2, 1)
+
+
+def _apply(aff, S):
+    """The block's affine map on its start state ``S [..., K, V]``: ``(o, S_L)``."""
+    o = aff.o + jnp.einsum("...ik,...kv->...iv", aff.q_eff, S)
+    if aff.M is not None:
+        return o, jnp.einsum("...kj,...jv->...kv", aff.M, S) + aff.U
+    return o, (S if aff.decay is None else aff.decay * S) + aff.U
+
+
+def parallel(block, xs, S0):
+    """The whole sequence as one block: quadratic in T (the reference)."""
+    o, S = _apply(block(*map(_heads_first, xs)), S0)
+    return jnp.moveaxis(o, 1, 2), S
+
+
+def recurrent(step, xs, S0):
+    """``lax.scan`` over time: one step per token (also the decoding form)."""
+    S, o = jax.lax.scan(step, S0, tuple(None if x is None else jnp.moveaxis(x, 1, 0)
+                                        for x in xs))  # o [T, B, H, V]
+    return jnp.moveaxis(o, 0, 1), S
+
+
+def _pad_to_chunks(xs, chunk_size):
+    T = xs[0].shape[1]
+    C = max(1, min(chunk_size, T))  # a sequence shorter than a chunk is one chunk
+    N = -(-T // C)
+    pad = N * C - T
+    padded = tuple(None if x is None else
+                   jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) for x in xs)
+    return padded, N, C
+
+
+def _state_starts(aff, S0):
+    """Start state of every chunk ``[B, H, N, K, V]`` and the final state, from the chunks'
+    affine maps ``[B, H, N, ...]``: the only sequential part of the chunk form."""
+    if aff.M is not None:  # delta rules: S_{n+1} = M_n S_n + U_n, one small matmul per chunk
+        def step(S, mu):
+            M, U = mu
+            return jnp.einsum("bhkj,bhjv->bhkv", M, S) + U, S
+
+        S, starts = jax.lax.scan(step, S0, (jnp.moveaxis(aff.M, 2, 0),
+                                            jnp.moveaxis(aff.U, 2, 0)))
+        return jnp.moveaxis(starts, 0, 2), S
+    if aff.decay is None:  # no gate: the states are a running sum
+        ends = S0[:, :, None] + jnp.cumsum(aff.U, axis=2)
+    elif DIAGONAL_SCAN == "associative":  # (d1, U1) then (d2, U2) = (d1 d2, d2 U1 + U2)
+        def combine(x, y):
+            return x[0] * y[0], y[0] * x[1] + y[1]
+
+        d, U = jax.lax.associative_scan(combine, (aff.decay, aff.U), axis=2)
+        ends = d * S0[:, :, None] + U  # [B, H, N, K, V]
+    else:  # one elementwise multiply-add per chunk
+        def step(S, du):
+            return du[0] * S + du[1], S
+
+        S, starts = jax.lax.scan(step, S0, (jnp.moveaxis(aff.decay, 2, 0),
+                                            jnp.moveaxis(aff.U, 2, 0)))
+        return jnp.moveaxis(starts, 0, 2), S
+    starts = jnp.concatenate([S0[:, :, None], ends[:, :, :-1]], axis=2)
+    return starts, ends[:, :, -1]
+
+
+def chunk(block, xs, S0, chunk_size):
+    """The parallel chunk form (module docstring)."""
+    B, T, H = xs[0].shape[:3]
+    xs, N, C = _pad_to_chunks(xs, chunk_size)
+
+    def chunks(x):  # [B, N*C, H, ...] -> [B, H, N, C, ...]
+        if x is None:
+            return None
+        return jnp.moveaxis(x.reshape(B, N, C, *x.shape[2:]), 3, 1)
+
+    if CHECKPOINT_BLOCKS:
+        block = jax.checkpoint(block)
+    aff = block(*map(chunks, xs))  # every chunk at once: [B, H, N, ...]
+    starts, S = _state_starts(aff, S0)
+    o = aff.o + jnp.einsum("bhnck,bhnkv->bhncv", aff.q_eff, starts)  # inter-chunk term
+    o = jnp.moveaxis(o, 1, 3).reshape(B, N * C, H, o.shape[-1])[:, :T]
+    return o, S
+
+
+def chunk_scan(block, xs, S0, chunk_size):
+    """The sequential chunk form: one checkpointed ``lax.scan`` step per chunk (baseline)."""
+    B, T, H = xs[0].shape[:3]
+    xs, N, C = _pad_to_chunks(xs, chunk_size)
+
+    def chunks(x):  # [B, N*C, H, ...] -> [N, B, H, C, ...]
+        if x is None:
+            return None
+        return jnp.moveaxis(jnp.moveaxis(x.reshape(B, N, C, *x.shape[2:]), 1, 0), 3, 2)
+
+    @jax.checkpoint  # keep only the state at each chunk start for the backward pass
+    def body(S, x):
+        o, S = _apply(block(*x), S)
+        return S, o
+
+    S, o = jax.lax.scan(body, S0, tuple(map(chunks, xs)))  # o [N, B, H, C, V]
+    o = jnp.moveaxis(o, 0, 2).reshape(B, H, N * C, o.shape[-1])[:, :, :T]
+    return jnp.moveaxis(o, 1, 2), S
+
+
+# ----------------------------------------------------------------------------
+# Recurrent steps: (S [B, H, K, V], per-token inputs [B, H, ...]) -> (S, o [B, H, V]).
+# ----------------------------------------------------------------------------
+
+
+def _decay(S, g):
+    """``exp(g) * S`` for ``g`` None | ``[B, H]`` | ``[B, H, K]`` (rows of S)."""
+    if g is None:
+        return S
+    return S * jnp.exp(g if g.ndim == 3 else g[..., None])[..., None]
+
+
+def linear_step(S, x):
+    q, k, v, g = x
+    S = _decay(S, g) + k[..., :, None] * v[..., None, :]
+    return S, jnp.einsum("bhk,bhkv->bhv", q, S)
+
+
+def delta_step(S, x):
+    q, k, v, beta, g = x
+    S = _decay(S, g)
+    u = beta[..., None] * (v - jnp.einsum("bhk,bhkv->bhv", k, S))
+    S = S + k[..., :, None] * u[..., None, :]
+    return S, jnp.einsum("bhk,bhkv->bhv", q, S)
+
+
+def rwkv6_step(S, x):
+    r, k, v, w, ruk = x  # ruk [B, H]: sum_d r_d u_d k_d (the bonus)
+    o = jnp.einsum("bhk,bhkv->bhv", r, S) + ruk[..., None] * v
+    return _decay(S, w) + k[..., :, None] * v[..., None, :], o
+
+
+def rwkv7_step(S, x):
+    r, w, k, v, a, b = x
+    ax = jnp.einsum("bhk,bhkv->bhv", a, S)  # a_t S_{t-1}
+    S = _decay(S, w) + b[..., :, None] * ax[..., None, :] + k[..., :, None] * v[..., None, :]
+    return S, jnp.einsum("bhk,bhkv->bhv", r, S)
