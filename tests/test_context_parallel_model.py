@@ -31,10 +31,11 @@ def _grads(model, batch):
 
 
 @pytest.mark.parametrize("extra,collective", [
-    (("model.attention.conv_size=0", "model.attention.context_parallel=ring", "model.n_layers=1"),
+    (("model.attention.conv_size=0", "model.attention.context_parallel=ring",
+      "model.n_layers=1"),
      "collective-permute"),  # every layer full: zigzag order, ring
-    (("model.attention.backend=linear", "model.attention.linear.chunk_size=8", "model.n_layers=1"),
-     "all-gather"),
+    (("model.attention.backend=linear", "model.attention.linear.variant=linear",
+      "model.attention.linear.chunk_size=8", "model.n_layers=1"), "all-gather"),
     (("model.attention.pattern=[linear, full]", "model.attention.context_parallel=all_gather",
       "model.attention.linear.variant=gla", "model.attention.linear.chunk_size=8"),
      "all-gather"),  # hybrid: contiguous split, short convs across device boundaries
