@@ -57,7 +57,7 @@ def test_sequence_sharded_train_step_equals_single_device(extra, collective):
         sharded = {k: jax.device_put(v, shd.batch_sharding(mesh, rules)) for k, v in batch.items()}
         compiled = jax.jit(f).lower(params, sharded).compile()
         loss, g = compiled(params, sharded)
-    assert collective in compiled.as_text()  # the context-parallel path ran, not GSPMD's gathered attention
+    assert collective in compiled.as_text()  # the context-parallel path ran, not GSPMD's
     assert abs(float(loss) - float(loss_ref)) < 1e-5
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(g_ref)[0]]
     for k, a, b in zip(paths, jax.tree.leaves(g), jax.tree.leaves(g_ref)):

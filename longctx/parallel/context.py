@@ -38,7 +38,8 @@ the dual chunk swap of Striped / Llama-3 context parallelism): every device then
 has the same number of visible key blocks (:func:`visited_key_blocks` counts
 them). The public function takes and returns natural order and permutes inside;
 a model that permutes its tokens once per forward passes ``inputs_permuted=True``
-(:func:`zigzag` / :func:`unzigzag`: two ``ppermute``s of half a shard, never a gather). ``T % 2N != 0`` is an error naming ``T``
+(:func:`zigzag` / :func:`unzigzag`: two ``ppermute``s of half a shard, never a
+gather). ``T % 2N != 0`` is an error naming ``T``
 and ``N``. Without load balance device ``i`` holds the contiguous chunk ``i``
 (``T % N == 0`` required).
 """
@@ -520,5 +521,5 @@ def visited_key_blocks(T: int, n: int, *, causal=True, window=None, load_balance
     return counts
 
 
-__all__ = ["STRATEGIES", "active_strategy", "attention", "axis_size", "check_split", "local_positions",
-           "visited_key_blocks", "zigzag", "zigzag_indices", "zigzag_reference", "unzigzag"]
+__all__ = ["STRATEGIES", "active_strategy", "attention", "axis_size", "check_split",
+           "local_positions", "visited_key_blocks", "zigzag", "zigzag_indices", "zigzag_reference", "unzigzag"]
