@@ -31,10 +31,11 @@ def _grads(model, batch):
 
 
 @pytest.mark.parametrize("extra,collective", [
-    (("model.attention.conv_size=0", "model.attention.context_parallel=ring", "model.n_layers=1"),
+    (("model.attention.conv_size=0", "model.attention.context_parallel=ring",
+      "model.n_layers=1"),
      "collective-permute"),  # every layer full: zigzag order, ring
-    (("model.attention.backend=linear", "model.attention.linear.chunk_size=8", "model.n_layers=1"),
-     "all-gather"),
+    (("model.attention.backend=linear", "model.attention.linear.variant=linear",
+      "model.attention.linear.chunk_size=8", "model.n_layers=1"), "all-gather"),
     (("model.attention.pattern=[linear, full]", "model.attention.context_parallel=all_gather",
       "model.attention.linear.variant=gla", "model.attention.linear.chunk_size=8"),
      "all-gather"),  # hybrid: contiguous split, short convs across device boundaries
@@ -56,7 +57,7 @@ def test_sequence_sharded_train_step_equals_single_device(extra, collective):
         sharded = {k: jax.device_put(v, shd.batch_sharding(mesh, rules)) for k, v in batch.items()}
         compiled = jax.jit(f).lower(params, sharded).compile()
         loss, g = compiled(params, sharded)
-    assert collective in compiled.as_text()  # the context-parallel path ran, not GSPMD's gathered attention
+    assert collective in compiled.as_text()  # the context-parallel path ran, not GSPMD's
     assert abs(float(loss) - float(loss_ref)) < 1e-5
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(g_ref)[0]]
     for k, a, b in zip(paths, jax.tree.leaves(g), jax.tree.leaves(g_ref)):

@@ -38,7 +38,8 @@ the dual chunk swap of Striped / Llama-3 context parallelism): every device then
 has the same number of visible key blocks (:func:`visited_key_blocks` counts
 them). The public function takes and returns natural order and permutes inside;
 a model that permutes its tokens once per forward passes ``inputs_permuted=True``
-(:func:`zigzag` / :func:`unzigzag`: two ``ppermute``s of half a shard, never a gather). ``T % 2N != 0`` is an error naming ``T``
+(:func:`zigzag` / :func:`unzigzag`: two ``ppermute``s of half a shard, never a
+gather). ``T % 2N != 0`` is an error naming ``T``
 and ``N``. Without load balance device ``i`` holds the contiguous chunk ``i``
 (``T % N == 0`` required).
 """
@@ -90,16 +91,19 @@ def check_split(T: int, n: int, load_balance: bool) -> None:
 def zigzag_indices(T: int, n: int) -> np.ndarray:
     """``perm [T]``: position ``j`` of the zigzag order holds natural token ``perm[j]``.
 
-    Device ``i`` (its ``T / N`` contiguous slots) holds chunks ``i`` and ``2N-1-i``.
+    Device ``i`` (its ``T / N`` contiguous slots) holds chunks ``i`` and ``2N-1-i``
+    (``2N-1-i`` first on odd devices).
     """
     check_split(T, n, True)
     C = T // (2 * n)
-    order = [c for i in range(n) for c in (i, 2 * n - 1 - i)]
-    return np.concatenate([np.arange(c * C, (c + 1) * C) for c in order])
+    return np.concatenate([np.arange(c * C, (c + 1) * C) for c in _chunks(n)])
 
 
 def _chunks(n):
-    return [c for i in range(n) for c in (i, 2 * n - 1 - i)]
+    """Chunk order of the zigzag layout: device ``i`` holds ``(i, 2N-1-i)``, swapped on odd
+    devices (``(2N-1-i, i)``) so that each of the two ppermutes fills one fixed slot."""
+    return [c for i in range(n) for c in ((i, 2 * n - 1 - i) if i % 2 == 0
+                                          else (2 * n - 1 - i, i))]
 
 
 def zigzag_reference(x, n: int, axis: int = 1):
@@ -122,20 +126,16 @@ def _local_zigzag(x, n, axis_name, t_axis=1, inverse=False):
     """Inside shard_map over ``axis_name``: this device's contiguous tokens <-> its zigzag
     tokens, two ``ppermute``s of half a shard each (no gather of the sequence).
 
-    Device ``i`` receives (perm A, perm B) = (slot 0, slot 1) if ``i`` is even, else
-    (slot 1, slot 0), where slot 0 is chunk ``i`` and slot 1 chunk ``2N-1-i``.
+    Perm A carries the even chunks, which are slot 0 of every device in the zigzag
+    layout (:func:`_chunks`), perm B the odd chunks (slot 1).
     """
     perm_a, perm_b = _zigzag_perms(n)
+    if inverse:
+        perm_a, perm_b = [(b, a) for a, b in perm_a], [(b, a) for a, b in perm_b]
     h0, h1 = jnp.split(x, 2, axis=t_axis)
-    odd = jax.lax.axis_index(axis_name) % 2 == 1
-    if inverse:  # swap the slots back, then send each half along the inverted pair
-        h0, h1 = jnp.where(odd, h1, h0), jnp.where(odd, h0, h1)
-        a = jax.lax.ppermute(h0, axis_name, [(b, a) for a, b in perm_a])
-        b = jax.lax.ppermute(h1, axis_name, [(b, a) for a, b in perm_b])
-        return jnp.concatenate([a, b], axis=t_axis)
     a = jax.lax.ppermute(h0, axis_name, perm_a)
     b = jax.lax.ppermute(h1, axis_name, perm_b)
-    return jnp.concatenate([jnp.where(odd, b, a), jnp.where(odd, a, b)], axis=t_axis)
+    return jnp.concatenate([a, b], axis=t_axis)
 
 
 def _sharded_zigzag(x, axis, inverse):
@@ -159,13 +159,17 @@ def unzigzag(x, axis: str = "sequence"):
 
 
 def local_positions(idx, T: int, n: int, load_balance: bool):
-    """Global token indices ``[T / N]`` int32 of the tokens device ``idx`` holds."""
+    """Global token indices ``[T / N]`` int32 of the tokens device ``idx`` holds
+    (zigzag: chunks ``i`` and ``2N-1-i``, in the order of :func:`_chunks`)."""
     Tl = T // n
     if not load_balance:
         return idx * Tl + jnp.arange(Tl, dtype=jnp.int32)
     C = Tl // 2
     r = jnp.arange(C, dtype=jnp.int32)
-    return jnp.concatenate([idx * C + r, (2 * n - 1 - idx) * C + r])
+    lo, hi = idx, 2 * n - 1 - idx
+    odd = idx % 2 == 1
+    first, second = jnp.where(odd, hi, lo), jnp.where(odd, lo, hi)
+    return jnp.concatenate([first * C + r, second * C + r])
 
 
 # ----------------------------------------------------------------------------
@@ -217,18 +221,22 @@ def _mask(c: _Static, qp, kp, qs, ks):
     return visible(qrow, kp[None, :], causal=c.causal, window=c.window, q_seg=seg_q, k_seg=seg_k)
 
 
-def _fwd_chunk(c: _Static, q, k, v, qpos, kpos, qseg, kseg):
-    """Local queries against one K/V chunk.
+def _fwd_chunk(c: _Static, q, k, v, qpos, kpos, qseg, kseg, o0=None, lse0=None):
+    """Local queries against one K/V chunk, merged into a running result.
 
     ``q [B, K, Tq*G, D]`` grouped rows, ``k, v [B, K, S, D]``, ``qpos [Tq]``, ``kpos [S]``,
     ``qseg [B, Tq]``, ``kseg [B, S]`` (or None) -> ``o [B, K, Tq*G, D]`` float32 (normalised)
-    and ``lse [B, K, Tq*G]`` float32 (``-inf`` for a row that sees no key).
+    and ``lse [B, K, Tq*G]`` float32 (``-inf`` for a row that sees no key). ``o0, lse0``: the
+    result over the keys seen so far (ring steps before), merged by log-sum-exp: the online
+    softmax starts from ``m = lse0, l = 1, acc = o0``. The buffers are updated block by
+    block in place (no stacked copy of ``o``).
     """
     B, K, R, D = q.shape
     rows = c.bq * c.G
     n_q, n_k = R // rows, k.shape[2] // c.bk
 
-    def q_block(i):
+    def q_block(i, out):
+        o_all, lse_all = out
         qi = _sl(q, i, rows, 2)
         qp = _sl(qpos, i, c.bq, 0)
         qs = None if qseg is None else _sl(qseg, i, c.bq, 1)
@@ -253,21 +261,25 @@ def _fwd_chunk(c: _Static, q, k, v, qpos, kpos, qseg, kseg):
             meet = blocks_meet(c.causal, c.window, qp[0], qp[-1], kp[0], kp[-1])
             return jax.lax.cond(meet, compute, lambda x: x, carry)
 
-        init = (jnp.full((B, K, rows), -jnp.inf, jnp.float32),
-                jnp.zeros((B, K, rows), jnp.float32), jnp.zeros((B, K, rows, D), jnp.float32))
+        lse_i = _sl(lse_all, i, rows, 2)
+        init = (lse_i, jnp.isfinite(lse_i).astype(jnp.float32), _sl(o_all, i, rows, 2))
         m, l, acc = jax.lax.fori_loop(0, n_k, kv_step, init)
         o = acc / jnp.where(l == 0, 1.0, l)[..., None]
         lse = jnp.where(l == 0, -jnp.inf, jnp.where(jnp.isfinite(m), m, 0.0) + jnp.log(l))
-        return o, lse
+        return (jax.lax.dynamic_update_slice_in_dim(o_all, o, i * rows, axis=2),
+                jax.lax.dynamic_update_slice_in_dim(lse_all, lse, i * rows, axis=2))
 
-    o, lse = jax.lax.map(q_block, jnp.arange(n_q))  # [n_q, B, K, rows(, D)]
-    return jnp.moveaxis(o, 0, 2).reshape(B, K, R, D), jnp.moveaxis(lse, 0, 2).reshape(B, K, R)
+    if o0 is None:
+        o0 = jnp.zeros((B, K, R, D), jnp.float32)
+        lse0 = jnp.full((B, K, R), -jnp.inf, jnp.float32)
+    return jax.lax.fori_loop(0, n_q, q_block, (o0, lse0))
 
 
-def _bwd_chunk(c: _Static, q, k, v, qpos, kpos, qseg, kseg, lse, delta, do):
+def _bwd_chunk(c: _Static, q, k, v, qpos, kpos, qseg, kseg, lse, delta, do, dq0=None):
     """Gradients of the local queries against one chunk, given the *global* ``lse``
     (``+inf`` for empty rows) and ``delta = rowsum(dO * O)`` (FlashAttention-2, Alg. 2).
-    Returns ``dq [B, K, R, D]``, ``dk, dv [B, K, S, D]``, all float32."""
+    Returns ``dq [B, K, R, D]`` (added to ``dq0``, in place), ``dk, dv [B, K, S, D]``, all
+    float32."""
     B, K, R, D = q.shape
     rows = c.bq * c.G
     n_q, n_k = R // rows, k.shape[2] // c.bk
@@ -305,20 +317,11 @@ def _bwd_chunk(c: _Static, q, k, v, qpos, kpos, qseg, kseg, lse, delta, do):
         dq, dk, dv = jax.lax.fori_loop(0, n_q, q_step, (dq, zeros, zeros))
         return dq, (dk, dv)
 
-    dq, (dk, dv) = jax.lax.scan(kv_block, jnp.zeros((B, K, R, D), jnp.float32), jnp.arange(n_k))
+    dq0 = jnp.zeros((B, K, R, D), jnp.float32) if dq0 is None else dq0
+    dq, (dk, dv) = jax.lax.scan(kv_block, dq0, jnp.arange(n_k))
     S = k.shape[2]
     return (dq, jnp.moveaxis(dk, 0, 2).reshape(B, K, S, D),
             jnp.moveaxis(dv, 0, 2).reshape(B, K, S, D))
-
-
-def _merge(o_a, lse_a, o_b, lse_b):
-    """Two normalised partial results over disjoint keys -> their union (by log-sum-exp)."""
-    m = jnp.maximum(lse_a, lse_b)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    wa, wb = jnp.exp(lse_a - m), jnp.exp(lse_b - m)
-    w = wa + wb
-    o = (o_a * wa[..., None] + o_b * wb[..., None]) / jnp.where(w == 0, 1.0, w)[..., None]
-    return o, m + jnp.log(w)
 
 
 def _bwd_lse(lse):
@@ -348,8 +351,7 @@ def _ring_fwd_impl(c: _Static, q, k, v, qpos, qseg, kseg):
 
     def step(carry, s):  # attend to the chunk held, then pass it on
         o, lse, k, v, kseg = carry
-        o_s, lse_s = _fwd_chunk(c, q, k, v, qpos, _source_positions(c, s), qseg, kseg)
-        o, lse = _merge(o, lse, o_s, lse_s)
+        o, lse = _fwd_chunk(c, q, k, v, qpos, _source_positions(c, s), qseg, kseg, o, lse)
         k, v, kseg = _rotate(c, k, v, kseg)
         return (o, lse, k, v, kseg), None
 
@@ -357,8 +359,7 @@ def _ring_fwd_impl(c: _Static, q, k, v, qpos, qseg, kseg):
             k, v, kseg)
     # N - 1 steps that rotate, then the last chunk without a rotation after it.
     (o, lse, k, v, kseg), _ = jax.lax.scan(step, init, jnp.arange(c.n - 1))
-    o_s, lse_s = _fwd_chunk(c, q, k, v, qpos, _source_positions(c, c.n - 1), qseg, kseg)
-    o, lse = _merge(o, lse, o_s, lse_s)
+    o, lse = _fwd_chunk(c, q, k, v, qpos, _source_positions(c, c.n - 1), qseg, kseg, o, lse)
     return o.astype(q.dtype), lse
 
 
@@ -377,21 +378,21 @@ def _ring_bwd(c, res, do):
     lse = _bwd_lse(lse)
     delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
 
-    def grads(s, k, v, kseg):
-        return _bwd_chunk(c, q, k, v, qpos, _source_positions(c, s), qseg, kseg, lse, delta, do)
+    def grads(s, k, v, kseg, dq):
+        return _bwd_chunk(c, q, k, v, qpos, _source_positions(c, s), qseg, kseg, lse, delta, do,
+                          dq)
 
     def step(carry, s):  # dK/dV accumulators travel with the chunk they belong to
         dq, k, v, kseg, dk, dv = carry
-        dq_s, dk_s, dv_s = grads(s, k, v, kseg)
+        dq, dk_s, dv_s = grads(s, k, v, kseg, dq)
         k, v, kseg, dk, dv = _rotate(c, k, v, kseg, dk + dk_s, dv + dv_s)
-        return (dq + dq_s, k, v, kseg, dk, dv), None
+        return (dq, k, v, kseg, dk, dv), None
 
     init = (jnp.zeros(q.shape, jnp.float32), k, v, kseg,
             jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
     (dq, k, v, kseg, dk, dv), _ = jax.lax.scan(step, init, jnp.arange(c.n - 1))
-    dq_s, dk_s, dv_s = grads(c.n - 1, k, v, kseg)
+    dq, dk_s, dv_s = grads(c.n - 1, k, v, kseg, dq)
     dk, dv = _rotate(c, dk + dk_s, dv + dv_s)  # the N-th hop: the accumulators arrive home
-    dq = dq + dq_s
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None
 
 
@@ -520,5 +521,5 @@ def visited_key_blocks(T: int, n: int, *, causal=True, window=None, load_balance
     return counts
 
 
-__all__ = ["STRATEGIES", "active_strategy", "attention", "axis_size", "check_split", "local_positions",
-           "visited_key_blocks", "zigzag", "zigzag_indices", "zigzag_reference", "unzigzag"]
+__all__ = ["STRATEGIES", "active_strategy", "attention", "axis_size", "check_split",
+           "local_positions", "visited_key_blocks", "zigzag", "zigzag_indices", "zigzag_reference", "unzigzag"]
