@@ -10,6 +10,8 @@ flash-linear-attention::
                          output_final_state=False, normalize=False, chunk_size=64,
                          form="chunk")                        # -> (o, final_state)
     ops.delta_rule(q, k, v, beta, *, g=None, ...)             # -> (o, final_state)
+    ops.rwkv6(r, k, v, w, u, *, scale=None, initial_state=None, ...)   # -> (o, final_state)
+    ops.rwkv7(r, w, k, v, a, b, *, scale=None, initial_state=None, ...)
 
 Each lives with its backend (``longctx/backends/<name>/ops.py``), its reference
 beside its fast forms.
@@ -17,6 +19,7 @@ beside its fast forms.
 
 from longctx.backends.full.ops import attention, flash_attention, reference_attention
 from longctx.backends.linear.ops import delta_rule, linear_attention
+from longctx.backends.linear.rwkv import rwkv6, rwkv7
 
 __all__ = ["attention", "delta_rule", "flash_attention", "linear_attention",
-           "reference_attention"]
+           "reference_attention", "rwkv6", "rwkv7"]
