@@ -15,9 +15,9 @@ import pytest
 
 from longctx import ops
 
-jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0},
-                        static_argnames=("form",))
-B, T, H, K, V, CHUNK = 1, 45, 2, 8, 6, 16
+# LLVM at -O0 compiles these small graphs faster; machine code only, same XLA graph.
+jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+B, T, H, K, V, CHUNK = 1, 21, 2, 8, 6, 8
 
 
 def np_rwkv6(r, k, v, w, u, S, scale):
@@ -82,7 +82,7 @@ def test_forms_match_float64_loop_outputs_states_and_gradients(op):
                          K ** -0.5)
     grads = {}
     for form in ("naive", "recurrent", "chunk"):
-        (_, (o, S)), g = jax.jit(jax.value_and_grad(_loss(op, form), has_aux=True))(x, ct)
+        (_, (o, S)), g = jit(jax.value_and_grad(_loss(op, form), has_aux=True))(x, ct)
         np.testing.assert_allclose(o, o64, rtol=2e-4, atol=2e-4, err_msg=f"{op} {form} o")
         np.testing.assert_allclose(S, S64, rtol=2e-4, atol=2e-4, err_msg=f"{op} {form} S")
         grads[form] = g
@@ -95,10 +95,10 @@ def test_forms_match_float64_loop_outputs_states_and_gradients(op):
 
 @pytest.mark.parametrize("op", ["rwkv6", "rwkv7"])
 def test_strong_decay_long_sequence_finite(op):
-    x = _inputs(op, T=4100, seed=1)
+    x = _inputs(op, T=4097, seed=1)
     x["w"] = jnp.full_like(x["w"], -8.0)
-    (_, (o, S)), g = jax.jit(jax.value_and_grad(_loss(op, "chunk"), has_aux=True))(
-        x, (jnp.ones((B, 4100, H, V)), jnp.ones((B, H, K, V))))
+    (_, (o, S)), g = jit(jax.value_and_grad(_loss(op, "chunk"), has_aux=True))(
+        x, (jnp.ones((B, 4097, H, V)), jnp.ones((B, H, K, V))))
     for y in (o, S, *jax.tree.leaves(g)):
         assert bool(jnp.all(jnp.isfinite(y)))
     # with exp(-8) per step the state forgets: the last output depends on the last tokens
