@@ -113,7 +113,7 @@ def test_packed_documents_do_not_see_each_other(variant="gated_deltanet"):
 @pytest.mark.parametrize("override,match", [
     ("model.attention.linear.variant=mamba",
      r"variant='mamba'; expected one of \('linear', 'retnet', 'gla', 'deltanet', "
-     r"'gated_deltanet', 'kda'\)"),
+     r"'gated_deltanet'"),
     ("model.attention.linear.feature_map=tanh", r"feature_map='tanh'; expected null or one of"),
     ("model.attention.linear.chunk_size=0", r"chunk_size=0"),
     ("model.attention.linear.normalize=true", r"normalize=true needs .*variant='gated_deltanet'"),

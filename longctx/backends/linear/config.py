@@ -14,15 +14,18 @@ VARIANTS = {
     "deltanet": "silu",
     "gated_deltanet": "silu",
     "kda": "silu",
+    "rwkv6": "identity",  # RWKV variants: no feature map, token shift instead of the conv
+    "rwkv7": "identity",
 }
 DELTA_VARIANTS = ("deltanet", "gated_deltanet", "kda")
+RWKV_VARIANTS = ("rwkv6", "rwkv7")  # longctx.backends.linear.rwkv_mixer
 FEATURE_MAPS = ("identity", "elu1", "relu", "silu")
 GATE_BIAS_INITS = ("zero", "retnet")
 
 
 @dataclass(frozen=True)
 class LinearConfig:
-    variant: str = "gated_deltanet"  # linear | retnet | gla | deltanet | gated_deltanet | kda
+    variant: str = "gated_deltanet"  # linear|retnet|gla|deltanet|gated_deltanet|kda|rwkv6|rwkv7
     feature_map: str | None = None  # on q, k: identity | elu1 | relu | silu; None: variant default
     chunk_size: int = 64  # tokens per chunk of the chunkwise-parallel form
     conv_size: int = 4  # short causal depthwise conv on q, k, v (its tail is state); 0: off
@@ -37,6 +40,9 @@ class LinearConfig:
     gate_bias_init: str = "zero"
     output_norm: bool = True  # RMSNorm over each head's output
     output_gate: bool = True  # o * silu(x W_gate) before the output projection
+    # rwkv6 | rwkv7: rank of the LoRAs (token shift, decay, in-context rate, gate); these
+    # variants ignore feature_map, conv_size, output_norm, output_gate (they have their own)
+    rwkv_low_rank: int = 32
 
     @property
     def resolved_feature_map(self) -> str:
@@ -64,6 +70,11 @@ class LinearConfig:
                 and self.gate_normalizer > 0,
                 f"{prefix}.key_dim={self.key_dim}, value_dim={self.value_dim} must be >= 1 or "
                 f"null, gate_normalizer={self.gate_normalizer} > 0")
+        require(self.rwkv_low_rank >= 1,
+                f"{prefix}.rwkv_low_rank={self.rwkv_low_rank} must be >= 1")
+        require(self.variant not in RWKV_VARIANTS or self.feature_map is None,
+                f"{prefix}.feature_map={self.feature_map!r}: variant {self.variant!r} "
+                f"takes no feature map (expected null)")
         require(not self.normalize or self.normalize_ok,
                 f"{prefix}.normalize=true needs variant linear | retnet | gla and a "
                 f"non-negative feature map (elu1 | relu); got variant={self.variant!r}, "

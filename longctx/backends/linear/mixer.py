@@ -64,7 +64,8 @@ from flax import nnx
 
 from longctx.backends.base import Mixer, MixerDims
 from longctx.backends.linear import ops as linear_ops
-from longctx.backends.linear.config import DELTA_VARIANTS, LinearConfig
+from longctx.backends.linear.config import DELTA_VARIANTS, RWKV_VARIANTS, LinearConfig
+from longctx.backends.linear.rwkv_mixer import RWKVMixer
 from longctx.layers import DTYPES, causal_conv, param
 from longctx.parallel import context, context_linear
 
@@ -165,7 +166,10 @@ class LinearAttention(Mixer):
             rngs, (E, H, V), ("embed", "heads", "head_dim"), std=std))
 
     @classmethod
-    def from_config(cls, dims: MixerDims, attention, *, rngs: nnx.Rngs) -> "LinearAttention":
+    def from_config(cls, dims: MixerDims, attention, *, rngs: nnx.Rngs) -> Mixer:
+        if attention.section("linear").variant in RWKV_VARIANTS:  # their own layer
+            return RWKVMixer(dims, attention.section("linear"), rngs=rngs,
+                             context_parallel=attention.context_parallel)
         return cls(dims, attention.section("linear"), rngs=rngs,
                    context_parallel=attention.context_parallel)
 
