@@ -20,6 +20,8 @@ VARIANTS = {
 DELTA_VARIANTS = ("deltanet", "gated_deltanet", "kda")
 RWKV_VARIANTS = ("rwkv6", "rwkv7")  # longctx.backends.linear.rwkv_mixer
 FEATURE_MAPS = ("identity", "elu1", "relu", "silu")
+# form of a multi-token segment (see longctx.backends.linear.ops.segment_form)
+SEGMENT_FORMS = ("auto", "chunk", "chunk_scan", "pallas")
 GATE_BIAS_INITS = ("zero", "retnet")
 
 
@@ -28,6 +30,7 @@ class LinearConfig:
     variant: str = "gated_deltanet"  # linear|retnet|gla|deltanet|gated_deltanet|kda|rwkv6|rwkv7
     feature_map: str | None = None  # on q, k: identity | elu1 | relu | silu; None: variant default
     chunk_size: int = 64  # tokens per chunk of the chunkwise-parallel form
+    form: str = "auto"  # auto | chunk (parallel) | chunk_scan (sequential) | pallas
     conv_size: int = 4  # short causal depthwise conv on q, k, v (its tail is state); 0: off
     key_dim: int | None = None  # per-head key dim K; None: model head_dim
     value_dim: int | None = None  # per-head value dim V; None: model head_dim
@@ -60,6 +63,8 @@ class LinearConfig:
         require(self.feature_map is None or self.feature_map in FEATURE_MAPS,
                 f"{prefix}.feature_map={self.feature_map!r}; expected null or one of "
                 f"{FEATURE_MAPS}")
+        require(self.form in SEGMENT_FORMS,
+                f"{prefix}.form={self.form!r}; expected one of {SEGMENT_FORMS}")
         require(self.gate_bias_init in GATE_BIAS_INITS,
                 f"{prefix}.gate_bias_init={self.gate_bias_init!r}: expected one of "
                 f"{GATE_BIAS_INITS}")

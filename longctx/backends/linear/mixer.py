@@ -258,7 +258,8 @@ class LinearAttention(Mixer):
                                  jnp.ones(v.shape[:-1] + (1,), jnp.float32)], axis=-1)
         kw = dict(g=g, initial_state=None if state is None else state["S"],
                   output_final_state=state is not None, chunk_size=lin.chunk_size,
-                  form="recurrent" if state is not None and S == 1 else "chunk")
+                  form="recurrent" if state is not None and S == 1
+                  else linear_ops.segment_form(lin.form))
         ops = linear_ops
         if state is None and context.active_strategy(self.context_parallel) is not None:
             ops = context_linear  # the sequence is split over `sequence`: state passing

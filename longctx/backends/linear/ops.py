@@ -80,12 +80,16 @@ Gradients are plain JAX autodiff of these forms (no custom VJP).
 from __future__ import annotations
 
 import functools
+import logging
 
+import jax
 import jax.numpy as jnp
 
 from longctx.backends.linear import blocks, forms
 from longctx.kernels import delta_rule as pallas_delta
 from longctx.kernels import linear_attention as pallas_linear
+
+log = logging.getLogger(__name__)
 
 FORMS = ("chunk", "recurrent", "parallel")
 BASELINE_FORMS = ("chunk_scan",)  # the sequential chunk form (benchmark baseline)
@@ -152,6 +156,27 @@ def _run(form, block, step, xs, S0, chunk_size):
         return forms.recurrent(step, xs, S0)
     run = forms.chunk_scan if form == "chunk_scan" else forms.chunk
     return run(functools.partial(block, sub=GLA_SUBCHUNK), xs, S0, chunk_size)
+
+
+_FORM_LOGGED: set = set()
+
+
+def segment_form(form: str) -> str:
+    """``model.attention.linear.form`` -> the form the mixers run a multi-token segment with.
+
+    ``auto``: ``chunk_scan`` (chunks one after another) on CPU, where it measured faster
+    than the parallel ``chunk`` form (0.53-0.74x for ``chunk`` at 16K-64K,
+    ``python -m experiments.bench_linear``: the batched form streams ``[N, C, C]``
+    tensors through memory, the scan keeps one chunk in cache); ``chunk`` on GPU / TPU,
+    where all chunks' matmuls in one batch is the point. Logged once per choice.
+    """
+    if form != "auto":
+        return form
+    chosen = "chunk_scan" if jax.default_backend() == "cpu" else "chunk"
+    if chosen not in _FORM_LOGGED:
+        _FORM_LOGGED.add(chosen)
+        log.info("linear attention: form=auto runs %r on %s", chosen, jax.default_backend())
+    return chosen
 
 
 def _start_state(S0, B, H, K, V):

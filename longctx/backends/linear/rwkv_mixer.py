@@ -173,7 +173,8 @@ class RWKVMixer(Mixer):
                                         self.decay2[...])  # [B, S, H, K] float32
         kw = dict(scale=1.0, initial_state=None if state is None else state["S"],
                   output_final_state=state is not None, chunk_size=self.lin.chunk_size,
-                  form="recurrent" if state is not None and S == 1 else "chunk")
+                  form="recurrent" if state is not None and S == 1
+                  else linear_ops.segment_form(self.lin.form))
         if not self.v7:
             w = -jnp.exp(d_w)
             o, S_new = linear_ops.rwkv6(r, k, v, w, self.u[...], **kw)
