@@ -191,3 +191,27 @@ def test_bfloat16_checkpoint_loads(tmp_path):
     ref_f32 = ref.float().eval()
     logits, _ = model(PROMPTS[7])
     _close(np.asarray(logits), _torch_logits(ref_f32, PROMPTS[7]))
+
+
+def test_convert_cli_round_trip_trains_and_resumes(tmp_path):
+    """--from-hf writes a run the trainer resumes (one step); --to-hf exports what HF loads."""
+    from longctx import convert
+    from longctx.config import load_config
+    from longctx.train.loop import train
+
+    src = _tiny_llama(tmp_path / "src")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(src).eval()
+    run = str(tmp_path / "run")
+    convert.main(["--from-hf", src, "--run-dir", run, "--no-progress", "train.batch_size=8",
+                  "train.steps=1", "train.tensorboard=false", "checkpoint.async_save=false",
+                  "data.seq_len=32", "mesh.ici={fsdp: 2, data: -1}", "optim.warmup_steps=0",
+                  "optim.lr=0.01"])
+    convert.main(["--to-hf", run, "--out", str(tmp_path / "step0"), "--no-progress"])
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "step0")).eval()
+    _close(_torch_logits(back, PROMPTS[600]), _torch_logits(ref, PROMPTS[600]))
+    cfg = load_config(os.path.join(run, "config.yaml"))
+    final = train(cfg, progress=False)  # resumes step 0, trains step 1, saves it
+    assert final["status"] == "done" and np.isfinite(final["loss"])
+    convert.to_hf(run, str(tmp_path / "step1"), progress=False)
+    moved = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "step1")).eval()
+    assert not np.allclose(_torch_logits(moved, PROMPTS[7]), _torch_logits(ref, PROMPTS[7]))
