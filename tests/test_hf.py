@@ -215,3 +215,28 @@ def test_convert_cli_round_trip_trains_and_resumes(tmp_path):
     convert.to_hf(run, str(tmp_path / "step1"), progress=False)
     moved = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "step1")).eval()
     assert not np.allclose(_torch_logits(moved, PROMPTS[7]), _torch_logits(ref, PROMPTS[7]))
+
+
+def test_rope_scaling_section_and_interleaved_layout_export(tmp_path):
+    """The float ``model.rope_scaling`` still means linear interpolation; a typo fails; a model
+    with interleaved RoPE exports (q/k permuted) to a rotate-half HF model with equal logits."""
+    from longctx.config import load_config
+
+    s = load_config(None, ["model.rope_scaling=4"]).model.rope_scaling
+    assert (s.type, s.factor) == ("linear", 4.0)
+    with pytest.raises(ConfigError, match="model.rope_scaling.type='ntk'"):
+        load_config(None, ["model.rope_scaling.type=ntk"])
+    with pytest.raises(ConfigError, match="original_max_position_embeddings"):
+        load_config(None, ["model.rope_scaling.type=yarn"])
+    m = load_config(None, ["model.vocab_size=128", "model.d_model=32", "model.n_layers=1",
+                           "model.rope_layout=interleaved", "model.attention.qk_norm=true",
+                           "model.init_std=0.2", "model.tie_embeddings=false",
+                           "model.rope_scaling={type: yarn, factor: 4, "
+                           "original_max_position_embeddings: 64}"]).model
+    model = build_model(m, rngs=nnx.Rngs(0))
+    for blk in model.blocks:  # non-trivial q/k norm scales, so their permutation is tested
+        blk.mixer.q_norm.scale[...] = jax.random.uniform(jax.random.key(1), (8,)) + 0.5
+    out = hf.save(model, m, str(tmp_path / "out"))
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(back).__name__ == "Qwen3ForCausalLM"
+    _close(_torch_logits(back, PROMPTS[600]), np.asarray(model(PROMPTS[600])[0]))
