@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from longctx.config import Config, ModelConfig
 from longctx.hf.config import architecture, choose_architecture, from_hf_config, to_hf_config
-from longctx.hf.mapping import IGNORED_SUFFIXES, table, hf_shapes
+from longctx.hf.mapping import IGNORED_SUFFIXES, hf_shapes, table
 from longctx.model import build_model
 from longctx.model.layout import from_per_layer, to_per_layer
 from longctx.parallel import sharding as shd
@@ -118,14 +118,6 @@ def _read(file: str, name: str, st_dtype: str) -> np.ndarray:
 # ----------------------------------------------------------------------------
 # Load
 # ----------------------------------------------------------------------------
-
-
-def _flat(tree, prefix=()):
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            yield from _flat(v, prefix + (k,))
-        else:
-            yield prefix + (k,), v
 
 
 def _set(tree, path, value):
