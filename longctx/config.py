@@ -43,10 +43,12 @@ from longctx.errors import ConfigError, require
 from longctx.inherit.config import InheritConfig
 from longctx.moe.config import MoEConfig
 from longctx.parallel.axes import DEFAULT_RULES, LOGICAL_AXES, MESH_AXES
+from longctx.rope_config import ROPE_LAYOUTS, RopeScalingConfig
 
 __all__ = ["AttentionConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig",
            "FullConfig", "InheritConfig", "LinearConfig", "MeshConfig", "ModelConfig", "MoEConfig",
-           "OptimConfig", "RecurrentConfig", "TrainConfig", "load_config", "with_overrides"]
+           "OptimConfig", "RecurrentConfig", "RopeScalingConfig", "TrainConfig", "load_config",
+           "with_overrides"]
 
 
 # ----------------------------------------------------------------------------
@@ -103,7 +105,9 @@ class ModelConfig:
     bptt_segments: int = 0  # truncate gradients through carried state every N segments; 0: never
     tie_embeddings: bool = True  # LM head = embedding^T
     rope_theta: float = 10_000.0
-    rope_scaling: float = 1.0  # position interpolation (Chen et al. 2023): positions / factor
+    # RoPE scaling as HF defines it (longctx/rope_config.py); a number f = {type: linear, factor: f}
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    rope_layout: str = "half"  # half (rotate-half: GPT-NeoX, HF) | interleaved (GPT-J, Meta)
     norm_eps: float = 1e-6
     init_std: float = 0.02
     dtype: str = "float32"  # compute dtype (params stay float32): float32 | bfloat16
@@ -247,6 +251,8 @@ def _coerce(value, tp, key: str):
             raise ConfigError(f"{key}={value!r}: expected a list")
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict) and hasattr(tp, "from_scalar"):  # shorthand for a section
+            return tp.from_scalar(value, key)
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping (section), got {value!r}")
         return _from_dict(tp, value, prefix=key + ".")
@@ -389,7 +395,9 @@ def validate_model(m: ModelConfig, *, seq_len: int | None = None) -> None:
              f"head_dim={m.resolved_head_dim} must be even (RoPE rotates pairs)")
     _require(m.segment_len >= 0, f"model.segment_len={m.segment_len} must be >= 0")
     _require(m.bptt_segments >= 0, f"model.bptt_segments={m.bptt_segments} must be >= 0")
-    _require(m.rope_scaling > 0, f"model.rope_scaling={m.rope_scaling} must be > 0")
+    m.rope_scaling.validate()
+    _require(m.rope_layout in ROPE_LAYOUTS,
+             f"model.rope_layout={m.rope_layout!r}; expected one of {ROPE_LAYOUTS}")
     _require(m.dtype in COMPUTE_DTYPES, f"model.dtype={m.dtype!r}; expected one of {COMPUTE_DTYPES}")
     _require(m.remat in REMAT_POLICIES, f"model.remat={m.remat!r}; expected one of {REMAT_POLICIES}")
     a = m.attention

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from longctx.rope import rope  # noqa: F401 (re-exported: RoPE lives in longctx.rope)
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -31,9 +33,9 @@ def param(rngs: nnx.Rngs, shape, axes, *, std=None, value=None) -> nnx.Param:
 class RMSNorm(nnx.Module):
     """x / rms(x) * scale (Zhang & Sennrich 2019), computed in float32."""
 
-    def __init__(self, dim: int, *, eps: float = 1e-6, rngs: nnx.Rngs):
-        self.eps = eps
-        self.scale = param(rngs, (dim,), ("embed",), value=jnp.ones((dim,), jnp.float32))
+    def __init__(self, dim: int, *, eps: float = 1e-6, axis: str = "embed", rngs: nnx.Rngs):
+        self.eps = eps  # `axis`: logical name of the normalised dimension (q/k norm: head_dim)
+        self.scale = param(rngs, (dim,), (axis,), value=jnp.ones((dim,), jnp.float32))
 
     def __call__(self, x):
         xf = x.astype(jnp.float32)
@@ -71,24 +73,6 @@ class Embed(nnx.Module):
     def attend(self, x):  # [B, S, E] -> [B, S, V] float32
         return jnp.einsum("bse,ve->bsv", x, self.embedding[...].astype(x.dtype),
                           preferred_element_type=jnp.float32)
-
-
-def rope(x, positions, *, theta: float = 10_000.0, scaling: float = 1.0):
-    """Rotary position embedding (Su et al. 2021) on ``x [B, S, H, D]``.
-
-    ``positions [B, S]`` are absolute token positions (they continue across
-    segments and decode steps). ``scaling > 1`` is position interpolation (Chen
-    et al. 2023): positions are divided by the factor so that a model trained at
-    length L can be run at ``scaling * L`` within its trained angle range.
-    Rotates the two halves of the head dimension (the GPT-NeoX / LLaMA layout).
-    """
-    D = x.shape[-1]
-    inv_freq = theta ** (-jnp.arange(0, D, 2, dtype=jnp.float32) / D)  # [D/2]
-    angles = (positions.astype(jnp.float32) / scaling)[..., None] * inv_freq  # [B, S, D/2]
-    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
 
 
 def causal_conv(x, w, tail, seg=None):

@@ -60,6 +60,7 @@ def mixer_dims(cfg: ModelConfig) -> MixerDims:
                      head_dim=cfg.resolved_head_dim, dtype=cfg.dtype, init_std=cfg.init_std,
                      out_std=cfg.init_std / (2 * cfg.n_layers) ** 0.5,
                      rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling,
+                     rope_layout=cfg.rope_layout, norm_eps=cfg.norm_eps,
                      max_seq_len=cfg.max_seq_len, segment_len=cfg.segment_len)
 
 

@@ -1,7 +1,7 @@
 """Config section of exact softmax attention (jax-free).
 
 Its keys sit directly under ``model.attention`` (``model.attention.impl``,
-``block_q``, ``block_k``, ``window``, ``conv_size``): they configure every layer
+``block_q``, ``block_k``, ``window``, ``conv_size``, ``qkv_bias``, ``out_bias``, ``qk_norm``): they configure every layer
 that runs exact attention, i.e. the ``full`` layers and the local attention of
 the ``recurrent`` layers (which builds on ``full``).
 """
@@ -33,6 +33,12 @@ class FullConfig:
     # device the same. Used only when every layer is `full` with conv_size 0 (recurrences and
     # convolutions need natural order); otherwise the split is contiguous.
     cp_load_balance: bool = True
+    # Pretrained architectures (longctx.hf): biases of the q/k/v projections (Qwen2; Llama's
+    # attention_bias sets both), of the output projection, and an RMSNorm over head_dim on q and
+    # k before RoPE (Qwen3, eps model.norm_eps). Every layer of exact attention has them.
+    qkv_bias: bool = False
+    out_bias: bool = False
+    qk_norm: bool = False
 
     def validate(self, prefix: str = "model.attention") -> None:
         require(self.impl in IMPLS, f"{prefix}.impl={self.impl!r}; expected one of {IMPLS}")

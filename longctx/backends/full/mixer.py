@@ -35,7 +35,7 @@ from flax import nnx
 from longctx.backends.base import Mixer, MixerDims, causal_pairs
 from longctx.backends.full import ops as full_attention
 from longctx.backends.full.config import FullConfig
-from longctx.layers import DTYPES, causal_conv, param, rope
+from longctx.layers import DTYPES, RMSNorm, causal_conv, param, rope
 from longctx.parallel import context
 
 
@@ -50,6 +50,7 @@ class FullAttention(Mixer):
         self.dtype = DTYPES[dims.dtype]
         self.attn = cfg  # frozen dataclass: static
         self.rope_theta, self.rope_scaling = dims.rope_theta, dims.rope_scaling
+        self.rope_layout = dims.rope_layout
         self.cache_len = dims.max_seq_len
         E, H, K = dims.d_model, dims.n_heads, dims.n_kv_heads
         std, out_std = dims.init_std, dims.out_std
@@ -67,6 +68,19 @@ class FullAttention(Mixer):
                          value=jnp.zeros((W, heads, D), jnp.float32).at[-1].set(1.0))
 
         self.conv_q, self.conv_k, self.conv_v = conv(H), conv(K), conv(K)
+
+        # Pretrained architectures: projection biases (zeros; flat [heads * head_dim] so that the
+        # optimizer's ndim rule keeps weight decay off them, split over heads like q, k, v) and
+        # q/k RMSNorm over head_dim (Qwen3). Constants: the rng stream is unchanged.
+        def bias(n, axis):
+            return param(rngs, (n,), (axis,), value=jnp.zeros((n,), jnp.float32))
+
+        none = nnx.data(None)
+        self.bq, self.bk, self.bv = ((bias(H * D, "heads"), bias(K * D, "kv_heads"),
+                                      bias(K * D, "kv_heads")) if cfg.qkv_bias else (none,) * 3)
+        self.bo = bias(E, "embed") if cfg.out_bias else none
+        norm = (lambda: RMSNorm(D, eps=dims.norm_eps, axis="head_dim", rngs=rngs))
+        self.q_norm, self.k_norm = (norm(), norm()) if cfg.qk_norm else (none, none)
 
     @classmethod
     def from_config(cls, dims: MixerDims, attention, *, rngs: nnx.Rngs) -> "FullAttention":
@@ -106,12 +120,18 @@ class FullAttention(Mixer):
         return state
 
     def _project(self, x):
-        """``x [B, S, E]`` -> ``q [B, S, H, D]``, ``k, v [B, S, K, D]`` (projections only)."""
+        """``x [B, S, E]`` -> ``q [B, S, H, D]``, ``k, v [B, S, K, D]`` (projections, their
+        biases and q/k norm where configured; no position)."""
         dt = self.dtype
         x = x.astype(dt)
         q = jnp.einsum("bse,ehd->bshd", x, self.wq[...].astype(dt))
         k = jnp.einsum("bse,ehd->bshd", x, self.wk[...].astype(dt))
         v = jnp.einsum("bse,ehd->bshd", x, self.wv[...].astype(dt))
+        if self.bq is not None:
+            q, k, v = (t + b[...].astype(dt).reshape(t.shape[2:])
+                       for t, b in ((q, self.bq), (k, self.bk), (v, self.bv)))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
 
     def _qkv(self, x, positions, state, segment_ids):
@@ -122,12 +142,13 @@ class FullAttention(Mixer):
         if self.conv_size:
             q, k, v, conv_state = self._conv(q, k, v, state, segment_ids)
         q0, k0 = q, k
-        q = rope(q, positions, theta=self.rope_theta, scaling=self.rope_scaling)
-        k = rope(k, positions, theta=self.rope_theta, scaling=self.rope_scaling)
+        q = rope(q, positions, theta=self.rope_theta, scaling=self.rope_scaling,
+                 layout=self.rope_layout)
+        k = rope(k, positions, theta=self.rope_theta, scaling=self.rope_scaling,
+                 layout=self.rope_layout)
         return q, k, v, q0, k0, conv_state
 
     def __call__(self, x, *, positions, state=None, segment_ids=None):
-        dt = self.dtype
         q, k, v, _, _, conv_state = self._qkv(x, positions, state, segment_ids)
         a = self.attn
         strategy = context.active_strategy(a.context_parallel)
@@ -147,8 +168,13 @@ class FullAttention(Mixer):
             o, new_state = self._cached(q, k, v, positions, state, segment_ids)
             if conv_state is not None:
                 new_state["conv"] = conv_state
+        return self._out(o), new_state
+
+    def _out(self, o):
+        """Output projection ``o [B, S, H, D] -> [B, S, E]`` (+ its bias where configured)."""
+        dt = self.dtype
         y = jnp.einsum("bshd,hde->bse", o, self.wo[...].astype(dt))
-        return y, new_state
+        return y if self.bo is None else y + self.bo[...].astype(dt)
 
     def _conv(self, q, k, v, state, segment_ids):
         B, S = q.shape[:2]

@@ -217,7 +217,7 @@ class RecurrentAttention(FullAttention):
                 new_state["conv"] = conv_state
             if stateless:
                 new_state = None
-        y = jnp.einsum("bshd,hde->bse", o, self.wo[...].astype(dt))
+        y = self._out(o)
         if Mt:  # back to the caller's layout [read ; segment ; write]
             y = jnp.concatenate([y[:, S:S + Mt], y[:, :S], y[:, S + Mt:]], axis=1)
         return y, new_state

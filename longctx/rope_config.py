@@ -1,0 +1,75 @@
+"""Config section of RoPE scaling, ``model.rope_scaling`` (jax-free).
+
+The types are Hugging Face's (``transformers.modeling_rope_utils``), with the
+same parameter names and defaults, so that a checkpoint's ``rope_parameters``
+(``rope_scaling`` before transformers 5) map one to one:
+
+* ``none``: plain RoPE, ``inv_freq_i = theta^(-2i/D)``.
+* ``linear``: position interpolation (Chen et al. 2023), ``inv_freq / factor``.
+* ``dynamic``: dynamic NTK (bloc97 / emozilla): when the sequence (max position
+  + 1 of the call) exceeds ``original_max_position_embeddings = L``, ``theta``
+  becomes ``theta * (factor * T / L - (factor - 1)) ^ (D / (D - 2))``.
+* ``yarn``: YaRN (Peng et al. 2023, arXiv 2309.00071): interpolated and
+  extrapolated frequencies blended by a linear ramp over the dimensions between
+  the ``beta_fast`` / ``beta_slow`` rotation counts at length L, and cos/sin
+  multiplied by ``attention_factor`` (default ``0.1 ln(factor) + 1``, or
+  ``mscale`` / ``mscale_all_dim`` as DeepSeek).
+* ``llama3``: Llama 3.1's band-wise scaling: wavelengths above
+  ``L / low_freq_factor`` divided by ``factor``, below ``L / high_freq_factor``
+  kept, smoothly interpolated in between.
+
+The section replaces the float ``model.rope_scaling`` of earlier configs: a
+number ``f`` there still works and means ``{type: linear, factor: f}`` (``1``:
+``none``), which is what the float did.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from longctx.errors import ConfigError, require
+
+ROPE_TYPES = ("none", "linear", "dynamic", "yarn", "llama3")
+ROPE_LAYOUTS = ("half", "interleaved")  # rotate-half (GPT-NeoX, HF Llama) | pairs (GPT-J, Meta)
+
+
+@dataclass(frozen=True)
+class RopeScalingConfig:
+    type: str = "none"  # none | linear | dynamic | yarn | llama3 (Hugging Face's definitions)
+    factor: float = 1.0  # context extension factor (linear, dynamic, yarn, llama3)
+    # Pre-training length L (dynamic, yarn, llama3); HF: original_max_position_embeddings
+    # (dynamic: the model's max_position_embeddings).
+    original_max_position_embeddings: int | None = None
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn: rotations at L below which dimensions are interpolated ...
+    beta_slow: float = 1.0  # ... and above which they are extrapolated (a ramp in between)
+    attention_factor: float | None = None  # yarn: cos/sin multiplier; None: from factor / mscale
+    mscale: float | None = None  # yarn (DeepSeek): attention_factor = m(factor, mscale) / ...
+    mscale_all_dim: float | None = None  # ... m(factor, mscale_all_dim), m = 0.1 m ln(s) + 1
+    truncate: bool = True  # yarn: floor / ceil the correction range
+
+    @classmethod
+    def from_scalar(cls, value, key: str) -> "RopeScalingConfig":
+        """A bare number (the former float key): position interpolation by that factor."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r}: expected a mapping with `type` "
+                              f"(one of {ROPE_TYPES}) or a number (linear factor)")
+        return cls(type="none" if value == 1 else "linear", factor=float(value))
+
+    def validate(self, prefix: str = "model.rope_scaling") -> None:
+        require(self.type in ROPE_TYPES,
+                f"{prefix}.type={self.type!r}; expected one of {ROPE_TYPES}")
+        require(self.factor > 0, f"{prefix}.factor={self.factor} must be > 0")
+        if self.type in ("dynamic", "yarn", "llama3"):
+            L = self.original_max_position_embeddings
+            require(L is not None and L >= 1,
+                    f"{prefix}.type={self.type!r} needs {prefix}.original_max_position_embeddings "
+                    f"(the pre-training length) >= 1; got {L}")
+        if self.type == "llama3":
+            require(self.high_freq_factor > self.low_freq_factor > 0,
+                    f"{prefix}.high_freq_factor={self.high_freq_factor} must be > "
+                    f"low_freq_factor={self.low_freq_factor} > 0")
+        if self.type == "yarn":
+            require(self.beta_fast > 0 and self.beta_slow > 0,
+                    f"{prefix}.beta_fast={self.beta_fast}, beta_slow={self.beta_slow} must be > 0")
