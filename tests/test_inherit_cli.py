@@ -19,21 +19,28 @@ SMALL = ["model.d_model=32", "model.n_heads=4", "model.n_kv_heads=2", "model.mlp
          "train.tensorboard=false", "train.eval_batches=1", "train.log_every=1"]
 
 
-def test_cli_writes_a_run_the_trainer_resumes_and_distils(tmp_path):
-    # a parent run directory: a random model written in the trainer's format
+@pytest.fixture(scope="module")
+def parent_run(tmp_path_factory):
+    """A parent run directory: a random model written in the trainer's format."""
+    path = tmp_path_factory.mktemp("inherit") / "parent"
     pcfg = longctx.load_config(TINY, SMALL)
     parent = longctx.build_model(pcfg.model, rngs=nnx.Rngs(5))
-    write_run(parent, pcfg, str(tmp_path / "parent"), ratio=1.0, method="interpolate")
+    write_run(parent, pcfg, str(path), ratio=1.0, method="interpolate")
+    return path, parent
+
+
+def test_cli_writes_a_run_the_trainer_resumes_and_distils(tmp_path, parent_run):
+    ppath, parent = parent_run
     child_yaml = tmp_path / "child.yaml"
     child_yaml.write_text(f"base: {os.path.abspath(TINY)}\n")
     out = tmp_path / "child"
-    main(["--parent", str(tmp_path / "parent"), "--config", str(child_yaml), "--ratio", "1",
+    main(["--parent", str(ppath), "--config", str(child_yaml), "--ratio", "1",
           "--distill-alpha", "0.5", "--run-dir", str(out), *SMALL,
           "model.attention.pattern=[linear]", "optim.lr=1e-12", "optim.warmup_steps=0",
           "train.steps=1"])
     info = json.loads((out / "inheritance.json").read_text())
     assert info["mapped"]["repeat_kv"] == 4 and info["mapped"]["liger"] == 1  # wk wv conv_k/v
-    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]  # renamed when complete
     cfg, child, step = load_model(str(out))
     assert step == 0 and cfg.inherit.distill_alpha == 0.5
     np.testing.assert_array_equal(child.embed.embedding[...], parent.embed.embedding[...])
@@ -46,11 +53,8 @@ def test_cli_writes_a_run_the_trainer_resumes_and_distils(tmp_path):
     assert final["loss"] == pytest.approx(0.5 * final["ce"] + 0.5 * final["kl"], rel=1e-4)
 
 
-def test_cli_refusals(tmp_path):
-    pcfg = longctx.load_config(TINY, SMALL)
-    parent = longctx.build_model(pcfg.model, rngs=nnx.Rngs(5))
-    write_run(parent, pcfg, str(tmp_path / "parent"), ratio=1.0, method="interpolate")
-    args = ["--parent", str(tmp_path / "parent"), "--config", TINY, "--ratio", "0.5",
+def test_cli_refusals(tmp_path, parent_run):
+    args = ["--parent", str(parent_run[0]), "--config", TINY, "--ratio", "0.5",
             "--run-dir", str(tmp_path / "out"), *SMALL]
     with pytest.raises(SystemExit, match="parent's vocab_size=64 differs from the child's "
                                          "model.vocab_size=128"):
