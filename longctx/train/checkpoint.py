@@ -97,7 +97,8 @@ class Checkpointer:
         """
         for step in reversed(self.steps()):
             try:
-                saved = _leaf_paths(self.manager.item_metadata(step)["state"].tree)
+                saved = _leaf_paths(ocp.PyTreeCheckpointer().metadata(
+                    epath.Path(self.directory) / str(step) / "state").item_metadata.tree)
             except Exception:  # noqa: BLE001 -- unreadable metadata: the restore below decides
                 break
             if _leaf_paths(abstract_state) <= saved:
