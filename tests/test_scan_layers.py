@@ -18,6 +18,7 @@ from longctx.data.pipeline import build_source, make_dataset
 from longctx.evals.core import load_model
 from longctx.config import ConfigError, ModelConfig, load_config
 from longctx.model import build_model, layout
+from longctx.model.upcycle import upcycle
 from longctx.moe.config import MoEConfig
 from longctx.train import make_optimizer, make_train_step, train
 from longctx.train.checkpoint import convert_layout
@@ -199,3 +200,13 @@ def test_checkpoint_unscanned_resumes_scanned_and_back(tmp_path):
     assert step == 4 and flip(scanned.model) == model.cfg
     _close(nnx.to_pure_dict(nnx.state(model, nnx.Param)),
            {k: v for k, v in s_whole[0].items()}, 1e-5, "evals")
+
+
+def test_upcycle_matches_layers_across_stage_plans():
+    dense_cfg = _model_cfg(n_layers=3)  # one scanned stage of 3 layers
+    moe_cfg = dataclasses.replace(dense_cfg, moe=MoEConfig(  # layer 0 unrolled, scan of 2
+        num_experts=4, router="topk_softmax", first_dense_layers=1))
+    dense = build_model(dense_cfg, rngs=nnx.Rngs(0))
+    up = upcycle(dense, moe_cfg, rngs=nnx.Rngs(1))
+    tokens = _batch()["tokens"]
+    np.testing.assert_allclose(up(tokens)[0], dense(tokens)[0], atol=1e-5)

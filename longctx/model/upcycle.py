@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from longctx.config import ModelConfig
+from longctx.model import layout
 from longctx.model.transformer import build_model
 
 
@@ -21,26 +22,35 @@ def upcycle(dense_model, moe_cfg_model: ModelConfig, *, rngs: nnx.Rngs, noise_st
     dense model's function.
     """
     model = build_model(moe_cfg_model, rngs=rngs)
-    dense = dict(nnx.to_flat_state(nnx.state(dense_model, nnx.Param)))
+    # Matched layer by layer in the per-layer view, so either model may scan its layers.
+    flat = lambda cfg, m: dict(jax.tree_util.tree_flatten_with_path(  # noqa: E731
+        layout.to_per_layer(cfg, nnx.to_pure_dict(nnx.state(m, nnx.Param))))[0])
+    dense = flat(dense_model.cfg, dense_model)
+    target = layout.to_per_layer(moe_cfg_model, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     used = set()
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+
+    def one(path, cur):
         src = dense.get(path)
         if src is None:
-            continue  # router, shared experts, load probe: fresh
+            return cur  # router, shared experts, load probe: fresh
         used.add(path)
-        value, shape = src[...], var[...].shape
+        value, shape = src, cur.shape
         if value.shape == shape:
-            var[...] = value
-        elif shape == (moe_cfg_model.moe.num_experts, *value.shape):
+            return value
+        if shape == (moe_cfg_model.moe.num_experts, *value.shape):
             experts = jnp.broadcast_to(value, shape)
             if noise_std > 0:
                 noise = jax.random.normal(rngs.params(), shape, value.dtype)
                 experts = experts + noise_std * jnp.std(value) * noise
-            var[...] = experts
-        else:
-            raise ValueError(f"upcycle: {'/'.join(map(str, path))} has shape {value.shape} in "
-                             f"the dense model and {shape} in the MoE model")
-    missing = sorted("/".join(map(str, p)) for p in dense if p not in used)
+            return experts
+        raise ValueError(f"upcycle: {jax.tree_util.keystr(path)} has shape {value.shape} in "
+                         f"the dense model and {shape} in the MoE model")
+
+    new = jax.tree_util.tree_map_with_path(one, target)
+    missing = sorted(jax.tree_util.keystr(p) for p in dense if p not in used)
     if missing:
         raise ValueError(f"upcycle: dense parameters with no place in the MoE model: {missing}")
+    params = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(params, layout.from_per_layer(moe_cfg_model, new))
+    nnx.update(model, params)
     return model
