@@ -112,6 +112,9 @@ class ModelConfig:
     init_std: float = 0.02
     dtype: str = "float32"  # compute dtype (params stay float32): float32 | bfloat16
     remat: str = "none"  # per-block rematerialisation: none | full | dots
+    # Layers (pattern groups) stacked [n, ...] and run by lax.scan: compile time flat in
+    # depth (longctx/model/layout.py); false: an unrolled list, one compiled copy per layer.
+    scan_layers: bool = False
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
 
@@ -400,6 +403,8 @@ def validate_model(m: ModelConfig, *, seq_len: int | None = None) -> None:
              f"model.rope_layout={m.rope_layout!r}; expected one of {ROPE_LAYOUTS}")
     _require(m.dtype in COMPUTE_DTYPES, f"model.dtype={m.dtype!r}; expected one of {COMPUTE_DTYPES}")
     _require(m.remat in REMAT_POLICIES, f"model.remat={m.remat!r}; expected one of {REMAT_POLICIES}")
+    _require(isinstance(m.scan_layers, bool),
+             f"model.scan_layers={m.scan_layers!r}; expected true or false")
     a = m.attention
     _require(a.backend in BACKENDS,
              f"model.attention.backend={a.backend!r} is not registered; "

@@ -35,10 +35,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from longctx.backends.base import MixerDims
+from longctx.backends.base import Mixer, MixerDims
 from longctx.config import ModelConfig, validate_model
 from longctx.layers import DTYPES, Embed, RMSNorm, SwiGLU, param
-from longctx.model import segments
+from longctx.model import layout, segments, stack
 from longctx.model.registry import build_mixer, build_stack_wrapper
 from longctx.moe.layer import MoE
 from longctx.parallel import context
@@ -92,9 +92,23 @@ def _apply_block(graphdef, params, x, positions, state, segment_ids):
 
 
 def _mean_aux(auxes: list[dict]) -> dict:
-    """Average each aux scalar over the layers that report it."""
+    """Average each aux value over the layers that report it (a scanned stage's: ``[n]``)."""
     keys = sorted({k for a in auxes for k in a})
-    return {k: jnp.mean(jnp.stack([a[k] for a in auxes if k in a])) for k in keys}
+    return {k: jnp.mean(jnp.concatenate([jnp.ravel(a[k]) for a in auxes if k in a]))
+            for k in keys}
+
+
+def _make_block(cfg: ModelConfig, dims: MixerDims, layer: int, rngs: nnx.Rngs) -> Block:
+    """Layer ``layer``'s block: its pattern backend, MoE or dense SwiGLU."""
+    mixer = build_mixer(cfg.layer_backends[layer], dims, cfg.attention, rngs=rngs)
+    dtype = DTYPES[cfg.dtype]
+    if layer in cfg.moe.layers(cfg.n_layers):
+        mlp = MoE(cfg.d_model, cfg.moe, mlp_dim=cfg.mlp_dim, dtype=dtype,
+                  std=cfg.init_std, out_std=dims.out_std, rngs=rngs)
+    else:
+        mlp = SwiGLU(cfg.d_model, cfg.mlp_dim, dtype=dtype, std=cfg.init_std,
+                     out_std=dims.out_std, rngs=rngs)
+    return Block(mixer, mlp, d_model=cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
 
 
 class Transformer(nnx.Module):
@@ -103,18 +117,12 @@ class Transformer(nnx.Module):
         self.dtype = DTYPES[cfg.dtype]
         dims = mixer_dims(cfg)
         self.embed = Embed(cfg.vocab_size, cfg.d_model, std=cfg.init_std, rngs=rngs)
-        backends, moe = cfg.layer_backends, set(cfg.moe.layers(cfg.n_layers))
-        blocks = []
-        for i, name in enumerate(backends):
-            mixer = build_mixer(name, dims, cfg.attention, rngs=rngs)
-            if i in moe:
-                mlp = MoE(cfg.d_model, cfg.moe, mlp_dim=cfg.mlp_dim, dtype=self.dtype,
-                          std=cfg.init_std, out_std=dims.out_std, rngs=rngs)
-            else:
-                mlp = SwiGLU(cfg.d_model, cfg.mlp_dim, dtype=self.dtype, std=cfg.init_std,
-                             out_std=dims.out_std, rngs=rngs)
-            blocks.append(Block(mixer, mlp, d_model=cfg.d_model, eps=cfg.norm_eps, rngs=rngs))
-        self.blocks = nnx.List(blocks)
+        backends = cfg.layer_backends
+        make_block = functools.partial(_make_block, cfg, dims)
+        if cfg.scan_layers:  # stages of stacked groups (longctx/model/layout.py, stack.py)
+            self.stages = stack.build_stages(layout.stages(cfg), make_block, rngs)
+        else:  # one block per layer, unrolled
+            self.blocks = nnx.List([make_block(i, rngs) for i in range(cfg.n_layers)])
         self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
         self.lm_head = nnx.data(None if cfg.tie_embeddings else param(
             rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), std=cfg.init_std))
@@ -136,6 +144,9 @@ class Transformer(nnx.Module):
 
     def mixing_flops(self, batch: int, seq_len: int) -> float:
         """Forward FLOPs of token mixing beyond the parameter matmuls, summed over layers."""
+        if self.cfg.scan_layers:
+            return stack.mixing_flops(self.stages, layout.stages(self.cfg), batch, seq_len,
+                                      self.cfg.segment_len)
         return sum(b.mixer.mixing_flops(batch, seq_len, self.cfg.segment_len)
                    for b in self.blocks)
 
@@ -153,9 +164,18 @@ class Transformer(nnx.Module):
     # -- state protocol -------------------------------------------------------
 
     def init_state(self, batch_size: int, dtype=None):
-        """Every layer's mixer state, the wrapper's, and the next position of each row."""
+        """Every layer's mixer state, the wrapper's, and the next position of each row.
+
+        ``state["layers"]``: one state per layer, or with ``scan_layers`` one list per
+        stage of its group's states stacked ``[n, ...]`` (per-layer view:
+        :func:`longctx.model.layout.states_to_per_layer`).
+        """
         dtype = self.dtype if dtype is None else dtype
-        state = {"layers": [b.mixer.init_state(batch_size, dtype) for b in self.blocks],
+        if self.cfg.scan_layers:
+            layers = stack.init_states(self.stages, layout.stages(self.cfg), batch_size, dtype)
+        else:
+            layers = [b.mixer.init_state(batch_size, dtype) for b in self.blocks]
+        state = {"layers": layers,
                  "next_pos": jnp.zeros((batch_size,), jnp.int32)}
         if self.wrapper is not None:
             state["wrapper"] = self.wrapper.init_state(batch_size, dtype)
@@ -213,7 +233,8 @@ class Transformer(nnx.Module):
         mixer asks for it (``Mixer.token_layout``), else 0: natural order."""
         if context.active_strategy(self.cfg.attention.context_parallel) is None:
             return 0
-        if any(b.mixer.token_layout != "zigzag" for b in self.blocks):
+        mixers = [m for _, m in nnx.iter_modules(self) if isinstance(m, Mixer)]
+        if any(m.token_layout != "zigzag" for m in mixers):  # stacked or not: same modules
             return 0
         return context.axis_size()
 
@@ -231,17 +252,25 @@ class Transformer(nnx.Module):
 
     def _blocks(self, x, positions, layer_states, segment_ids):
         """Every block over ``x [B, S, E]`` -> ``(x, mean aux, new layer states)``."""
-        new_states, auxes = [], []
-        for i, block in enumerate(self.blocks):
-            state = None if layer_states is None else layer_states[i]
+
+        def run_block(block, x, state, in_scan):
             if self.cfg.remat == "none":
                 x, state, aux = block(x, positions=positions, state=state, segment_ids=segment_ids)
-            else:
+            else:  # inside lax.scan the remat boundary needs no CSE barrier (jax.checkpoint docs)
                 graphdef, params = nnx.split(block)
                 f = jax.checkpoint(functools.partial(_apply_block, graphdef),
-                                   policy=REMAT_POLICIES[self.cfg.remat])
+                                   policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=not in_scan)
                 x, state, aux = f(params, x, positions, state, segment_ids)
-            x = constrain(x, ACTIVATION_AXES)
+            return constrain(x, ACTIVATION_AXES), state, aux
+
+        if self.cfg.scan_layers:
+            x, auxes, new_states = stack.run_stages(self.stages, layout.stages(self.cfg), x,
+                                                    layer_states, run_block)
+            return x, _mean_aux(auxes), new_states
+        new_states, auxes = [], []
+        for i, block in enumerate(self.blocks):
+            x, state, aux = run_block(block, x, None if layer_states is None else layer_states[i],
+                                      False)
             new_states.append(state)
             auxes.append(aux)
         return x, _mean_aux(auxes), new_states

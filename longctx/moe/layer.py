@@ -149,5 +149,7 @@ class MoE(nnx.Module):
         if self.bias is None:
             return
         load = grads["load_probe"][...]
-        step = self.cfg.routed_bias_update_rate * jnp.sign(jnp.mean(load) - load)
+        # per layer (a scanned stack's load is [n_groups, E]): the mean over its experts
+        step = self.cfg.routed_bias_update_rate * jnp.sign(
+            jnp.mean(load, axis=-1, keepdims=True) - load)
         self.bias[...] = self.bias[...] + step

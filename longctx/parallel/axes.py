@@ -6,11 +6,11 @@ The config schema validates ``mesh.*`` against these names without importing jax
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert", "sequence")
 LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab",
-                "expert")
+                "expert", "layers")
 
 # Default rules (MaxText-style): batch over every data-parallel axis, parameters'
 # embed dimension over fsdp (ZeRO-3), heads / mlp / vocab over tensor, experts over
-# expert, the sequence over sequence (context parallelism).
+# expert, the sequence over sequence (context parallelism), the stacked layers over none.
 DEFAULT_RULES = {
     "batch": ["data", "fsdp", "expert"],
     "length": ["sequence"],
@@ -21,4 +21,5 @@ DEFAULT_RULES = {
     "mlp": ["tensor"],
     "vocab": ["tensor"],
     "expert": ["expert"],
+    "layers": [],  # the stacked layer axis of model.scan_layers: never split by default
 }

@@ -10,7 +10,10 @@ A checkpoint step holds two items:
 Restoring takes an *abstract* target (``jax.ShapeDtypeStruct`` with the
 ``NamedSharding`` of the current mesh), so a checkpoint written on one mesh
 shape restores onto another. Orbax writes a step into a temporary directory and
-renames it when complete, so an interrupted save never looks like a step. A
+renames it when complete, so an interrupted save never looks like a step. A step
+written in another parameter layout (``model.scan_layers`` flipped: layers unrolled
+``blocks/{i}`` vs stacked ``stages/{s}``) restores through :func:`convert_layout`, which
+re-lays out the parameters and every optimizer moment by ``longctx.model.layout``. A
 step that is present but unreadable (truncated or corrupted files) is skipped
 with a warning and the previous one is used; the bad step is moved aside to
 ``<directory>.unreadable/<step>`` (kept for inspection, out of the way of the
@@ -27,7 +30,40 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from longctx.config import ModelConfig
+from longctx.model import layout
+
 log = logging.getLogger(__name__)
+
+
+def convert_layout(tree, src: ModelConfig, dst: ModelConfig):
+    """A pure-dict train state (or model, or restore target) from ``src``'s parameter layout
+    to ``dst``'s (``model.scan_layers`` either way; the configs otherwise equal).
+
+    Every sub-dict shaped like the model's parameters (the model itself, each optimizer
+    moment) goes through the per-layer view: ``from_per_layer(dst, to_per_layer(src, .))``.
+    """
+    if src.scan_layers == dst.scan_layers:
+        return tree
+    key = "stages" if src.scan_layers else "blocks"
+
+    def walk(t):
+        if isinstance(t, dict):
+            if key in t:
+                return layout.from_per_layer(dst, layout.to_per_layer(src, t))
+            return {k: walk(v) for k, v in t.items()}
+        if isinstance(t, (list, tuple)):
+            return type(t)(walk(v) for v in t)
+        return t
+
+    return walk(tree)
+
+
+def _leaf_paths(tree) -> set[str]:
+    def name(k):
+        return str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+    return {"/".join(name(k) for k in path)
+            for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 class Checkpointer:
@@ -49,13 +85,34 @@ class Checkpointer:
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def restore_latest(self, abstract_state, *, partial: bool = False):
+    def restore_latest(self, abstract_state, *, partial: bool = False, alternatives=()):
         """``(step, state, data)`` of the newest readable checkpoint, or None if none is.
 
         ``abstract_state``: pytree of ``jax.ShapeDtypeStruct`` (with shardings) in the
         layout the state should be restored to. ``partial``: ``abstract_state`` is a
         subtree of what was saved (e.g. the model without its optimizer); only it is read.
+        ``alternatives``: ``(target, convert)`` pairs for the same state in other layouts;
+        a step whose saved leaves cover ``target`` (and not ``abstract_state``) is read
+        as ``target`` and returned as ``convert(state)``.
         """
+        for step in reversed(self.steps()):
+            try:
+                saved = _leaf_paths(ocp.PyTreeCheckpointer().metadata(
+                    epath.Path(self.directory) / str(step) / "state").item_metadata.tree)
+            except Exception:  # noqa: BLE001 -- unreadable metadata: the restore below decides
+                break
+            if _leaf_paths(abstract_state) <= saved:
+                break
+            for target, convert in alternatives:
+                if _leaf_paths(target) <= saved:
+                    log.info("checkpoint step %d of %s is in another parameter layout; "
+                             "restoring through its conversion", step, self.directory)
+                    out = self._restore_latest(target, partial=partial)
+                    return out and (out[0], convert(out[1]), out[2])
+            break
+        return self._restore_latest(abstract_state, partial=partial)
+
+    def _restore_latest(self, abstract_state, *, partial: bool):
         if partial:
             restore = ocp.args.PyTreeRestore(
                 item=abstract_state, partial_restore=True,

@@ -11,6 +11,8 @@ a checkpoint never allocates optimizer moments.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 from flax import nnx
 
@@ -18,7 +20,7 @@ from longctx.config import Config
 from longctx.model import build_model
 from longctx.parallel import sharding as shd
 from longctx.train import metrics as M
-from longctx.train.checkpoint import Checkpointer
+from longctx.train.checkpoint import Checkpointer, convert_layout
 from longctx.train.optimizer import make_optimizer
 
 
@@ -55,8 +57,20 @@ class TrainState:
                             nnx.to_pure_dict(self.abstract_state), nnx.to_pure_dict(self.sharding))
 
     def restore(self, ckpt: Checkpointer):
-        """Load the newest readable checkpoint into ``state``; ``(step, data)`` or None."""
-        restored = ckpt.restore_latest(self.restore_target(), partial=not self.with_optimizer)
+        """Load the newest readable checkpoint into ``state``; ``(step, data)`` or None.
+
+        A checkpoint written with the other ``model.scan_layers`` restores too (its
+        layers unrolled <-> stacked by :func:`longctx.train.checkpoint.convert_layout`).
+        """
+        target, cfg = self.restore_target(), self.abstract_model.cfg
+        other = dataclasses.replace(cfg, scan_layers=not cfg.scan_layers)
+        shardings = jax.tree.map(lambda t: t.sharding, target)
+
+        def convert(pure):  # the other layout -> ours, placed in our shards
+            return jax.device_put(convert_layout(pure, other, cfg), shardings)
+
+        restored = ckpt.restore_latest(target, partial=not self.with_optimizer,
+                                       alternatives=[(convert_layout(target, cfg, other), convert)])
         if restored is None:
             return None
         step, pure, data = restored
