@@ -1,5 +1,6 @@
 """python -m longctx.inherit: a run directory the trainer resumes (with distillation from
-the parent), and the refusals (vocabulary, Hugging Face parent without longctx.hf)."""
+the parent), a Hugging Face parent, and the refusals (vocabulary, a bad Hugging Face
+directory, distillation from one, a non-empty output)."""
 
 import json
 import os
@@ -9,6 +10,7 @@ import pytest
 from flax import nnx
 
 import longctx
+from longctx import hf
 from longctx.evals.core import load_model
 from longctx.inherit.__main__ import main, write_run
 from longctx.train.loop import train
@@ -59,11 +61,24 @@ def test_cli_refusals(tmp_path, parent_run):
     with pytest.raises(SystemExit, match="parent's vocab_size=64 differs from the child's "
                                          "model.vocab_size=128"):
         main(args + ["model.vocab_size=128"])
-    hf = tmp_path / "hf"
-    hf.mkdir()
-    (hf / "config.json").write_text("{}")
-    with pytest.raises(SystemExit, match="needs longctx.hf"):
-        main(["--parent", str(hf)] + args[2:])
+    hf_dir = tmp_path / "hf"  # a Hugging Face parent: the same weights, through longctx.hf
+    hcfg = longctx.load_config(TINY, SMALL + ["model.attention.conv_size=0"])  # Llama-shaped
+    hparent = longctx.build_model(hcfg.model, rngs=nnx.Rngs(7))
+    hf.save(hparent, hcfg, str(hf_dir))
+    main(["--parent", str(hf_dir), "--config", TINY, "--ratio", "0.5",
+          "--run-dir", str(tmp_path / "c"), *SMALL])
+    ccfg, child, _ = load_model(str(tmp_path / "c"))
+    fresh = longctx.build_model(ccfg.model, rngs=nnx.Rngs(ccfg.train.seed))
+    np.testing.assert_allclose(child.embed.embedding[...],
+                               0.5 * hparent.embed.embedding[...]
+                               + 0.5 * fresh.embed.embedding[...], atol=1e-6)
+    with pytest.raises(SystemExit, match="distillation needs a longctx run directory"):
+        main(["--parent", str(hf_dir)] + args[2:] + ["--distill-alpha", "0.5"])
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text("{}")
+    with pytest.raises(SystemExit, match=r"architectures=\[\]: expected one of"):
+        main(["--parent", str(bad)] + args[2:])
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "x").write_text("")
     with pytest.raises(SystemExit, match="exists and is not empty"):

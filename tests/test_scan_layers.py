@@ -71,7 +71,7 @@ def _batch(seed=0, B=2):
 def _value_and_grad(graphdef, state, batch):
     model = nnx.merge(graphdef, state)
     logits, _ = model(batch["tokens"])
-    (loss, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch)
+    (loss, metrics), grads = nnx.value_and_grad(lambda m: loss_fn(m, batch), has_aux=True)(model)
     return logits, loss, metrics, nnx.to_pure_dict(grads)
 
 

@@ -14,10 +14,10 @@ init). ``--method distill``: fresh weights, and the trainer distils from the par
 ``inherit.distill_alpha = R`` (decayed over ``inherit.distill_steps``, an override).
 ``--distill-alpha A`` adds distillation to a weight method.
 
-``--parent`` is a longctx run directory (``config.yaml`` + ``checkpoints/``). A Hugging Face
-directory (``config.json``) needs ``longctx.hf``, which this build does not have: it is
-refused with that message (no optional import; when ``longctx.hf`` lands, its ``load``
-replaces the error in :func:`load_parent`). The output is written to a temporary directory
+``--parent`` is a longctx run directory (``config.yaml`` + ``checkpoints/``) or a Hugging
+Face model directory (``config.json`` + safetensors, read by :func:`longctx.hf.load`).
+Distillation needs a run directory parent (the trainer restores it on its mesh): convert
+a Hugging Face parent first (``python -m longctx.convert --from-hf DIR --run-dir RUN``). The output is written to a temporary directory
 beside ``OUT`` and renamed when complete; an existing non-empty ``OUT`` is refused.
 """
 
@@ -34,6 +34,7 @@ import tempfile
 
 from flax import nnx
 
+from longctx import hf
 from longctx.config import ConfigError, config_yaml, load_config, with_overrides
 from longctx.evals.core import load_model
 from longctx.inherit.core import METHODS, correspondence, inherit
@@ -46,14 +47,14 @@ CLI_METHODS = METHODS + ("distill",)
 
 
 def load_parent(path: str):
-    """``(config, model)`` of a parent: a longctx run directory (its newest checkpoint)."""
+    """``(config, model)`` of a parent: a longctx run directory (its newest checkpoint) or
+    a Hugging Face model directory."""
     if os.path.exists(os.path.join(path, "config.yaml")):
         cfg, model, _ = load_model(path)
         return cfg, model
     if os.path.exists(os.path.join(path, "config.json")):
-        raise ConfigError(f"--parent {path!r} is a Hugging Face directory: loading it needs "
-                          "longctx.hf, which this build does not have; convert it first or "
-                          "use a longctx run directory")
+        model, cfg = hf.load(path)
+        return cfg, model
     raise ConfigError(f"--parent {path!r}: neither a longctx run directory (config.yaml) nor "
                       "a Hugging Face directory (config.json)")
 
@@ -70,6 +71,10 @@ def write_run(parent, child_cfg, run_dir: str, *, ratio: float, method: str,
     if method == "distill":
         distill_alpha = ratio
     if distill_alpha > 0:
+        if not (parent_dir and os.path.exists(os.path.join(parent_dir, "config.yaml"))):
+            raise ConfigError(f"distillation needs a longctx run directory as --parent; got "
+                              f"{parent_dir!r} (convert a Hugging Face model first: python -m "
+                              "longctx.convert --from-hf DIR --run-dir RUN)")
         over += [f"inherit.parent={os.path.abspath(parent_dir)}",
                  f"inherit.distill_alpha={distill_alpha}"]
     cfg = with_overrides(child_cfg, over)
