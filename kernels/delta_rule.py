@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from longctx.kernels.linear_attention import _exp_if, _prepare, available
+from longctx.kernels.linear_attention import _exp_if, _prepare, check_inputs
 
 
 def _decays(b, r, C, strict):
@@ -148,24 +148,12 @@ _recurrence.defvjp(_fwd, _bwd)
 def delta_rule(q, k, v, beta, *, g=None, scale=None, initial_state=None,
                output_final_state=False, chunk_size=64, interpret=False):
     """(Gated) delta rule, the recurrence in Pallas; see the module docstring."""
-    if not interpret and not available():
-        raise ValueError(
-            f"form='pallas' runs a Pallas GPU/TPU kernel; the default backend is "
-            f"{jax.default_backend()!r}. Use form='chunk', or "
-            f"longctx.kernels.delta_rule.delta_rule(..., interpret=True)")
-    if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"expects q, k [B, T, H, K] and v [B, T, H, V]; got "
-                         f"{q.shape=} {k.shape=} {v.shape=}")
-    B, T, H, K = q.shape
-    V = v.shape[-1]
+    B, T, H, K, V = check_inputs("longctx.kernels.delta_rule.delta_rule", q, k, v,
+                                 initial_state=initial_state, chunk_size=chunk_size,
+                                 interpret=interpret)
     if beta.shape != (B, T, H) or (g is not None and g.shape != (B, T, H)):
         raise ValueError(f"beta and g must be [B, T, H] = {(B, T, H)}; got {beta.shape=} "
                          f"{None if g is None else g.shape}")
-    if initial_state is not None and initial_state.shape != (B, H, K, V):
-        raise ValueError(f"initial_state must be [B, H, K, V] = {(B, H, K, V)}; got "
-                         f"{initial_state.shape=}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"{chunk_size=} must be a positive int")
     C = max(1, min(chunk_size, T))
     scale = K**-0.5 if scale is None else scale
     qr, kr, vr, b, r = _prepare(q * scale, k, v, g, C)

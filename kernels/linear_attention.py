@@ -54,6 +54,30 @@ def available() -> bool:
     return jax.default_backend() in ("gpu", "tpu")
 
 
+def check_inputs(fn: str, q, k, v, *, initial_state, chunk_size, interpret: bool):
+    """The checks both linear kernels share (``fn``: the function's qualified name).
+
+    Raises ``ValueError`` off GPU/TPU without ``interpret``, and for layouts other than
+    ``q, k [B, T, H, K]``, ``v [B, T, H, V]``, ``initial_state [B, H, K, V]`` or a
+    ``chunk_size`` that is not a positive int. Returns ``(B, T, H, K, V)``.
+    """
+    if not interpret and not available():
+        raise ValueError(
+            f"form='pallas' runs a Pallas GPU/TPU kernel; the default backend is "
+            f"{jax.default_backend()!r}. Use form='chunk', or {fn}(..., interpret=True)")
+    if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"expects q, k [B, T, H, K] and v [B, T, H, V]; got "
+                         f"{q.shape=} {k.shape=} {v.shape=}")
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    if initial_state is not None and initial_state.shape != (B, H, K, V):
+        raise ValueError(f"initial_state must be [B, H, K, V] = {(B, H, K, V)}; got "
+                         f"{initial_state.shape=}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"{chunk_size=} must be a positive int")
+    return B, T, H, K, V
+
+
 # ----------------------------------------------------------------------------
 # Preparation (outside the kernel): layout, padding, in-chunk cumulative gates.
 # ----------------------------------------------------------------------------
@@ -180,23 +204,11 @@ _gla.defvjp(_gla_fwd, _gla_bwd)
 def linear_attention(q, k, v, *, g=None, scale=None, initial_state=None,
                      output_final_state=False, chunk_size=64, interpret=False):
     """(Gated) linear attention by the Pallas chunk kernel; see the module docstring."""
-    if not interpret and not available():
-        raise ValueError(
-            f"form='pallas' runs a Pallas GPU/TPU kernel; the default backend is "
-            f"{jax.default_backend()!r}. Use form='chunk', or "
-            f"longctx.kernels.linear_attention.linear_attention(..., interpret=True)")
-    if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"expects q, k [B, T, H, K] and v [B, T, H, V]; got "
-                         f"{q.shape=} {k.shape=} {v.shape=}")
-    B, T, H, K = q.shape
-    V = v.shape[-1]
+    B, T, H, K, V = check_inputs("longctx.kernels.linear_attention.linear_attention", q, k, v,
+                                 initial_state=initial_state, chunk_size=chunk_size,
+                                 interpret=interpret)
     if g is not None and g.shape not in ((B, T, H), (B, T, H, K)):
         raise ValueError(f"g must be [B, T, H] or [B, T, H, K]; got {g.shape=}")
-    if initial_state is not None and initial_state.shape != (B, H, K, V):
-        raise ValueError(f"initial_state must be [B, H, K, V] = {(B, H, K, V)}; got "
-                         f"{initial_state.shape=}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"{chunk_size=} must be a positive int")
     C = max(1, min(chunk_size, T))
     scale = K**-0.5 if scale is None else scale
     qr, kr, vr, b, r = _prepare(q * scale, k, v, g, C)
