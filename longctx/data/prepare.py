@@ -27,7 +27,8 @@ the vocabulary fits in 65536 ids, else uint32; a document never straddles two
 shards; at most ``--shard-tokens`` tokens a shard unless one document is longer)
 and ``meta.json`` (dtype, vocab_size, eos_id, eos_token, num_tokens,
 num_documents, the tokenizer's sha256, the inputs with their sizes, the shards).
-Everything is written into ``DIR.tmp-<pid>`` first and ``meta.json`` last; the
+Everything is written into ``DIR.tmp-XXXX`` (:func:`longctx.atomic.staged_dir`)
+first and ``meta.json`` last; the
 directory is renamed to ``DIR`` only when complete, so ``DIR`` never looks
 finished when it is not (an error removes the temporary directory). ``DIR`` must
 not exist yet (or be empty).
@@ -50,12 +51,13 @@ import mmap
 import multiprocessing
 import os
 import re
-import shutil
 import sys
 
 import numpy as np
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
+
+from longctx.atomic import staged_dir
 
 __all__ = ["prepare", "load_tokenizer", "resolve_eos", "split_documents", "main"]
 
@@ -291,10 +293,7 @@ def prepare(tokenizer: str, inputs, out: str, *, eos: str | None = None,
              for u in _units(p, _kind(p, split_blank_lines), s, chunk_bytes, text_field)]
     workers = min(workers, len(units))  # no more processes than work units (1: in-process)
 
-    tmp = f"{out}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    with staged_dir(out) as tmp:
         writer = _ShardWriter(tmp, shard_tokens)
         n_docs = 0
         init = (_tokenizer_file(tokenizer), eos_id, dtype)
@@ -334,12 +333,6 @@ def prepare(tokenizer: str, inputs, out: str, *, eos: str | None = None,
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(os.path.join(tmp, META + ".tmp"), os.path.join(tmp, META))  # last
-        if os.path.isdir(out):
-            os.rmdir(out)  # empty (checked above)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return meta
 
 

@@ -28,13 +28,12 @@ import collections
 import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
 
 from flax import nnx
 
 from longctx import hf
+from longctx.atomic import staged_dir
 from longctx.config import ConfigError, config_yaml, load_config, with_overrides
 from longctx.evals.core import load_model
 from longctx.inherit.core import METHODS, correspondence, inherit
@@ -92,9 +91,7 @@ def write_run(parent, child_cfg, run_dir: str, *, ratio: float, method: str,
     info = {"parent": parent_dir, "ratio": ratio, "method": method,
             "distill_alpha": distill_alpha, "mapped": dict(rules)}
     out = os.path.abspath(run_dir)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=os.path.dirname(out))
-    try:
+    with staged_dir(out) as tmp:
         with open(os.path.join(tmp, "config.yaml"), "w") as f:
             f.write(config_yaml(cfg))
         with open(os.path.join(tmp, "inheritance.json"), "w") as f:
@@ -103,12 +100,6 @@ def write_run(parent, child_cfg, run_dir: str, *, ratio: float, method: str,
         data = {"input": iter(make_input(cfg)).get_state(), "step": 0}
         ckpt.save(0, nnx.to_pure_dict(nnx.state((child, optimizer))), data, wait=True)
         ckpt.close()
-        if os.path.isdir(out):
-            os.rmdir(out)  # empty (checked above)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return info
 
 
