@@ -1,10 +1,26 @@
-"""Tests run on CPU with 8 simulated devices (set before JAX starts)."""
+"""Tests run on CPU with 8 simulated devices (set before JAX starts).
+
+Compilation dominates this suite (hundreds of small programs on 2 cores), and many tests
+compile the very same program: the trainer's step for the tiny config in every trainer
+test, a resumed run and its uninterrupted twin, CLI subprocesses. JAX's persistent
+compilation cache, keyed by the program's hash (plus devices, flags and versions), lets
+each be compiled once per run and shared by both pytest-xdist workers and by the
+subprocesses the tests start (they inherit these variables). It changes no result: a
+cache hit is the same executable. It lives in ``.jax_cache/`` at the repository root
+(git-ignored; a clean checkout starts cold, a local rerun starts warm; capped at 2 GB,
+least recently used entries evicted). Set ``JAX_COMPILATION_CACHE_DIR`` to override it.
+"""
 
 import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 << 30))
 
 import jax  # noqa: E402
 
