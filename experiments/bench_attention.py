@@ -51,7 +51,7 @@ def main(argv=None):
 
     peak = matmul_rate()
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
-    print(f"measured float32 matmul rate: {peak / 1e9:.1f} GFLOP/s (2048^3 matmul)")
+    print(f"measured float32 matmul rate: {peak / 1e9:.1f} GFLOP/s (1024^3 matmul)")
     flash = fwd_bwd(lambda q, k, v: full.attention(
         q, k, v, causal=True, impl="flash", block_q=args.block_q, block_k=args.block_k))
     ref = fwd_bwd(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True))
