@@ -54,6 +54,13 @@ ARCHS = {
     "same": [],
     "linear": ["model.attention.backend=linear"],  # gated DeltaNet (the linear default)
     "hybrid": ["model.attention.pattern=[linear, full]"],
+    # segment attention with memory: 32-token segments, the previous segment's k/v cached
+    # (Transformer-XL) and an Infini-attention linear compressive memory
+    "recurrent": ["model.attention.backend=recurrent", "model.segment_len=32",
+                  "model.attention.recurrent.compressive=linear"],
+    # dense -> MoE upcycling: every expert the parent's MLP, top-2 of 4 renormalised
+    "moe": ["model.moe.num_experts=4", "model.moe.num_experts_per_tok=2",
+            "model.moe.norm_topk_prob=true"],
 }
 METHODS = ("interpolate", "layers", "distill")
 
@@ -110,6 +117,12 @@ class Runner:
             if (s + 1) % eval_every == 0 or s + 1 == steps:
                 curve.append((s + 1, *self.evaluate(eval_step, state)))
         return nnx.merge(graphdef, state)[0], curve
+
+
+def scanned(cfg) -> bool:
+    """Whether the model scans segments (distillation needs one-pass models:
+    ``longctx.train.distill``); ``distill`` is skipped for such targets."""
+    return bool(cfg.model.segment_len) and cfg.data.seq_len > cfg.model.segment_len
 
 
 def steps_to(curve, target):
@@ -194,11 +207,14 @@ def main(argv=None):
     with open(os.path.join(a.out, "results.jsonl"), "w") as f:
         for arch in a.archs:
             cfg = longctx.load_config(a.config, BASE + a.overrides + ARCHS[arch])
+            if "distill" in a.methods and scanned(cfg):
+                print(f"{arch}: scans segments, distill skipped", flush=True)
             for seed in range(a.seeds):
                 data = batches(cfg, seed=seed, n=a.steps)
                 runs = [("fresh", 0.0)] if 0.0 in a.ratios else []
                 runs += [(m, r) for m in a.methods for r in a.ratios if r > 0
-                         and (m != "layers" or inherited_layers(r, cfg.model.n_layers))]
+                         and (m != "layers" or inherited_layers(r, cfg.model.n_layers))
+                         and (m != "distill" or not scanned(cfg))]
                 for method, ratio in runs:
                     rngs = nnx.Rngs(seed)
                     distiller = None
