@@ -61,7 +61,10 @@ ARCHS = {
     # dense -> MoE upcycling: every expert the parent's MLP, top-2 of 4 renormalised
     "moe": ["model.moe.num_experts=4", "model.moe.num_experts_per_tok=2",
             "model.moe.norm_topk_prob=true"],
+    # gated DeltaNet with Hedgehog's learned feature map (identity at the start)
+    "hedgehog": ["model.attention.backend=linear", "model.attention.linear.feature_map=hedgehog"],
 }
+DEFAULT_ARCHS = ["same", "linear", "hybrid", "recurrent", "moe"]
 METHODS = ("interpolate", "layers", "distill")
 
 
@@ -174,8 +177,8 @@ def plot(rows, parent_acc, out):
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m experiments.inheritance")
     p.add_argument("--config", default="experiments/configs/tiny.yaml")
-    p.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--archs", nargs="+", default=DEFAULT_ARCHS, choices=list(ARCHS))
+    p.add_argument("--methods", nargs="+", default=["interpolate"], choices=METHODS)
     p.add_argument("--ratios", nargs="+", type=float, default=[1.0, 0.5, 0.2, 0.0])
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--parent-steps", type=int, default=400)
@@ -184,11 +187,23 @@ def main(argv=None):
     p.add_argument("--eval-batches", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="tiny budgets: a smoke run")
     p.add_argument("--out", default="runs/inheritance")
+    p.add_argument("--from-results", nargs="+", metavar="JSONL",
+                   help="train nothing: the table and plot of these results.jsonl files "
+                        "(runs split over processes, e.g. by --archs, with the same parent)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the base config")
     a = p.parse_args(argv)
     if a.quick:
         a.parent_steps, a.steps, a.eval_every, a.seeds = 20, 10, 5, 1
     os.makedirs(a.out, exist_ok=True)
+    if a.from_results:
+        rows = [json.loads(line) for path in a.from_results for line in open(path)]
+        accs = {r["parent_acc"] for r in rows}
+        if len(accs) != 1:
+            raise SystemExit(f"--from-results: the files have different parents "
+                             f"(parent accuracies {sorted(accs)}); expected one parent")
+        print(summarise(rows, accs.pop(), a.ratios, a.out))
+        plot(rows, rows[0]["parent_acc"], a.out)
+        return
     base = longctx.load_config(a.config, BASE + a.overrides)
     t0 = time.time()
     runner = Runner(batches(base, seed=base.data.eval_seed, n=a.eval_batches))
