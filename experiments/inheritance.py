@@ -2,12 +2,18 @@
 
     nice -n 10 python -m experiments.inheritance                  # the default run (CPU)
     python -m experiments.inheritance --quick                     # a smoke run (seconds)
-    python -m experiments.inheritance --archs same linear --methods interpolate --seeds 3
+    python -m experiments.inheritance --archs same linear --methods interpolate layers distill
+    python -m experiments.inheritance --archs hybrid --out runs/inh/B   # one share of a split
+    python -m experiments.inheritance --from-results runs/inh/*/results.jsonl --out runs/inh
 
 A parent (``--config`` with the overrides of ``BASE``: a small ``full`` model with the
 short q/k/v conv) is trained on MQAR for ``--parent-steps``. Then, for every target
 architecture (``ARCHS``: the same, ``linear`` = gated DeltaNet, ``hybrid`` = [linear,
-full]), method (``interpolate``, ``layers``, ``distill``; see ``longctx.inherit``) and
+full], ``recurrent`` = segment attention with an XL cache and a compressive memory,
+``moe`` = dense -> 4 experts upcycled, ``hedgehog`` = gated DeltaNet with the learned
+Hedgehog feature map; the default leaves ``hedgehog`` out), method (``interpolate`` by
+default; ``layers``, ``distill``; see ``longctx.inherit``; ``distill`` is skipped for
+targets that scan segments) and
 ratio in ``--ratios``, a child is built with :func:`longctx.inherit` (``distill``: fresh
 weights, KL to the parent with ``alpha_0 = ratio`` decayed to 0 over the child's steps) and
 trained for the same ``--steps`` with the same optimizer and data, for ``--seeds`` seeds
@@ -182,8 +188,8 @@ def main(argv=None):
     p.add_argument("--ratios", nargs="+", type=float, default=[1.0, 0.5, 0.2, 0.0])
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--parent-steps", type=int, default=400)
-    p.add_argument("--steps", type=int, default=200, help="each child's training steps")
-    p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--steps", type=int, default=100, help="each child's training steps")
+    p.add_argument("--eval-every", type=int, default=20)
     p.add_argument("--eval-batches", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="tiny budgets: a smoke run")
     p.add_argument("--out", default="runs/inheritance")
