@@ -23,9 +23,12 @@ that inherits no layer (``round(ratio * n_layers) = 0``: the fresh model), which
 
 Metric: held-out MQAR accuracy at the query positions (``data.eval_seed``) every
 ``--eval-every`` steps; *recovered* = child accuracy / parent accuracy; *steps to 90%*:
-the first evaluated step with recovered >= 0.9 (``>steps`` if never within the budget).
+the first evaluated step with recovered >= 0.9 (``>steps`` if never within the budget);
+*steps to fresh@end*: the first evaluated step at which a child reaches the fresh
+model's final accuracy (mean over seeds): the steps it needs for what fresh training
+gets in the whole budget.
 Outputs in ``--out``: ``results.jsonl`` (one row per child with its curve),
-``results.md`` (mean +- std over seeds), ``recovered.png`` (recovered vs steps, a line
+``results.md`` (mean +- std over seeds; std is the population std of the seeds), ``recovered.png`` (recovered vs steps, a line
 per ratio, a panel per architecture x method).
 
 Every architecture's train step is compiled once (the trainer's ``make_train_step``) and
@@ -142,17 +145,28 @@ def summarise(rows, parent_acc, ratios, out):
     """Markdown table: mean +- std over seeds per (arch, method, ratio)."""
     lines = [f"parent held-out MQAR accuracy: {parent_acc:.3f}", "",
              "| arch | method | ratio | recovered @0 | recovered @end | steps to 90% "
-             "(per seed) | seeds |", "|---|---|---|---|---|---|---|"]
-    groups = {}
+             "(per seed) | steps to fresh@end (per seed) | seeds |",
+             "|---|---|---|---|---|---|---|---|"]
+    groups, fresh_end = {}, {}
     for r in rows:
         groups.setdefault((r["arch"], r["method"], r["ratio"]), []).append(r)
+        if r["method"] == "fresh":
+            fresh_end.setdefault(r["arch"], []).append(r["curve"][-1][2])
+    # fresh@end: the fresh model's final accuracy (mean over seeds); the first evaluated
+    # step a child reaches it, i.e. the steps it needs for what fresh training gets
+    fresh_end = {a: float(np.mean(v)) for a, v in fresh_end.items()}
+
+    def steps(r, target):
+        s = steps_to(r["curve"], target)
+        return f">{r['curve'][-1][0]}" if s is None else str(s)
+
     for (arch, method, ratio), rs in groups.items():
         r0 = np.array([r["curve"][0][2] / parent_acc for r in rs])
         r1 = np.array([r["curve"][-1][2] / parent_acc for r in rs])
-        s90 = ", ".join(f">{r['curve'][-1][0]}" if r["steps_to_90"] is None
-                        else str(r["steps_to_90"]) for r in rs)
+        s90 = ", ".join(steps(r, 0.9 * parent_acc) for r in rs)
+        sfr = ", ".join(steps(r, fresh_end[arch]) for r in rs) if arch in fresh_end else "-"
         lines.append(f"| {arch} | {method} | {ratio:g} | {r0.mean():.2f} ± {r0.std():.2f} | "
-                     f"{r1.mean():.2f} ± {r1.std():.2f} | {s90} | {len(rs)} |")
+                     f"{r1.mean():.2f} ± {r1.std():.2f} | {s90} | {sfr} | {len(rs)} |")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(text)
