@@ -180,12 +180,13 @@ def plot(rows, parent_acc, out):
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     panels = sorted({(r["arch"], r["method"]) for r in rows if r["method"] != "fresh"})
+    ratios = sorted({r["ratio"] for r in rows}, reverse=True)  # one colour per ratio
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4 * max(len(panels), 1), 3.2),
                              squeeze=False)
     for ax, (arch, method) in zip(axes[0], panels):
         for r in [r for r in rows if r["arch"] == arch and r["method"] in (method, "fresh")]:
             c = np.array(r["curve"])
-            ax.plot(c[:, 0], c[:, 2] / parent_acc, color=f"C{int(r['ratio'] * 10) % 10}",
+            ax.plot(c[:, 0], c[:, 2] / parent_acc, color=f"C{ratios.index(r['ratio'])}",
                     alpha=0.8, label=f"ratio {r['ratio']:g}" if r["seed"] == 0 else None)
         ax.axhline(0.9, color="grey", lw=0.5)
         ax.set(title=f"{arch} / {method}", xlabel="steps", ylabel="recovered (acc / parent)")
