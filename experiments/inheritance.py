@@ -2,12 +2,18 @@
 
     nice -n 10 python -m experiments.inheritance                  # the default run (CPU)
     python -m experiments.inheritance --quick                     # a smoke run (seconds)
-    python -m experiments.inheritance --archs same linear --methods interpolate --seeds 3
+    python -m experiments.inheritance --archs same linear --methods interpolate layers distill
+    python -m experiments.inheritance --archs hybrid --out runs/inh/B   # one share of a split
+    python -m experiments.inheritance --from-results runs/inh/*/results.jsonl --out runs/inh
 
 A parent (``--config`` with the overrides of ``BASE``: a small ``full`` model with the
 short q/k/v conv) is trained on MQAR for ``--parent-steps``. Then, for every target
 architecture (``ARCHS``: the same, ``linear`` = gated DeltaNet, ``hybrid`` = [linear,
-full]), method (``interpolate``, ``layers``, ``distill``; see ``longctx.inherit``) and
+full], ``recurrent`` = segment attention with an XL cache and a compressive memory,
+``moe`` = dense -> 4 experts upcycled, ``hedgehog`` = gated DeltaNet with the learned
+Hedgehog feature map; the default leaves ``hedgehog`` out), method (``interpolate`` by
+default; ``layers``, ``distill``; see ``longctx.inherit``; ``distill`` is skipped for
+targets that scan segments) and
 ratio in ``--ratios``, a child is built with :func:`longctx.inherit` (``distill``: fresh
 weights, KL to the parent with ``alpha_0 = ratio`` decayed to 0 over the child's steps) and
 trained for the same ``--steps`` with the same optimizer and data, for ``--seeds`` seeds
@@ -17,9 +23,12 @@ that inherits no layer (``round(ratio * n_layers) = 0``: the fresh model), which
 
 Metric: held-out MQAR accuracy at the query positions (``data.eval_seed``) every
 ``--eval-every`` steps; *recovered* = child accuracy / parent accuracy; *steps to 90%*:
-the first evaluated step with recovered >= 0.9 (``>steps`` if never within the budget).
+the first evaluated step with recovered >= 0.9 (``>steps`` if never within the budget);
+*steps to fresh@end*: the first evaluated step at which a child reaches the fresh
+model's final accuracy (mean over seeds): the steps it needs for what fresh training
+gets in the whole budget.
 Outputs in ``--out``: ``results.jsonl`` (one row per child with its curve),
-``results.md`` (mean +- std over seeds), ``recovered.png`` (recovered vs steps, a line
+``results.md`` (mean +- std over seeds; std is the population std of the seeds), ``recovered.png`` (recovered vs steps, a line
 per ratio, a panel per architecture x method).
 
 Every architecture's train step is compiled once (the trainer's ``make_train_step``) and
@@ -54,7 +63,17 @@ ARCHS = {
     "same": [],
     "linear": ["model.attention.backend=linear"],  # gated DeltaNet (the linear default)
     "hybrid": ["model.attention.pattern=[linear, full]"],
+    # segment attention with memory: 32-token segments, the previous segment's k/v cached
+    # (Transformer-XL) and an Infini-attention linear compressive memory
+    "recurrent": ["model.attention.backend=recurrent", "model.segment_len=32",
+                  "model.attention.recurrent.compressive=linear"],
+    # dense -> MoE upcycling: every expert the parent's MLP, top-2 of 4 renormalised
+    "moe": ["model.moe.num_experts=4", "model.moe.num_experts_per_tok=2",
+            "model.moe.norm_topk_prob=true"],
+    # gated DeltaNet with Hedgehog's learned feature map (identity at the start)
+    "hedgehog": ["model.attention.backend=linear", "model.attention.linear.feature_map=hedgehog"],
 }
+DEFAULT_ARCHS = ["same", "linear", "hybrid", "recurrent", "moe"]
 METHODS = ("interpolate", "layers", "distill")
 
 
@@ -112,6 +131,12 @@ class Runner:
         return nnx.merge(graphdef, state)[0], curve
 
 
+def scanned(cfg) -> bool:
+    """Whether the model scans segments (distillation needs one-pass models:
+    ``longctx.train.distill``); ``distill`` is skipped for such targets."""
+    return bool(cfg.model.segment_len) and cfg.data.seq_len > cfg.model.segment_len
+
+
 def steps_to(curve, target):
     return next((s for s, _, acc in curve if acc >= target), None)
 
@@ -120,17 +145,28 @@ def summarise(rows, parent_acc, ratios, out):
     """Markdown table: mean +- std over seeds per (arch, method, ratio)."""
     lines = [f"parent held-out MQAR accuracy: {parent_acc:.3f}", "",
              "| arch | method | ratio | recovered @0 | recovered @end | steps to 90% "
-             "(per seed) | seeds |", "|---|---|---|---|---|---|---|"]
-    groups = {}
+             "(per seed) | steps to fresh@end (per seed) | seeds |",
+             "|---|---|---|---|---|---|---|---|"]
+    groups, fresh_end = {}, {}
     for r in rows:
         groups.setdefault((r["arch"], r["method"], r["ratio"]), []).append(r)
+        if r["method"] == "fresh":
+            fresh_end.setdefault(r["arch"], []).append(r["curve"][-1][2])
+    # fresh@end: the fresh model's final accuracy (mean over seeds); the first evaluated
+    # step a child reaches it, i.e. the steps it needs for what fresh training gets
+    fresh_end = {a: float(np.mean(v)) for a, v in fresh_end.items()}
+
+    def steps(r, target):
+        s = steps_to(r["curve"], target)
+        return f">{r['curve'][-1][0]}" if s is None else str(s)
+
     for (arch, method, ratio), rs in groups.items():
         r0 = np.array([r["curve"][0][2] / parent_acc for r in rs])
         r1 = np.array([r["curve"][-1][2] / parent_acc for r in rs])
-        s90 = ", ".join(f">{r['curve'][-1][0]}" if r["steps_to_90"] is None
-                        else str(r["steps_to_90"]) for r in rs)
+        s90 = ", ".join(steps(r, 0.9 * parent_acc) for r in rs)
+        sfr = ", ".join(steps(r, fresh_end[arch]) for r in rs) if arch in fresh_end else "-"
         lines.append(f"| {arch} | {method} | {ratio:g} | {r0.mean():.2f} ± {r0.std():.2f} | "
-                     f"{r1.mean():.2f} ± {r1.std():.2f} | {s90} | {len(rs)} |")
+                     f"{r1.mean():.2f} ± {r1.std():.2f} | {s90} | {sfr} | {len(rs)} |")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(text)
@@ -144,12 +180,13 @@ def plot(rows, parent_acc, out):
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     panels = sorted({(r["arch"], r["method"]) for r in rows if r["method"] != "fresh"})
+    ratios = sorted({r["ratio"] for r in rows}, reverse=True)  # one colour per ratio
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4 * max(len(panels), 1), 3.2),
                              squeeze=False)
     for ax, (arch, method) in zip(axes[0], panels):
         for r in [r for r in rows if r["arch"] == arch and r["method"] in (method, "fresh")]:
             c = np.array(r["curve"])
-            ax.plot(c[:, 0], c[:, 2] / parent_acc, color=f"C{int(r['ratio'] * 10) % 10}",
+            ax.plot(c[:, 0], c[:, 2] / parent_acc, color=f"C{ratios.index(r['ratio'])}",
                     alpha=0.8, label=f"ratio {r['ratio']:g}" if r["seed"] == 0 else None)
         ax.axhline(0.9, color="grey", lw=0.5)
         ax.set(title=f"{arch} / {method}", xlabel="steps", ylabel="recovered (acc / parent)")
@@ -161,21 +198,33 @@ def plot(rows, parent_acc, out):
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m experiments.inheritance")
     p.add_argument("--config", default="experiments/configs/tiny.yaml")
-    p.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--archs", nargs="+", default=DEFAULT_ARCHS, choices=list(ARCHS))
+    p.add_argument("--methods", nargs="+", default=["interpolate"], choices=METHODS)
     p.add_argument("--ratios", nargs="+", type=float, default=[1.0, 0.5, 0.2, 0.0])
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--parent-steps", type=int, default=400)
-    p.add_argument("--steps", type=int, default=200, help="each child's training steps")
-    p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--steps", type=int, default=100, help="each child's training steps")
+    p.add_argument("--eval-every", type=int, default=20)
     p.add_argument("--eval-batches", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="tiny budgets: a smoke run")
     p.add_argument("--out", default="runs/inheritance")
+    p.add_argument("--from-results", nargs="+", metavar="JSONL",
+                   help="train nothing: the table and plot of these results.jsonl files "
+                        "(runs split over processes, e.g. by --archs, with the same parent)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the base config")
     a = p.parse_args(argv)
     if a.quick:
         a.parent_steps, a.steps, a.eval_every, a.seeds = 20, 10, 5, 1
     os.makedirs(a.out, exist_ok=True)
+    if a.from_results:
+        rows = [json.loads(line) for path in a.from_results for line in open(path)]
+        accs = {r["parent_acc"] for r in rows}
+        if len(accs) != 1:
+            raise SystemExit(f"--from-results: the files have different parents "
+                             f"(parent accuracies {sorted(accs)}); expected one parent")
+        print(summarise(rows, accs.pop(), a.ratios, a.out))
+        plot(rows, rows[0]["parent_acc"], a.out)
+        return
     base = longctx.load_config(a.config, BASE + a.overrides)
     t0 = time.time()
     runner = Runner(batches(base, seed=base.data.eval_seed, n=a.eval_batches))
@@ -194,11 +243,14 @@ def main(argv=None):
     with open(os.path.join(a.out, "results.jsonl"), "w") as f:
         for arch in a.archs:
             cfg = longctx.load_config(a.config, BASE + a.overrides + ARCHS[arch])
+            if "distill" in a.methods and scanned(cfg):
+                print(f"{arch}: scans segments, distill skipped", flush=True)
             for seed in range(a.seeds):
                 data = batches(cfg, seed=seed, n=a.steps)
                 runs = [("fresh", 0.0)] if 0.0 in a.ratios else []
                 runs += [(m, r) for m in a.methods for r in a.ratios if r > 0
-                         and (m != "layers" or inherited_layers(r, cfg.model.n_layers))]
+                         and (m != "layers" or inherited_layers(r, cfg.model.n_layers))
+                         and (m != "distill" or not scanned(cfg))]
                 for method, ratio in runs:
                     rngs = nnx.Rngs(seed)
                     distiller = None

@@ -60,7 +60,8 @@ def test_endpoints_and_exact_interpolation(parent):
 def test_full_to_linear_hybrid_recurrent_table(parent):
     par = _flat(parent)
     total = sum(v.size for v in par.values())
-    for over in (["model.attention.backend=linear"], ["model.attention.pattern=[linear, full]"],
+    hedgehog = ["model.attention.backend=linear", "model.attention.linear.feature_map=hedgehog"]
+    for over in (hedgehog, ["model.attention.pattern=[linear, full]"],
                  ["model.attention.backend=recurrent", "model.segment_len=16",
                   "model.attention.recurrent.compressive=linear"]):
         cfg = _cfg(*over)
@@ -76,7 +77,9 @@ def test_full_to_linear_hybrid_recurrent_table(parent):
         for k in child:
             mixer = k.split("/")[2:3] == ["mixer"]
             name = k.split("/")[-1]
-            if k not in par and name not in ("w_a", "conv_q", "conv_k", "conv_v"):
+            if name in ("hedgehog_q", "hedgehog_k"):  # Hedgehog: the map starts at identity
+                np.testing.assert_array_equal(child[k], np.broadcast_to(np.eye(8), (4, 8, 8)))
+            elif k not in par and name not in ("w_a", "conv_q", "conv_k", "conv_v"):
                 np.testing.assert_array_equal(child[k], fresh[k], err_msg=k)  # extras fresh
             elif (mixer and name in ("wk", "wv", "conv_k", "conv_v")
                   and child[k].shape != par[k].shape):
@@ -88,9 +91,10 @@ def test_full_to_linear_hybrid_recurrent_table(parent):
                 np.testing.assert_allclose(child[k], wk.mean(-1), rtol=1e-5, atol=1e-9, err_msg=k)
             elif k in par:
                 np.testing.assert_array_equal(child[k], par[k], err_msg=k)
-    rec = [m for m in correspondence(parent, _cfg("model.attention.backend=linear"))
-           if m.rule != "copy"]
-    assert {m.rule for m in rec} == {"repeat_kv", "liger"}
+    rec = [m for m in correspondence(parent, _cfg(*hedgehog), ratio=0.5) if m.rule != "copy"]
+    assert {m.rule for m in rec} == {"repeat_kv", "liger", "hedgehog"}
+    assert {m.child for m in rec if m.rule == "hedgehog"} == {
+        f"blocks/{i}/mixer/hedgehog_{n}" for i in (0, 1) for n in "qk"}
     assert {m.child for m in rec if m.rule == "liger"} == {"blocks/0/mixer/w_a",
                                                             "blocks/1/mixer/w_a"}
 

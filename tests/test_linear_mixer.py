@@ -120,6 +120,8 @@ def test_packed_documents_do_not_see_each_other(variant="gated_deltanet"):
     ("model.attention.linear.variant=linear model.attention.linear.normalize=true "
      "model.attention.linear.feature_map=identity", r"feature_map='identity'"),
     ("model.attention.linear.chunk", r"did you mean model.attention.linear.chunk_size"),
+    ("model.attention.linear.variant=kda model.attention.linear.feature_map=hedgehog",
+     r"feature_map='hedgehog' needs a variant without a decay per key"),
 ])
 def test_bad_linear_config_fails_at_load(override, match):
     overrides = ["model.attention.backend=linear"] + [
@@ -159,3 +161,54 @@ def test_gla_with_retnet_bias_and_no_data_gate_is_retnet():
         blk.mixer.w_gate1[...] = jnp.zeros_like(blk.mixer.w_gate1[...])
     tok = _tokens(2, 40, 3)
     np.testing.assert_allclose(forward(gla, tok), forward(ret, tok), atol=1e-5)
+
+
+def test_hedgehog_feature_map_against_a_naive_reference():
+    """feature_map=hedgehog (variant linear, normalised): one mixer, a random (non-identity)
+    map W, against an independent numpy computation: phi(x) = softmax([x W, -x W]) per
+    head, then causal normalised linear attention by its definition (a loop over t, keys
+    0..t only: matching it is causality); the mixer runs two segments with its state
+    ([B, H, 2K, V+1]) carried. The fresh W is the identity."""
+    from longctx.backends.base import MixerDims
+    from longctx.backends.linear.config import LinearConfig
+    from longctx.backends.linear.mixer import LinearAttention
+    from longctx.backends.linear.ops import NORMALIZE_EPS
+
+    B, S, E, H, K = 2, 8, 8, 2, 3
+    lin = LinearConfig(variant="linear", feature_map="hedgehog", normalize=True, conv_size=0,
+                       chunk_size=4, output_norm=False, output_gate=False)
+    lin.validate()
+    mix = LinearAttention(MixerDims(d_model=E, n_heads=H, n_kv_heads=H, head_dim=K), lin,
+                          rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(mix.hedgehog_q[...], np.broadcast_to(np.eye(K), (H, K, K)))
+    rng = np.random.default_rng(0)
+    for name in ("wq", "wk", "wv", "wo", "hedgehog_q", "hedgehog_k"):
+        w = getattr(mix, name)
+        w[...] = w[...] * (name[0] == "h") + jnp.asarray(  # hedgehog: identity + noise
+            0.4 * rng.normal(size=w[...].shape), jnp.float32)
+    x = rng.normal(size=(B, S, E)).astype(np.float32)
+    seg = jit(lambda m, u, st: m(u, positions=None, state=st))  # one compile: two segments
+    state = mix.init_state(B)
+    assert state["S"].shape == (B, H, 2 * K, K + 1)  # 2K features, V + the normaliser
+    y1, state = seg(mix, jnp.asarray(x[:, :4]), state)
+    y2, _ = seg(mix, jnp.asarray(x[:, 4:]), state)
+
+    P = {n: np.asarray(getattr(mix, n)[...], np.float64)
+         for n in ("wq", "wk", "wv", "wo", "hedgehog_q", "hedgehog_k")}
+
+    def phi(u, w):  # u [B, S, H, K], w [H, K, K]
+        z = np.einsum("bshk,hkf->bshf", u, w)
+        e = np.exp(np.concatenate([z, -z], -1))
+        return e / e.sum(-1, keepdims=True)
+
+    q = phi(np.einsum("bse,ehk->bshk", x, P["wq"]), P["hedgehog_q"])
+    k = phi(np.einsum("bse,ehk->bshk", x, P["wk"]), P["hedgehog_k"])
+    v = np.einsum("bse,ehk->bshk", x, P["wv"])
+    o = np.zeros(v.shape)
+    for t in range(S):
+        a = np.einsum("bhf,bshf->bhs", q[:, t], k[:, :t + 1])  # causal: keys 0..t
+        a = a * (2 * K) ** -0.5  # the op's scale F^-1/2 (F = 2K features) meets its eps
+        o[:, t] = (np.einsum("bhs,bshv->bhv", a, v[:, :t + 1])
+                   / (a.sum(-1)[..., None] + NORMALIZE_EPS))
+    want = np.einsum("bshv,hve->bse", o, P["wo"])
+    np.testing.assert_allclose(np.concatenate([y1, y2], 1), want, rtol=2e-4, atol=2e-5)

@@ -45,6 +45,11 @@ mixer ``conv_q/k/v`` (linear child)     parent's kernel if it has one, else the 
 mixer ``w_a`` (gated DeltaNet decay)    ``mean_d wk[:, h, d]``: the decay input is  ``liger``
                                         the mean-pooled key (Liger, Lan et al.
                                         2025: gates built from the key projection)
+mixer ``hedgehog_q/k`` ``[H, K, K]``    nothing (parent without a learned map): the ``hedgehog``
+(``feature_map: hedgehog``)             identity, ``phi = softmax([x, -x])`` on the
+                                        parent's q, k (Hedgehog, Zhang et al. 2024;
+                                        LoLCATs 2025: start from the identity, then
+                                        learn to mimic softmax attention)
 ``lm_head`` (untied child)              ``embed.embedding.T`` (tied parent)         ``untie``
 mlp ``w_gate/w_up/w_down`` ``[X, ...]`` dense ``[...]`` (dense -> MoE upcycling,    ``upcycle``
                                         Komatsuzaki et al. 2022): every expert the
@@ -58,8 +63,9 @@ everything else (``w_beta``, ``a_log``, nothing: fresh (their own inits: Mamba-2
 shared experts, memory tokens)
 ======================================  ==========================================  ============
 
-Not implemented: Hedgehog / LoLCATs learned feature maps (the ``linear`` mixer has only fixed
-feature maps), and a start-at-zero memory gate for ``recurrent`` children (no literature
+Not implemented: LoLCATs' attention-transfer stage (training the feature maps to match the
+parent's softmax attention before fine-tuning; here they start at the identity and train
+with the rest), and a start-at-zero memory gate for ``recurrent`` children (no literature
 init; the mixer's own constant is kept). Parameters that have a path in both models but
 shapes no rule maps (a different ``d_model``, ``head_dim``, ``vocab_size``, ``mlp_dim``)
 raise ``ValueError`` naming the path and both shapes; parent parameters with no place in
@@ -92,7 +98,7 @@ class Mapped:
 
     child: str  # "blocks/3/mixer/wk"
     parent: str | None  # "blocks/1/mixer/wk"; None for a rule without a parent tensor
-    rule: str  # copy | repeat_kv | identity | liger | untie | upcycle | split
+    rule: str  # copy | repeat_kv | identity | liger | hedgehog | untie | upcycle | split
 
 
 def _round(x: float) -> int:
@@ -189,6 +195,10 @@ def _derived(rel: tuple, shape, parent_layer: dict, pcfg, ccfg):
     if rel[0] == "mixer" and leaf in ("conv_q", "conv_k", "conv_v"):
         W = shape[0]  # identity depthwise kernel: the output at t is the input at t
         return jnp.zeros(shape, jnp.float32).at[W - 1].set(1.0), "identity", None
+    if rel[0] == "mixer" and leaf in ("hedgehog_q", "hedgehog_k"):
+        H, K, F = shape  # Hedgehog / LoLCATs: the learned map starts at the identity
+        eye = jnp.broadcast_to(jnp.eye(K, F, dtype=jnp.float32), (H, K, F))
+        return eye, "hedgehog", None
     if rel[0] == "mixer" and leaf == "w_a" and "wk" in mixer:
         wk = mixer["wk"]  # [E, Hkv, D]
         H = shape[1]

@@ -19,7 +19,10 @@ VARIANTS = {
 }
 DELTA_VARIANTS = ("deltanet", "gated_deltanet", "kda")
 RWKV_VARIANTS = ("rwkv6", "rwkv7")  # longctx.backends.linear.rwkv_mixer
-FEATURE_MAPS = ("identity", "elu1", "relu", "silu")
+FEATURE_MAPS = ("identity", "elu1", "relu", "silu", "hedgehog")
+# hedgehog (learned, Zhang et al. 2024) doubles the key features to 2K; the variants with a
+# decay per key (gla, kda: gates [.., H, K]) would need a gate per feature, so it is refused
+HEDGEHOG_VARIANTS = ("linear", "retnet", "deltanet", "gated_deltanet")
 # form of a multi-token segment (see longctx.backends.linear.ops.segment_form)
 SEGMENT_FORMS = ("auto", "chunk", "chunk_scan", "pallas")
 GATE_BIAS_INITS = ("zero", "retnet")
@@ -28,7 +31,9 @@ GATE_BIAS_INITS = ("zero", "retnet")
 @dataclass(frozen=True)
 class LinearConfig:
     variant: str = "gated_deltanet"  # linear|retnet|gla|deltanet|gated_deltanet|kda|rwkv6|rwkv7
-    feature_map: str | None = None  # on q, k: identity | elu1 | relu | silu; None: variant default
+    # on q, k: identity | elu1 | relu | silu | hedgehog (learned, softmax([xW, -xW]) per head,
+    # W [K, K] from the identity; 2K features); None: the variant's default
+    feature_map: str | None = None
     chunk_size: int = 64  # tokens per chunk of the chunkwise-parallel form
     form: str = "auto"  # auto | chunk (parallel) | chunk_scan (sequential) | pallas
     conv_size: int = 4  # short causal depthwise conv on q, k, v (its tail is state); 0: off
@@ -55,7 +60,7 @@ class LinearConfig:
     def normalize_ok(self) -> bool:
         """``normalize`` needs an additive variant and non-negative features (else z can be ~0)."""
         return (self.variant not in DELTA_VARIANTS
-                and self.resolved_feature_map in ("elu1", "relu"))
+                and self.resolved_feature_map in ("elu1", "relu", "hedgehog"))
 
     def validate(self, prefix: str = "model.attention.linear") -> None:
         require(self.variant in VARIANTS,
@@ -80,9 +85,12 @@ class LinearConfig:
         require(self.variant not in RWKV_VARIANTS or self.feature_map is None,
                 f"{prefix}.feature_map={self.feature_map!r}: variant {self.variant!r} "
                 f"takes no feature map (expected null)")
+        require(self.feature_map != "hedgehog" or self.variant in HEDGEHOG_VARIANTS,
+                f"{prefix}.feature_map='hedgehog' needs a variant without a decay per key, "
+                f"one of {HEDGEHOG_VARIANTS}; got variant={self.variant!r}")
         require(not self.normalize or self.normalize_ok,
                 f"{prefix}.normalize=true needs variant linear | retnet | gla and a "
-                f"non-negative feature map (elu1 | relu); got variant={self.variant!r}, "
+                f"non-negative feature map (elu1 | relu | hedgehog); got variant={self.variant!r}, "
                 f"feature_map={self.feature_map!r}")
 
     def validate_use(self, model, *, seq_len: int | None, layers: list[int]) -> None:

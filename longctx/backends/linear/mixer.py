@@ -6,7 +6,8 @@ the section in :mod:`longctx.backends.linear.config`::
 
     x [B, S, E] -> q, k [B, S, H, K], v [B, S, H, V]     (projections, H = model.n_heads)
                -> short causal depthwise conv on q, k, v (conv_size > 0; its tail is state)
-               -> feature map on q, k (identity | elu1 | relu | silu)
+               -> feature map on q, k (identity | elu1 | relu | silu; hedgehog: learned,
+                  softmax([x W, -x W]) per head, 2K features, see :func:`hedgehog`)
                -> gates and the recurrence of the variant (state S [B, H, K, V] float32)
                -> RMSNorm per head -> * silu(x W_gate) -> output projection [B, S, E]
 
@@ -69,12 +70,27 @@ from longctx.backends.linear.rwkv_mixer import RWKVMixer
 from longctx.layers import DTYPES, causal_conv, param
 from longctx.parallel import context, context_linear
 
-FEATURE_MAPS = {  # names: longctx.backends.linear.config.FEATURE_MAPS
+FEATURE_MAPS = {  # the fixed ones of longctx.backends.linear.config.FEATURE_MAPS (+ hedgehog)
     "identity": lambda x: x,
     "elu1": lambda x: jax.nn.elu(x) + 1.0,  # Katharopoulos et al. 2020: positive features
     "relu": jax.nn.relu,
     "silu": jax.nn.silu,
 }
+
+
+def hedgehog(x, w):
+    """Hedgehog's learned feature map (Zhang et al. 2024, "The Hedgehog & the Porcupine"):
+    ``phi(x) = softmax([x W, -x W])`` over the ``2 K'`` features, per head.
+
+    ``x [B, S, H, K]``, ``w [H, K, K']`` -> ``[B, S, H, 2 K']`` (positive, summing to 1;
+    computed in float32, returned in ``x``'s dtype). The mixer starts ``W`` at the identity
+    (as fla's ``HedgehogFeatureMap``; no bias, no factor 2): ``phi(q) . phi(k)`` is then a
+    sum of products of exponentials of the raw q, k features — spiky and monotonic in
+    ``q . k`` like softmax attention, which LoLCATs (Zhang et al. 2025) then trains to
+    match. Each position is mapped on its own, so causality is the recurrence's.
+    """
+    z = jnp.einsum("bshk,hkf->bshf", x.astype(jnp.float32), w.astype(jnp.float32))
+    return jax.nn.softmax(jnp.concatenate([z, -z], axis=-1), axis=-1).astype(x.dtype)
 
 
 def retnet_log_decay(n_heads: int):
@@ -131,6 +147,13 @@ class LinearAttention(Mixer):
             return param(rngs, (W, H, D), (None, "heads", "head_dim"), value=value)
 
         self.conv_q, self.conv_k, self.conv_v = conv(K), conv(K), conv(V)
+        # the recurrence's key features: 2K with the hedgehog map, else K
+        self.feature_dim = 2 * K if self.feature_map == "hedgehog" else K
+        self.hedgehog_q = self.hedgehog_k = nnx.data(None)
+        if self.feature_map == "hedgehog":  # separate maps for q and k, from the identity
+            eye = jnp.broadcast_to(jnp.eye(K, dtype=jnp.float32), (H, K, K))
+            self.hedgehog_q = param(rngs, (H, K, K), ("heads", None, None), value=eye)
+            self.hedgehog_k = param(rngs, (H, K, K), ("heads", None, None), value=eye)
         none = lambda: nnx.data(None)  # noqa: E731
         self.w_gate1 = self.w_gate2 = self.b_gate = none()
         self.w_beta = self.w_a = self.a_log = self.dt_bias = none()
@@ -178,16 +201,18 @@ class LinearAttention(Mixer):
         chunks never span segments, so a segment shorter than a chunk is one chunk."""
         chunk = min(self.lin.chunk_size, segment_len or seq_len, seq_len)
         V = self.value_dim + int(self.lin.normalize)  # the normaliser rides as a value column
-        return linear_ops.chunk_flops(batch * seq_len * self.n_heads, key_dim=self.key_dim,
+        return linear_ops.chunk_flops(batch * seq_len * self.n_heads, key_dim=self.feature_dim,
                                       value_dim=V, chunk_size=chunk,
                                       delta=self.lin.variant in DELTA_VARIANTS)
 
     # -- state protocol -------------------------------------------------------
 
     def init_state(self, batch_size: int, dtype=jnp.float32):
-        """``{"S": [B, H, K, V(+1)] float32, "seg": [B, max(W-1, 1)] int32}`` + conv tails."""
+        """``{"S": [B, H, F, V(+1)] float32, "seg": [B, max(W-1, 1)] int32}`` + conv tails
+        (``F`` the key features: ``K``, or ``2K`` with the hedgehog map)."""
         B, H, K, V, W = batch_size, self.n_heads, self.key_dim, self.value_dim, self.lin.conv_size
-        state = {"S": jnp.zeros((B, H, K, V + int(self.lin.normalize)), jnp.float32),
+        state = {"S": jnp.zeros((B, H, self.feature_dim, V + int(self.lin.normalize)),
+                                jnp.float32),
                  "seg": jnp.zeros((B, max(W - 1, 1)), jnp.int32)}  # ids of the last tokens
         if W:
             state["conv"] = {"q": jnp.zeros((B, W - 1, H, K), dtype),
@@ -227,8 +252,11 @@ class LinearAttention(Mixer):
             v, tv = causal_conv(v, self.conv_v[...], tails["v"], seg_ext)
             if state is not None:
                 new_state["conv"] = {"q": tq, "k": tk, "v": tv}
-        fmap = FEATURE_MAPS[self.feature_map]
-        q, k = fmap(q), fmap(k)
+        if self.feature_map == "hedgehog":  # learned: [B, S, H, 2K]
+            q, k = hedgehog(q, self.hedgehog_q[...]), hedgehog(k, self.hedgehog_k[...])
+        else:
+            fmap = FEATURE_MAPS[self.feature_map]
+            q, k = fmap(q), fmap(k)
         xf = x.astype(jnp.float32)  # gates in float32
         g = beta = None
         if lin.variant == "retnet":
