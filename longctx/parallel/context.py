@@ -275,16 +275,22 @@ def _fwd_chunk(c: _Static, q, k, v, qpos, kpos, qseg, kseg, o0=None, lse0=None):
     return jax.lax.fori_loop(0, n_q, q_block, (o0, lse0))
 
 
-def _bwd_chunk(c: _Static, q, k, v, qpos, kpos, qseg, kseg, lse, delta, do, dq0=None):
+def _bwd_chunk(c: _Static, q, k, v, qpos, kpos, qseg, kseg, lse, delta, do, dq, dk, dv):
     """Gradients of the local queries against one chunk, given the *global* ``lse``
-    (``+inf`` for empty rows) and ``delta = rowsum(dO * O)`` (FlashAttention-2, Alg. 2).
-    Returns ``dq [B, K, R, D]`` (added to ``dq0``, in place), ``dk, dv [B, K, S, D]``, all
-    float32."""
+    (``+inf`` for empty rows) and ``delta = rowsum(dO * O)`` (FlashAttention-2, Alg. 2),
+    accumulated in place, block by block, into ``dq [B, K, R, D]`` and the chunk's
+    ``dk, dv [B, K, S, D]`` (all float32; zeros, or the ring's travelling accumulators).
+
+    Accumulating into the buffers passed in (rather than returning this chunk's dK/dV
+    stacked block by block, to be added to the accumulators) keeps one dK/dV buffer per
+    chunk: no stacked ``[n_k, ..., bk, D]`` copy, no separate partial to add.
+    """
     B, K, R, D = q.shape
     rows = c.bq * c.G
     n_q, n_k = R // rows, k.shape[2] // c.bk
 
-    def kv_block(dq, j):
+    def kv_block(j, acc):
+        dq, dk_all, dv_all = acc
         kj, vj = _sl(k, j, c.bk, 2), _sl(v, j, c.bk, 2)
         kp = _sl(kpos, j, c.bk, 0)
         ks = None if kseg is None else _sl(kseg, j, c.bk, 1)
@@ -313,15 +319,12 @@ def _bwd_chunk(c: _Static, q, k, v, qpos, kpos, qseg, kseg, lse, delta, do, dq0=
             meet = blocks_meet(c.causal, c.window, qp[0], qp[-1], kp[0], kp[-1])
             return jax.lax.cond(meet, compute, lambda x: x, carry)
 
-        zeros = jnp.zeros((B, K, c.bk, D), jnp.float32)
-        dq, dk, dv = jax.lax.fori_loop(0, n_q, q_step, (dq, zeros, zeros))
-        return dq, (dk, dv)
+        dq, dk, dv = jax.lax.fori_loop(0, n_q, q_step,
+                                       (dq, _sl(dk_all, j, c.bk, 2), _sl(dv_all, j, c.bk, 2)))
+        return (dq, jax.lax.dynamic_update_slice_in_dim(dk_all, dk, j * c.bk, axis=2),
+                jax.lax.dynamic_update_slice_in_dim(dv_all, dv, j * c.bk, axis=2))
 
-    dq0 = jnp.zeros((B, K, R, D), jnp.float32) if dq0 is None else dq0
-    dq, (dk, dv) = jax.lax.scan(kv_block, dq0, jnp.arange(n_k))
-    S = k.shape[2]
-    return (dq, jnp.moveaxis(dk, 0, 2).reshape(B, K, S, D),
-            jnp.moveaxis(dv, 0, 2).reshape(B, K, S, D))
+    return jax.lax.fori_loop(0, n_k, kv_block, (dq, dk, dv))
 
 
 def _bwd_lse(lse):
@@ -378,21 +381,24 @@ def _ring_bwd(c, res, do):
     lse = _bwd_lse(lse)
     delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
 
-    def grads(s, k, v, kseg, dq):
+    def grads(s, k, v, kseg, dq, dk, dv):
         return _bwd_chunk(c, q, k, v, qpos, _source_positions(c, s), qseg, kseg, lse, delta, do,
-                          dq)
+                          dq, dk, dv)
 
-    def step(carry, s):  # dK/dV accumulators travel with the chunk they belong to
+    def step(carry, s):  # receive the next chunk with its dK/dV accumulators, add to them
         dq, k, v, kseg, dk, dv = carry
-        dq, dk_s, dv_s = grads(s, k, v, kseg, dq)
-        k, v, kseg, dk, dv = _rotate(c, k, v, kseg, dk + dk_s, dv + dv_s)
+        k, v, kseg, dk, dv = _rotate(c, k, v, kseg, dk, dv)
+        dq, dk, dv = grads(s, k, v, kseg, dq, dk, dv)
         return (dq, k, v, kseg, dk, dv), None
 
-    init = (jnp.zeros(q.shape, jnp.float32), k, v, kseg,
-            jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-    (dq, k, v, kseg, dk, dv), _ = jax.lax.scan(step, init, jnp.arange(c.n - 1))
-    dq, dk_s, dv_s = grads(c.n - 1, k, v, kseg, dq)
-    dk, dv = _rotate(c, dk + dk_s, dv + dv_s)  # the N-th hop: the accumulators arrive home
+    # The local chunk first, outside the ring loop: its dK/dV start from zeros here, so
+    # the loop carries no zero-initialised accumulators (XLA allocates a loop's initial
+    # carry early, and such buffers would stay live through the whole forward pass).
+    f32 = functools.partial(jnp.zeros, dtype=jnp.float32)
+    dq, dk, dv = grads(0, k, v, kseg, f32(q.shape), f32(k.shape), f32(v.shape))
+    (dq, k, v, kseg, dk, dv), _ = jax.lax.scan(step, (dq, k, v, kseg, dk, dv),
+                                               jnp.arange(1, c.n))
+    dk, dv = _rotate(c, dk, dv)  # the N-th hop: the accumulators arrive home
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None
 
 
@@ -420,7 +426,9 @@ def _attend_fwd(c, q, k, v, qpos, kpos, qseg, kseg):
 def _attend_bwd(c, res, do):
     q, k, v, qpos, kpos, qseg, kseg, o, lse = res
     delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
-    dq, dk, dv = _bwd_chunk(c, q, k, v, qpos, kpos, qseg, kseg, _bwd_lse(lse), delta, do)
+    f32 = functools.partial(jnp.zeros, dtype=jnp.float32)
+    dq, dk, dv = _bwd_chunk(c, q, k, v, qpos, kpos, qseg, kseg, _bwd_lse(lse), delta, do,
+                            f32(q.shape), f32(k.shape), f32(v.shape))
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
 
 
