@@ -3,6 +3,8 @@
 import json
 import os
 
+import pytest
+
 from experiments import context_sweep
 
 SMALL = ["model.d_model=32", "model.mlp_dim=32", "model.n_layers=1", "model.n_heads=2",
@@ -27,7 +29,28 @@ def test_two_lengths_write_every_output(tmp_path):
         assert r["jax_version"] and r["device_kind"]
     with open(os.path.join(out, "frontier.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    assert "| flash | 64 | ok |" in open(os.path.join(out, "results.md")).read()
+    assert "| flash | 1 | 64 | ok |" in open(os.path.join(out, "results.md")).read()
+    # the same out dir, the sequence split over 2 devices: rows of both meshes side by side
+    context_sweep.main(["--backends", "flash", "--lengths", "64", "--out", out, "--repeats", "1",
+                        "--mesh", "sequence=2", *SMALL])
+    rows = _rows(out)
+    assert len(rows) == 5
+    sharded, single = rows[-1], [r for r in rows if r["backend"] == "flash" and r["length"] == 64][0]
+    assert (sharded["mesh"], sharded["devices"], sharded["status"]) == ("sequence=2", 2, "ok")
+    assert (single["mesh"], single["devices"]) == (None, 1)
+    assert 0 < sharded["scratch_bytes"] < single["scratch_bytes"]  # per device: half the tokens
+    assert any("mesh.ici={sequence: 2}" == o for o in sharded["overrides"])
+    assert "| flash | 2 (sequence=2) | 64 | ok |" in open(os.path.join(out, "results.md")).read()
+
+
+def test_mesh_argument_is_checked():
+    assert context_sweep.parse_mesh("data=2, sequence=4") == {"data": 2, "sequence": 4}
+    assert context_sweep._mesh_devices(["--lengths", "64", "--mesh", "data=2,sequence=4"]) == 8
+    for bad in ("sequence", "rows=2", "sequence=0", "sequence=2,sequence=2"):
+        with pytest.raises(ValueError, match="--mesh"):
+            context_sweep.parse_mesh(bad)
+    with pytest.raises(SystemExit):  # more devices than JAX has (8 simulated in the tests)
+        context_sweep.main(["--mesh", "sequence=16", "--out", "/nonexistent/never-written"])
 
 
 def test_existing_results_are_resumed_not_recomputed(tmp_path):

@@ -47,6 +47,7 @@ and ``N``. Without load balance device ``i`` holds the contiguous chunk ``i``
 from __future__ import annotations
 
 import functools
+import logging
 from typing import NamedTuple
 
 import jax
@@ -57,6 +58,8 @@ from jax.sharding import PartitionSpec as P
 from longctx.backends.full.ops import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, _check, visible
 
 STRATEGIES = ("ring", "all_gather")
+log = logging.getLogger(__name__)
+_NOTED: set = set()
 
 
 # ----------------------------------------------------------------------------
@@ -78,6 +81,23 @@ def active_strategy(context_parallel: str, axis: str = "sequence") -> str | None
     if context_parallel == "none" or axis_size(axis) <= 1:
         return None
     return "ring" if context_parallel == "auto" else context_parallel
+
+
+def note_gspmd(layer: str, why: str, axis: str = "sequence") -> None:
+    """Log once (a warning) that ``layer`` runs its token mixing under GSPMD although the
+    current mesh splits ``axis``: no ring / state passing, GSPMD gathers what it needs.
+
+    The paths: ``context_parallel=none``; a KV cache or carried state (decoding, and a
+    model that scans segments, ``model.segment_len``: each segment's mixer gets the state
+    of the segments before it, so the mixer runs the single-device form on the segment,
+    split over ``axis`` as GSPMD sees fit). Silent when the mesh does not split ``axis``.
+    """
+    n = axis_size(axis)
+    if n <= 1 or (layer, why) in _NOTED:
+        return
+    _NOTED.add((layer, why))
+    log.warning("%s: mesh axis %r splits the sequence %d ways but %s: this layer's token "
+                "mixing is left to GSPMD (no context parallelism)", layer, axis, n, why)
 
 
 def check_split(T: int, n: int, load_balance: bool) -> None:
@@ -172,6 +192,27 @@ def local_positions(idx, T: int, n: int, load_balance: bool):
     return jnp.concatenate([first * C + r, second * C + r])
 
 
+def local_chunk_starts(idx, T: int, n: int, load_balance: bool):
+    """Global position of the first token of each chunk device ``idx`` holds: ``[2]``
+    (zigzag) or ``[1]`` int32. :func:`local_positions` is ``starts[u // P] + u % P`` for
+    slot ``u`` and chunk length ``P``; the kernels derive a block's positions from it
+    (blocks never straddle a chunk) instead of holding ``[T / N]`` position vectors."""
+    Tl = T // n
+    if not load_balance:
+        return (idx * Tl)[None].astype(jnp.int32)
+    C = Tl // 2
+    lo, hi = idx, 2 * n - 1 - idx
+    odd = idx % 2 == 1
+    return (jnp.stack([jnp.where(odd, hi, lo), jnp.where(odd, lo, hi)]) * C).astype(jnp.int32)
+
+
+def _block_pos(c, starts, i, b):
+    """Global positions ``[b]`` of block ``i`` (size ``b``) of a layout with chunk starts
+    ``starts`` (one per chunk of ``c.part`` tokens, concatenated over devices for a gather)."""
+    u = i * b
+    return starts[u // c.part] + u % c.part + jnp.arange(b, dtype=jnp.int32)
+
+
 # ----------------------------------------------------------------------------
 # Block kernel with explicit global positions (the flash kernel of
 # longctx.backends.full.ops, generalised from "query i sits at i" to any positions).
@@ -189,6 +230,7 @@ class _Static(NamedTuple):
     axis: str
     load_balance: bool
     T: int  # global length
+    part: int  # chunk length: blocks never straddle two chunks
 
 
 def blocks_meet(causal, window, q_lo, q_hi, k_lo, k_hi):
@@ -224,7 +266,8 @@ def _mask(c: _Static, qp, kp, qs, ks):
 def _fwd_chunk(c: _Static, q, k, v, qpos, kpos, qseg, kseg, o0=None, lse0=None):
     """Local queries against one K/V chunk, merged into a running result.
 
-    ``q [B, K, Tq*G, D]`` grouped rows, ``k, v [B, K, S, D]``, ``qpos [Tq]``, ``kpos [S]``,
+    ``q [B, K, Tq*G, D]`` grouped rows, ``k, v [B, K, S, D]``, ``qpos, kpos``: chunk starts
+    (:func:`local_chunk_starts`) of the queries and keys,
     ``qseg [B, Tq]``, ``kseg [B, S]`` (or None) -> ``o [B, K, Tq*G, D]`` float32 (normalised)
     and ``lse [B, K, Tq*G]`` float32 (``-inf`` for a row that sees no key). ``o0, lse0``: the
     result over the keys seen so far (ring steps before), merged by log-sum-exp: the online
@@ -238,11 +281,11 @@ def _fwd_chunk(c: _Static, q, k, v, qpos, kpos, qseg, kseg, o0=None, lse0=None):
     def q_block(i, out):
         o_all, lse_all = out
         qi = _sl(q, i, rows, 2)
-        qp = _sl(qpos, i, c.bq, 0)
+        qp = _block_pos(c, qpos, i, c.bq)
         qs = None if qseg is None else _sl(qseg, i, c.bq, 1)
 
         def kv_step(j, carry):
-            kp = _sl(kpos, j, c.bk, 0)
+            kp = _block_pos(c, kpos, j, c.bk)
 
             def compute(carry):
                 m, l, acc = carry
@@ -292,11 +335,11 @@ def _bwd_chunk(c: _Static, q, k, v, qpos, kpos, qseg, kseg, lse, delta, do, dq, 
     def kv_block(j, acc):
         dq, dk_all, dv_all = acc
         kj, vj = _sl(k, j, c.bk, 2), _sl(v, j, c.bk, 2)
-        kp = _sl(kpos, j, c.bk, 0)
+        kp = _block_pos(c, kpos, j, c.bk)
         ks = None if kseg is None else _sl(kseg, j, c.bk, 1)
 
         def q_step(i, carry):
-            qp = _sl(qpos, i, c.bq, 0)
+            qp = _block_pos(c, qpos, i, c.bq)
 
             def compute(carry):
                 dq, dk, dv = carry
@@ -339,9 +382,9 @@ def _bwd_lse(lse):
 
 
 def _source_positions(c: _Static, s):
-    """Global positions of the K/V chunk a device holds at ring step ``s``."""
+    """Chunk starts of the K/V chunk a device holds at ring step ``s``."""
     src = (jax.lax.axis_index(c.axis) - s) % c.n
-    return local_positions(src, c.T, c.n, c.load_balance)
+    return local_chunk_starts(src, c.T, c.n, c.load_balance)
 
 
 def _rotate(c: _Static, *xs):
@@ -439,7 +482,8 @@ def _all_gather_local(c: _Static, q, k, v, qpos, qseg, kseg):
     gather = functools.partial(jax.lax.all_gather, axis_name=c.axis, tiled=True)
     kg, vg = gather(k, axis=2), gather(v, axis=2)
     ksg = None if kseg is None else gather(kseg, axis=1)
-    kpos = jnp.concatenate([local_positions(d, c.T, c.n, c.load_balance) for d in range(c.n)])
+    kpos = jnp.concatenate([local_chunk_starts(jnp.int32(d), c.T, c.n, c.load_balance)
+                            for d in range(c.n)])
     return _attend(c, q, kg, vg, qpos, kpos, qseg, ksg)
 
 
@@ -480,7 +524,7 @@ def attention(q, k, v, *, causal=True, scale=None, window=None, segment_ids=None
     c = _Static(causal=bool(causal), window=None if window is None else int(window),
                 scale=float(D**-0.5 if scale is None else scale), G=Hq // Hkv,
                 bq=_largest_divisor(part, block_q), bk=_largest_divisor(part, block_k),
-                n=n, axis=axis, load_balance=bool(load_balance), T=T)
+                n=n, axis=axis, load_balance=bool(load_balance), T=T, part=part)
     permute = load_balance and not inputs_permuted
     seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
 
@@ -491,7 +535,7 @@ def attention(q, k, v, *, causal=True, scale=None, window=None, segment_ids=None
         # [B, Tl, Hq, D] -> [B, Hkv, Tl*G, D] (row t*G + g), k/v -> [B, Hkv, Tl, D]
         qr = q.reshape(B, Tl, Hkv, c.G, D).transpose(0, 2, 1, 3, 4).reshape(B, Hkv, Tl * c.G, D)
         kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-        qpos = local_positions(jax.lax.axis_index(axis), T, n, load_balance)
+        qpos = local_chunk_starts(jax.lax.axis_index(axis), T, n, load_balance)
         run = _ring if strategy == "ring" else _all_gather_local
         o = run(c, qr, kt, vt, qpos, seg, seg)
         o = o.reshape(B, Hkv, Tl, c.G, D).transpose(0, 2, 1, 3, 4).reshape(B, Tl, Hq, D)
@@ -529,5 +573,5 @@ def visited_key_blocks(T: int, n: int, *, causal=True, window=None, load_balance
     return counts
 
 
-__all__ = ["STRATEGIES", "active_strategy", "attention", "axis_size", "check_split",
-           "local_positions", "visited_key_blocks", "zigzag", "zigzag_indices", "zigzag_reference", "unzigzag"]
+__all__ = ["STRATEGIES", "active_strategy", "note_gspmd", "attention", "axis_size", "check_split",
+           "local_chunk_starts", "local_positions", "visited_key_blocks", "zigzag", "zigzag_indices", "zigzag_reference", "unzigzag"]
