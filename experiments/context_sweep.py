@@ -154,9 +154,10 @@ DEFAULT_LENGTHS = [1024, 4096, 16384, 65536, 262144, 1048576]
 # The default run: one row per regime of the roadmap, under 10 minutes on a 2-core CPU.
 # `--backends all` adds every other named spec (gated_deltanet, moe, new registrations).
 DEFAULT_BACKENDS = ["flash", "xla", "linear", "hybrid", "recurrent"]
-FIELDS = ("backend", "mesh", "devices", "length", "status", "message", "compile_s", "step_s", "tokens_per_s",
-          "tflops_per_s", "mfu", "scratch_bytes", "peak_bytes", "task", "train_len", "accuracy",
-          "exact_match", "answer_logprob", "device_kind", "jax_version", "overrides")
+FIELDS = ("backend", "mesh", "devices", "length", "status", "message", "compile_s", "step_s",
+          "tokens_per_s", "tflops_per_s", "mfu", "scratch_bytes", "peak_bytes", "task",
+          "train_len", "accuracy", "exact_match", "answer_logprob", "device_kind", "jax_version",
+          "overrides")
 
 
 def default_specs() -> dict[str, list[str]]:
@@ -183,7 +184,8 @@ def fit_predict(xs, ys, x):
     return y1 * (x / x1) ** max(slope, 1.0)
 
 
-def measure(cfg, *, batch, repeats, budget_bytes, long_step_s=5.0, mesh_shape=None):
+def measure(cfg, *, batch, repeats, budget_bytes, long_step_s=5.0, mesh_shape=None,
+            compile_only=False):
     """Compile and time one training step of ``cfg`` at ``cfg.data.seq_len``.
 
     The median of ``repeats`` steps after one warm-up step. A step whose first call
@@ -195,6 +197,7 @@ def measure(cfg, *, batch, repeats, budget_bytes, long_step_s=5.0, mesh_shape=No
     ``mesh_shape`` (``{axis: size}``): the step is compiled over that mesh of the first
     devices, state and batch placed as the trainer places them (``TrainState.create``,
     ``batch_sharding``), and ``scratch_bytes`` / ``budget_bytes`` are per device.
+    ``compile_only``: stop after the compiled memory (status ``compiled``, no timing).
     """
     mc, T = cfg.model, cfg.data.seq_len
     rng = np.random.default_rng(0)
@@ -231,6 +234,8 @@ def measure(cfg, *, batch, repeats, budget_bytes, long_step_s=5.0, mesh_shape=No
         if scratch > budget_bytes:
             return {**row, "status": "oom",
                     "message": f"compiled scratch {scratch / 2**30:.1f} GiB > budget"}
+        if compile_only:
+            return {**row, "status": "compiled"}
         times = []
         for i in range(repeats + 1):  # the first run is a warm-up
             t0 = time.perf_counter()
@@ -327,10 +332,13 @@ def plot(rows, path, budget_bytes):
     for name in sorted({_series(r) for r in rows}):
         ok = sorted((r for r in rows if _series(r) == name and r["status"] == "ok"),
                     key=lambda r: r["length"])
+        mem = sorted((r for r in rows if _series(r) == name
+                      and r["status"] in ("ok", "compiled")), key=lambda r: r["length"])
         if ok:
-            L = [r["length"] for r in ok]
-            axes[0].plot(L, [r["step_s"] for r in ok], "o-", label=name)
-            axes[1].plot(L, [r["scratch_bytes"] / 2**20 for r in ok], "o-", label=name)
+            axes[0].plot([r["length"] for r in ok], [r["step_s"] for r in ok], "o-", label=name)
+        if mem:
+            axes[1].plot([r["length"] for r in mem], [r["scratch_bytes"] / 2**20 for r in mem],
+                         "o-", label=name)
         if has_q:
             q = [r for r in ok if r.get("accuracy") is not None]
             if q:
@@ -371,6 +379,9 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=2, help="timed steps (after one warm-up)")
     p.add_argument("--budget-gb", type=float, default=8.0,
                    help="scratch memory budget (per device with --mesh)")
+    p.add_argument("--compile-only", action="store_true",
+                   help="record compiled memory only (status 'compiled'): the memory frontier "
+                        "without running a step (simulated devices share the host's cores)")
     p.add_argument("--mesh", default=None, metavar="AXIS=N[,AXIS=N]",
                    help="compile every step over this mesh, e.g. sequence=8 (context "
                         "parallelism); memory is then per device")
@@ -400,6 +411,8 @@ def main(argv=None):
     except ValueError as e:
         p.error(str(e))
     n_dev = math.prod(mesh_shape.values())
+    if args.compile_only and args.task:
+        p.error("--task (the quality axis) needs trained models; drop --compile-only")
     if mesh_shape and args.task:
         p.error("--task (the quality axis) trains and evaluates on one device; drop --mesh")
     if n_dev > jax.device_count():
@@ -432,7 +445,8 @@ def main(argv=None):
     with tqdm(todo, desc="sweep", dynamic_ncols=True) as bar:
         for name, L in bar:
             bar.set_postfix(backend=name, length=L)
-            prev = sorted((r for r in rows if same(r, name) and r["status"] == "ok"),
+            prev = sorted((r for r in rows if same(r, name)
+                           and r["status"] in ("ok", "compiled")),
                           key=lambda r: r["length"])
             tag = f"{name}-{L}" + (f"-{mesh_name.replace('=', '').replace(',', '-')}"
                                    if mesh_name else "")
@@ -465,7 +479,8 @@ def main(argv=None):
                     cfg = load_config(args.config, overrides)
                     row.update(measure(cfg, batch=args.batch, repeats=args.repeats,
                                        budget_bytes=budget, long_step_s=args.long_step_s,
-                                       mesh_shape=mesh_shape or None))
+                                       mesh_shape=mesh_shape or None,
+                                       compile_only=args.compile_only))
                     if quality is not None and row["status"] == "ok":
                         row.update(quality(name, L))
                 except Exception as e:  # noqa: BLE001 -- recorded in the row, sweep goes on

@@ -21,7 +21,13 @@ Strategies (``N`` devices on ``axis``, ``Tl = T / N`` local tokens):
   holds, and the partial results merge by their log-sum-exp. ``jax.custom_vjp``:
   the backward pass rotates K/V once more, the dK/dV accumulators travelling
   with them and arriving home after the ``N``-th hop; dQ stays local. Only
-  ``o`` and the log-sum-exp are saved. Peak extra memory: two K/V chunks.
+  ``o`` and the log-sum-exp are saved. Peak extra memory: the K/V (and, backward,
+  dK/dV) chunk in flight. The backward attends to the local chunk first, outside the
+  ring loop, and every chunk's gradients accumulate in place into the travelling
+  dK/dV (no zero-initialised loop carry: XLA allocates a loop's initial carry early,
+  and 4 such ``[T/N]`` buffers used to stay live through the whole forward, 10% of
+  the per-device scratch at 128K on 8 devices); block positions come from the chunks'
+  start positions (:func:`local_chunk_starts`), never ``[T/N]`` position vectors.
 * ``"all_gather"``: K/V (and segment ids) all-gathered once, local queries
   attend to all of it; the backward pass reduce-scatters dK/dV (the transpose
   of the all-gather). Simpler and fewer, larger messages: better for short
@@ -40,7 +46,10 @@ them). The public function takes and returns natural order and permutes inside;
 a model that permutes its tokens once per forward passes ``inputs_permuted=True``
 (:func:`zigzag` / :func:`unzigzag`: two ``ppermute``s of half a shard, never a
 gather). ``T % 2N != 0`` is an error naming ``T``
-and ``N``. Without load balance device ``i`` holds the contiguous chunk ``i``
+and ``N``. Paths that stay with GSPMD under a split sequence (``context_parallel=none``, a
+KV cache or carried state: decoding and models that scan ``model.segment_len``
+segments) are logged once (:func:`note_gspmd`); the recurrent backend refuses a split
+sequence. Without load balance device ``i`` holds the contiguous chunk ``i``
 (``T % N == 0`` required).
 """
 
