@@ -47,6 +47,10 @@ from longctx.parallel import context, context_linear  # noqa: E402
 from longctx.train.metrics import append_jsonl  # noqa: E402
 
 METHODS = ("ring", "all_gather", "linear_sp")
+# ring_permuted: the ring as the model calls it (tokens permuted to zigzag order once per
+# forward, inputs_permuted=True): no per-call permutation copies, so the chunk in flight
+# (K/V forward; K/V and dK/dV backward) is what an N-device program holds on top.
+EXTRA = ("ring_permuted",)
 HQ, HKV, D = 4, 1, 64
 
 
@@ -61,9 +65,12 @@ def _loss(method):
             o, _ = context_linear.delta_rule(q, k, v, beta, g=g, chunk_size=64)
             return jnp.sum(o * o)
     else:
+        strategy, permuted = method.removesuffix("_permuted"), method.endswith("_permuted")
+
         def loss(q, k, v, beta, g):
             del beta, g
-            return jnp.sum(context.attention(q, k, v, strategy=method) ** 2)
+            o = context.attention(q, k, v, strategy=strategy, inputs_permuted=permuted)
+            return jnp.sum(o ** 2)
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 
@@ -87,7 +94,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     p.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4, 8])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + EXTRA)
     p.add_argument("--frontier", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--budget-length", type=int, default=16384)
     p.add_argument("--slack", type=float, default=1e-3,

@@ -461,8 +461,9 @@ def main(argv=None):
                    "jax_version": jax.__version__, "overrides": overrides}
             failed_before = [r for r in rows if same(r, name) and r["length"] < L
                              and r["status"] in ("oom", "oom-predicted", "time-predicted")]
-            mem_pred = fit_predict([r["length"] for r in prev], [r["scratch_bytes"] for r in prev], L)
-            time_pred = fit_predict([r["length"] for r in prev], [r["step_s"] for r in prev], L)
+            lens = [r["length"] for r in prev]
+            mem_pred = fit_predict(lens, [r.get("scratch_bytes") for r in prev], L)
+            time_pred = fit_predict(lens, [r.get("step_s") for r in prev], L)
             if failed_before:
                 row.update(status=failed_before[-1]["status"],
                            message=f"a shorter length ({failed_before[-1]['length']}) already "
