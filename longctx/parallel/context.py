@@ -582,5 +582,6 @@ def visited_key_blocks(T: int, n: int, *, causal=True, window=None, load_balance
     return counts
 
 
-__all__ = ["STRATEGIES", "active_strategy", "note_gspmd", "attention", "axis_size", "check_split",
-           "local_chunk_starts", "local_positions", "visited_key_blocks", "zigzag", "zigzag_indices", "zigzag_reference", "unzigzag"]
+__all__ = ["STRATEGIES", "active_strategy", "attention", "axis_size", "check_split",
+           "local_chunk_starts", "local_positions", "note_gspmd", "visited_key_blocks", "zigzag",
+           "zigzag_indices", "zigzag_reference", "unzigzag"]
