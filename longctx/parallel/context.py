@@ -46,11 +46,12 @@ them). The public function takes and returns natural order and permutes inside;
 a model that permutes its tokens once per forward passes ``inputs_permuted=True``
 (:func:`zigzag` / :func:`unzigzag`: two ``ppermute``s of half a shard, never a
 gather). ``T % 2N != 0`` is an error naming ``T``
-and ``N``. Paths that stay with GSPMD under a split sequence (``context_parallel=none``, a
-KV cache or carried state: decoding and models that scan ``model.segment_len``
-segments) are logged once (:func:`note_gspmd`); the recurrent backend refuses a split
-sequence. Without load balance device ``i`` holds the contiguous chunk ``i``
+and ``N``. Without load balance device ``i`` holds the contiguous chunk ``i``
 (``T % N == 0`` required).
+
+Paths that stay with GSPMD under a split sequence (``context_parallel=none``, a KV
+cache or carried state: decoding, and models that scan ``model.segment_len`` segments)
+are logged once (:func:`note_gspmd`); the recurrent backend refuses a split sequence.
 """
 
 from __future__ import annotations
