@@ -13,8 +13,19 @@ CPU) is printed with its ratio to one device at the same length, measured in the
 same run. Goal: per-device memory ~ 1/N (8 devices <= 0.2x one device).
 
 ``--frontier``: the longest context (doubling from ``--budget-length``) whose
-per-device scratch stays within the scratch of one device at ``--budget-length``:
-the longest trainable context at a fixed per-device budget, which should grow ~N.
+per-device scratch stays within the scratch of one device at ``--budget-length``
+(``--slack``, default 0.1%, for allocator bookkeeping: more loops in the N-device
+program mean a few more loop-tuple tables, 1.4 KB of 80 MiB for the ring at 128K on 8
+devices): the longest trainable context at a fixed per-device budget, which should grow
+~N; ``N*L / L`` is the per-device scratch at ``N x --budget-length`` on ``N`` devices over
+that budget (1.0: the ring holds N times the tokens in the same per-device memory).
+
+What fixed the ring's scaling (8 devices at 128K: 88.4 -> 80.3 MiB, the 1-device scratch
+at 16K being 80.3 MiB): its backward used to carry zero-initialised dK/dV accumulators
+(and dK/dV partials stacked block by block) in its ring loop; XLA allocates a loop's
+initial carry early, so 16 MiB of zeros stayed live through the whole forward. The
+backward now does the local chunk first, outside the loop, accumulating in place. Block
+positions are derived from chunk starts, not ``[T/N]`` position vectors.
 """
 
 from __future__ import annotations
@@ -36,6 +47,10 @@ from longctx.parallel import context, context_linear  # noqa: E402
 from longctx.train.metrics import append_jsonl  # noqa: E402
 
 METHODS = ("ring", "all_gather", "linear_sp")
+# ring_permuted: the ring as the model calls it (tokens permuted to zigzag order once per
+# forward, inputs_permuted=True): no per-call permutation copies, so the chunk in flight
+# (K/V forward; K/V and dK/dV backward) is what an N-device program holds on top.
+EXTRA = ("ring_permuted",)
 HQ, HKV, D = 4, 1, 64
 
 
@@ -50,9 +65,12 @@ def _loss(method):
             o, _ = context_linear.delta_rule(q, k, v, beta, g=g, chunk_size=64)
             return jnp.sum(o * o)
     else:
+        strategy, permuted = method.removesuffix("_permuted"), method.endswith("_permuted")
+
         def loss(q, k, v, beta, g):
             del beta, g
-            return jnp.sum(context.attention(q, k, v, strategy=method) ** 2)
+            o = context.attention(q, k, v, strategy=strategy, inputs_permuted=permuted)
+            return jnp.sum(o ** 2)
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 
@@ -76,9 +94,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     p.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4, 8])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + EXTRA)
     p.add_argument("--frontier", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--budget-length", type=int, default=16384)
+    p.add_argument("--slack", type=float, default=1e-3,
+                   help="frontier: relative slack on the budget (allocator bookkeeping)")
     p.add_argument("--json", default=None, help="also write the rows to this JSONL file")
     args = p.parse_args(argv)
     print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}, jax {jax.__version__}")
@@ -99,20 +119,28 @@ def main(argv=None):
     if args.frontier:
         L = args.budget_length
         print(f"\nlongest context within the 1-device scratch at T={L} (doubling from {L}):")
-        print("| method | budget MiB | " + " | ".join(f"{n} dev" for n in args.devices) + " |")
-        print("|---|---|" + "---|" * len(args.devices))
+        print("| method | budget MiB | " + " | ".join(f"{n} dev" for n in args.devices)
+              + " | " + " | ".join(f"N*L / L, {n} dev" for n in args.devices if n > 1) + " |")
+        print("|---|---|" + "---|" * (2 * len(args.devices) - (1 in args.devices)))
         for method in args.methods:
             budget = scratch(method, L, 1)
-            best = []
+            best, at_nl = [], []
             for n in args.devices:
-                T = L
-                while 2 * T <= 4 * L * n and scratch(method, 2 * T, n) <= budget:
+                T, seen = L, {}
+                while 2 * T <= 4 * L * n:
+                    seen[2 * T] = scratch(method, 2 * T, n)
+                    if seen[2 * T] > budget * (1 + args.slack):
+                        break
                     T *= 2
                 best.append(T)
+                if n > 1:
+                    at_nl.append((seen.get(n * L) or scratch(method, n * L, n)) / budget)
                 rows.append(dict(bench="context_frontier", method=method, devices=n,
-                                 budget_mib=budget / 2**20, longest=T))
+                                 budget_mib=budget / 2**20, longest=T, slack=args.slack,
+                                 at_n_times_budget_length=at_nl[-1] if n > 1 else 1.0))
             print(f"| {method} | {budget / 2**20:.1f} | "
-                  + " | ".join(f"{T // 1024}K ({T // L}x)" for T in best) + " |", flush=True)
+                  + " | ".join(f"{T // 1024}K ({T // L}x)" for T in best) + " | "
+                  + " | ".join(f"{r:.5f}" for r in at_nl) + " |", flush=True)
     append_jsonl(args.json, rows)
 
 

@@ -7,6 +7,7 @@
     python -m experiments.context_sweep --task ruler --train-steps 300 --lengths 256 1024 4096
     python -m experiments.context_sweep --task niah_single --backends flash hybrid \
         --run-dir flash=runs/a hybrid=runs/b --lengths 256 4096     # evaluate existing runs
+    python -m experiments.context_sweep --mesh sequence=8 --backends flash   # 8 devices
 
 For each backend x context length it builds the model of ``--config`` (batch
 ``--batch``), compiles one training step (the trainer's own
@@ -33,6 +34,20 @@ Outputs in ``--out``: ``results.jsonl`` (one row per backend x length),
 length per backend with the memory budget as a line; a quality panel when
 ``--task`` is given).
 
+Context parallelism (``--mesh sequence=8``, or ``data=2,sequence=4``): the step is
+compiled over that mesh (``mesh.ici``) with the trainer's shardings, so the sequence is
+split over ``sequence`` (``model.attention.context_parallel: auto``: the zigzag ring for
+``full`` layers, state passing for ``linear`` ones; the recurrent backend refuses a split
+sequence and its rows are ``error``). ``scratch_bytes`` is then *per device* (the SPMD
+program's ``memory_analysis``), ``--budget-gb`` a per-device budget, and the row records
+``mesh`` and ``devices``; rows of different meshes live side by side in one ``--out``
+(resume keys on backend x mesh x length). On CPU, ``python -m experiments.context_sweep``
+asks XLA for as many simulated host devices as the mesh needs
+(``XLA_FLAGS=--xla_force_host_platform_device_count=N``, set before JAX starts); a process
+whose JAX already started with fewer devices gets an error saying so. The simulated
+devices share the host's cores, so step times on them are no speed-up; per-device memory
+is what they show.
+
 Backends: named overlays (``SPECS``) plus every backend registered in
 ``longctx.model.registry.BACKENDS`` that no overlay names yet.
 """
@@ -40,26 +55,73 @@ Backends: named overlays (``SPECS``) plus every backend registered in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import sys
 import time
 import traceback
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
-from tqdm.auto import tqdm
 
-from longctx.config import ConfigError, load_config
-from longctx.data import synthetic
-from longctx.evals.core import load_model
-from longctx.evals.ruler import task_eval
-from longctx.model import build_model
-from longctx.model.registry import BACKENDS
-from longctx.train import make_optimizer, make_train_step, train
-from longctx.train import metrics as M
+MESH_AXES = ("data", "fsdp", "tensor", "expert", "sequence")  # longctx.parallel.axes (no jax yet)
+
+
+def parse_mesh(spec: str | None) -> dict[str, int]:
+    """``"sequence=8"`` / ``"data=2,sequence=4"`` -> ``{axis: size}`` (``{}`` for None)."""
+    out = {}
+    for part in (spec or "").split(","):
+        if not part.strip():
+            continue
+        axis, _, size = part.partition("=")
+        axis = axis.strip()
+        if axis not in MESH_AXES or not size.strip().isdigit() or int(size) < 1:
+            raise ValueError(f"--mesh {spec!r}: {part!r} is not AXIS=N with AXIS one of "
+                             f"{MESH_AXES} and N >= 1")
+        if axis in out:
+            raise ValueError(f"--mesh {spec!r}: axis {axis!r} given twice")
+        out[axis] = int(size)
+    return out
+
+
+def _mesh_devices(argv) -> int:
+    """Devices the ``--mesh`` of ``argv`` needs (1 without one; 0 if it does not parse)."""
+    for i, a in enumerate(argv):
+        spec = a.split("=", 1)[1] if a.startswith("--mesh=") else (
+            argv[i + 1] if a == "--mesh" and i + 1 < len(argv) else None)
+        if spec is not None:
+            try:
+                return math.prod(parse_mesh(spec).values())
+            except ValueError:
+                return 0  # argparse reports it
+    return 1
+
+
+if __name__ == "__main__":  # before JAX starts: simulated CPU devices for --mesh
+    _n = _mesh_devices(sys.argv[1:])
+    if _n > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + f" --xla_force_host_platform_device_count={_n}").strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from longctx.config import ConfigError, load_config  # noqa: E402
+from longctx.data import synthetic  # noqa: E402
+from longctx.evals.core import load_model  # noqa: E402
+from longctx.evals.ruler import task_eval  # noqa: E402
+from longctx.model import build_model  # noqa: E402
+from longctx.model.registry import BACKENDS  # noqa: E402
+from longctx.parallel import sharding as shd  # noqa: E402
+from longctx.train import make_optimizer, make_train_step, train  # noqa: E402
+from longctx.train import metrics as M  # noqa: E402
+from longctx.train.state import TrainState  # noqa: E402
+from longctx.parallel.axes import MESH_AXES as _AXES  # noqa: E402
+
+assert MESH_AXES == _AXES, "context_sweep.MESH_AXES must follow longctx.parallel.axes"
 
 # Named backend overlays: what each row of the frontier means.
 SPECS = {
@@ -92,9 +154,10 @@ DEFAULT_LENGTHS = [1024, 4096, 16384, 65536, 262144, 1048576]
 # The default run: one row per regime of the roadmap, under 10 minutes on a 2-core CPU.
 # `--backends all` adds every other named spec (gated_deltanet, moe, new registrations).
 DEFAULT_BACKENDS = ["flash", "xla", "linear", "hybrid", "recurrent"]
-FIELDS = ("backend", "length", "status", "message", "compile_s", "step_s", "tokens_per_s",
-          "tflops_per_s", "mfu", "scratch_bytes", "peak_bytes", "task", "train_len", "accuracy",
-          "exact_match", "answer_logprob", "device_kind", "jax_version", "overrides")
+FIELDS = ("backend", "mesh", "devices", "length", "status", "message", "compile_s", "step_s",
+          "tokens_per_s", "tflops_per_s", "mfu", "scratch_bytes", "peak_bytes", "task",
+          "train_len", "accuracy", "exact_match", "answer_logprob", "device_kind", "jax_version",
+          "overrides")
 
 
 def default_specs() -> dict[str, list[str]]:
@@ -121,7 +184,8 @@ def fit_predict(xs, ys, x):
     return y1 * (x / x1) ** max(slope, 1.0)
 
 
-def measure(cfg, *, batch, repeats, budget_bytes, long_step_s=5.0):
+def measure(cfg, *, batch, repeats, budget_bytes, long_step_s=5.0, mesh_shape=None,
+            compile_only=False):
     """Compile and time one training step of ``cfg`` at ``cfg.data.seq_len``.
 
     The median of ``repeats`` steps after one warm-up step. A step whose first call
@@ -129,36 +193,62 @@ def measure(cfg, *, batch, repeats, budget_bytes, long_step_s=5.0):
     ladder fits its 10 minutes: an upper bound, as it includes one-off costs (first-touch
     allocation), which at that size are small (flash at 64K on CPU: 48.8 s first call,
     49.2 s median of later calls). ``--long-step-s inf`` times those points like the others.
+
+    ``mesh_shape`` (``{axis: size}``): the step is compiled over that mesh of the first
+    devices, state and batch placed as the trainer places them (``TrainState.create``,
+    ``batch_sharding``), and ``scratch_bytes`` / ``budget_bytes`` are per device.
+    ``compile_only``: stop after the compiled memory (status ``compiled``, no timing).
     """
     mc, T = cfg.model, cfg.data.seq_len
-    model = build_model(mc, rngs=nnx.Rngs(0))
-    opt = nnx.Optimizer(model, make_optimizer(cfg.optim, 100), wrt=nnx.Param)
-    graphdef, state = nnx.split((model, opt))
-    n_params, n_active = M.active_params(mc, nnx.state(model, nnx.Param))
     rng = np.random.default_rng(0)
-    b = {"tokens": jnp.asarray(rng.integers(0, mc.vocab_size, (batch, T)), jnp.int32),
-         "targets": jnp.asarray(rng.integers(0, mc.vocab_size, (batch, T)), jnp.int32),
-         "loss_mask": jnp.ones((batch, T), jnp.float32)}
-    step = jax.jit(make_train_step(graphdef, 1), donate_argnums=0)
-    t0 = time.perf_counter()
-    compiled = step.lower(state, b).compile()
-    compile_s = time.perf_counter() - t0
-    scratch = compiled.memory_analysis().temp_size_in_bytes
-    row = {"compile_s": compile_s, "scratch_bytes": scratch}
-    if scratch > budget_bytes:
-        return {**row, "status": "oom",
-                "message": f"compiled scratch {scratch / 2**30:.1f} GiB > budget"}
-    times = []
-    for i in range(repeats + 1):  # the first run is a warm-up
+    b = {"tokens": rng.integers(0, mc.vocab_size, (batch, T)).astype(np.int32),
+         "targets": rng.integers(0, mc.vocab_size, (batch, T)).astype(np.int32),
+         "loss_mask": np.ones((batch, T), np.float32)}
+    scope = contextlib.ExitStack()
+    if mesh_shape:
+        n_dev = math.prod(mesh_shape.values())
+        mesh = shd.make_mesh(mesh_shape, devices=jax.devices()[:n_dev])
+        rules = {**shd.DEFAULT_RULES, **cfg.mesh.rules}
+        ts = TrainState.create(cfg, mesh, rules)
+        graphdef, state, model, n_active = ts.graphdef, ts.state, ts.abstract_model, ts.n_active
+        bsh = shd.batch_sharding(mesh, rules)
+        b = {k: jax.device_put(v, bsh) for k, v in b.items()}
+        step = jax.jit(make_train_step(graphdef, 1), in_shardings=(ts.sharding, bsh),
+                       out_shardings=(ts.sharding, None), donate_argnums=0)
+        scope.enter_context(jax.set_mesh(mesh))
+        scope.enter_context(shd.activation_rules(mesh, rules))
+    else:
+        n_dev = 1
+        model = build_model(mc, rngs=nnx.Rngs(0))
+        opt = nnx.Optimizer(model, make_optimizer(cfg.optim, 100), wrt=nnx.Param)
+        graphdef, state = nnx.split((model, opt))
+        _, n_active = M.active_params(mc, nnx.state(model, nnx.Param))
+        b = {k: jnp.asarray(v) for k, v in b.items()}
+        step = jax.jit(make_train_step(graphdef, 1), donate_argnums=0)
+    with scope:
         t0 = time.perf_counter()
-        state, metrics = compiled(state, b)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - t0)
-        if times[0] > long_step_s:
-            break
+        compiled = step.lower(state, b).compile()
+        compile_s = time.perf_counter() - t0
+        scratch = compiled.memory_analysis().temp_size_in_bytes
+        row = {"compile_s": compile_s, "scratch_bytes": scratch}
+        if scratch > budget_bytes:
+            return {**row, "status": "oom",
+                    "message": f"compiled scratch {scratch / 2**30:.1f} GiB > budget"}
+        if compile_only:
+            return {**row, "status": "compiled"}
+        times = []
+        for i in range(repeats + 1):  # the first run is a warm-up
+            t0 = time.perf_counter()
+            state, metrics = compiled(state, b)
+            jax.block_until_ready(metrics)
+            times.append(time.perf_counter() - t0)
+            if times[0] > long_step_s:
+                break
     dt = float(np.median(times[1:] or times))
     flops = M.train_flops_per_step(model, n_active, batch=batch, seq_len=T)
     peak, _ = M.peak_flops()
+    # simulated CPU devices share the host's cores: the host's rate is the peak of them all
+    peak *= 1 if jax.devices()[0].platform == "cpu" else n_dev
     return {**row, "status": "ok", "step_s": dt, "tokens_per_s": batch * T / dt,
             "tflops_per_s": flops / dt / 1e12, "mfu": flops / dt / peak,
             "peak_bytes": M.device_peak_memory()}
@@ -201,20 +291,34 @@ class Quality:
 
 
 def write_table(rows, path):
-    cols = ["backend", "length", "status", "step_s", "tokens_per_s", "mfu", "scratch_MiB",
-            "compile_s", "accuracy", "exact_match", "answer_logprob"]
+    """One row per backend x mesh x length; ``scratch_MiB_per_device`` is the compiled
+    scratch of one device (the whole step's on one device, one shard's on a mesh)."""
+    cols = ["backend", "devices", "length", "status", "step_s", "tokens_per_s", "mfu",
+            "scratch_MiB_per_device", "compile_s", "accuracy", "exact_match", "answer_logprob"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in sorted(rows, key=lambda r: (r["backend"], r["length"])):
+    for r in sorted(rows, key=lambda r: (r["backend"], r.get("devices") or 1, r["length"])):
         cells = []
         for c in cols:
-            v = r.get("scratch_bytes") / 2**20 if c == "scratch_MiB" and r.get("scratch_bytes") \
-                else r.get(c)
+            v = r.get("scratch_bytes") / 2**20 if c == "scratch_MiB_per_device" \
+                and r.get("scratch_bytes") else r.get(c)
+            if c == "devices":
+                v = _devices_label(r)
             if isinstance(v, float):
                 v = f"{v:.3g}"
             cells.append("" if v is None else str(v))
         lines.append("| " + " | ".join(cells) + " |")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def _devices_label(r):
+    """``1``, or the mesh: ``8 (sequence=8)``."""
+    return f"{r['devices']} ({r['mesh']})" if r.get("mesh") else "1"
+
+
+def _series(r):
+    """Plot series: the backend, with its mesh when it has one."""
+    return f"{r['backend']} @ {r['mesh']}" if r.get("mesh") else r["backend"]
 
 
 def plot(rows, path, budget_bytes):
@@ -225,13 +329,16 @@ def plot(rows, path, budget_bytes):
 
     has_q = any(r.get("accuracy") is not None for r in rows)
     fig, axes = plt.subplots(1, 3 if has_q else 2, figsize=(15 if has_q else 10, 4.2))
-    for name in sorted({r["backend"] for r in rows}):
-        ok = sorted((r for r in rows if r["backend"] == name and r["status"] == "ok"),
+    for name in sorted({_series(r) for r in rows}):
+        ok = sorted((r for r in rows if _series(r) == name and r["status"] == "ok"),
                     key=lambda r: r["length"])
+        mem = sorted((r for r in rows if _series(r) == name
+                      and r["status"] in ("ok", "compiled")), key=lambda r: r["length"])
         if ok:
-            L = [r["length"] for r in ok]
-            axes[0].plot(L, [r["step_s"] for r in ok], "o-", label=name)
-            axes[1].plot(L, [r["scratch_bytes"] / 2**20 for r in ok], "o-", label=name)
+            axes[0].plot([r["length"] for r in ok], [r["step_s"] for r in ok], "o-", label=name)
+        if mem:
+            axes[1].plot([r["length"] for r in mem], [r["scratch_bytes"] / 2**20 for r in mem],
+                         "o-", label=name)
         if has_q:
             q = [r for r in ok if r.get("accuracy") is not None]
             if q:
@@ -245,7 +352,7 @@ def plot(rows, path, budget_bytes):
     axes[1].axhline(budget_bytes / 2**20, color="k", ls="--", lw=1, label="memory budget")
     tasks = sorted({r["task"] for r in rows if r.get("task")})
     quality_title = f"quality: {', '.join(tasks)} (trained at the dotted length)"
-    titles = ["train step time (s)", "compiled scratch memory (MiB)", quality_title]
+    titles = ["train step time (s)", "compiled scratch memory per device (MiB)", quality_title]
     for ax, title in zip(axes, titles):
         ax.set_xscale("log", base=2)
         if title != quality_title:
@@ -270,7 +377,14 @@ def main(argv=None):
     p.add_argument("--out", default="runs/context_sweep")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=2, help="timed steps (after one warm-up)")
-    p.add_argument("--budget-gb", type=float, default=8.0, help="scratch memory budget")
+    p.add_argument("--budget-gb", type=float, default=8.0,
+                   help="scratch memory budget (per device with --mesh)")
+    p.add_argument("--compile-only", action="store_true",
+                   help="record compiled memory only (status 'compiled'): the memory frontier "
+                        "without running a step (simulated devices share the host's cores)")
+    p.add_argument("--mesh", default=None, metavar="AXIS=N[,AXIS=N]",
+                   help="compile every step over this mesh, e.g. sequence=8 (context "
+                        "parallelism); memory is then per device")
     p.add_argument("--long-step-s", type=float, default=5.0,
                    help="a step whose first call exceeds this is timed by that call alone")
     p.add_argument("--time-budget-s", type=float, default=120.0,
@@ -292,6 +406,21 @@ def main(argv=None):
         if bad or not args.task:
             p.error(f"--run-dir takes BACKEND=RUN pairs and needs --task (got {args.run_dir})")
         args.run_dir = dict(r.split("=", 1) for r in args.run_dir)
+    try:
+        mesh_shape = parse_mesh(args.mesh)
+    except ValueError as e:
+        p.error(str(e))
+    n_dev = math.prod(mesh_shape.values())
+    if args.compile_only and args.task:
+        p.error("--task (the quality axis) needs trained models; drop --compile-only")
+    if mesh_shape and args.task:
+        p.error("--task (the quality axis) trains and evaluates on one device; drop --mesh")
+    if n_dev > jax.device_count():
+        p.error(f"--mesh {args.mesh} needs {n_dev} devices but JAX has {jax.device_count()} "
+                f"({jax.devices()[0].platform}); on CPU set XLA_FLAGS="
+                f"--xla_force_host_platform_device_count={n_dev} before JAX starts "
+                f"(python -m experiments.context_sweep does it itself)")
+    mesh_name = ",".join(f"{a}={n}" for a, n in mesh_shape.items() if n > 1)
     specs = default_specs()
     names = list(specs) if args.backends == ["all"] else args.backends
     unknown = [n for n in names if n not in specs]
@@ -300,28 +429,41 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     results_path = os.path.join(args.out, "results.jsonl")
     rows = [json.loads(l) for l in open(results_path)] if os.path.exists(results_path) else []
-    done = {(r["backend"], r["length"]) for r in rows}
+    done = {(r["backend"], r.get("mesh") or "", r["length"]) for r in rows}
     budget = args.budget_gb * 2**30
     lengths = sorted(args.lengths)
-    todo = [(n, L) for n in names for L in lengths if (n, L) not in done]
-    print(f"device: {jax.devices()[0].device_kind}; {len(todo)} points to measure, "
-          f"{len(done)} already in {results_path}")
+    todo = [(n, L) for n in names for L in lengths if (n, mesh_name, L) not in done]
+    print(f"device: {jax.devices()[0].device_kind}"
+          + (f", mesh {mesh_name} ({n_dev} devices)" if mesh_name else "")
+          + f"; {len(todo)} points to measure, {len(done)} already in {results_path}")
+
+    def same(r, name):  # earlier rows of this backend on this mesh
+        return r["backend"] == name and (r.get("mesh") or "") == mesh_name
+
 
     quality = Quality(args, specs) if args.task else None
     with tqdm(todo, desc="sweep", dynamic_ncols=True) as bar:
         for name, L in bar:
             bar.set_postfix(backend=name, length=L)
-            prev = sorted((r for r in rows if r["backend"] == name and r["status"] == "ok"),
+            prev = sorted((r for r in rows if same(r, name)
+                           and r["status"] in ("ok", "compiled")),
                           key=lambda r: r["length"])
+            tag = f"{name}-{L}" + (f"-{mesh_name.replace('=', '').replace(',', '-')}"
+                                   if mesh_name else "")
             overrides = [*specs[name], *args.overrides, f"data.seq_len={L}",
                          f"model.max_seq_len={max(L, 1024)}",
-                         f"train.run_dir={os.path.join(args.out, 'runs', f'{name}-{L}')}"]
-            row = {"backend": name, "length": L, "device_kind": jax.devices()[0].device_kind,
+                         f"train.run_dir={os.path.join(args.out, 'runs', tag)}"]
+            if mesh_shape:
+                overrides.append("mesh.ici={" + ", ".join(f"{a}: {n}" for a, n in
+                                                          mesh_shape.items()) + "}")
+            row = {"backend": name, "mesh": mesh_name or None, "devices": n_dev, "length": L,
+                   "device_kind": jax.devices()[0].device_kind,
                    "jax_version": jax.__version__, "overrides": overrides}
-            failed_before = [r for r in rows if r["backend"] == name and r["length"] < L
+            failed_before = [r for r in rows if same(r, name) and r["length"] < L
                              and r["status"] in ("oom", "oom-predicted", "time-predicted")]
-            mem_pred = fit_predict([r["length"] for r in prev], [r["scratch_bytes"] for r in prev], L)
-            time_pred = fit_predict([r["length"] for r in prev], [r["step_s"] for r in prev], L)
+            lens = [r["length"] for r in prev]
+            mem_pred = fit_predict(lens, [r.get("scratch_bytes") for r in prev], L)
+            time_pred = fit_predict(lens, [r.get("step_s") for r in prev], L)
             if failed_before:
                 row.update(status=failed_before[-1]["status"],
                            message=f"a shorter length ({failed_before[-1]['length']}) already "
@@ -337,7 +479,9 @@ def main(argv=None):
                 try:
                     cfg = load_config(args.config, overrides)
                     row.update(measure(cfg, batch=args.batch, repeats=args.repeats,
-                                       budget_bytes=budget, long_step_s=args.long_step_s))
+                                       budget_bytes=budget, long_step_s=args.long_step_s,
+                                       mesh_shape=mesh_shape or None,
+                                       compile_only=args.compile_only))
                     if quality is not None and row["status"] == "ok":
                         row.update(quality(name, L))
                 except Exception as e:  # noqa: BLE001 -- recorded in the row, sweep goes on

@@ -89,3 +89,16 @@ def test_context_parallel_key_is_validated():
     with pytest.raises(longctx.config.ConfigError, match="context_parallel='tree'"):
         load_config(None, ["model.attention.context_parallel=tree"])
     assert context.active_strategy("auto") is None  # no mesh: nothing is split
+
+
+def test_gspmd_only_paths_are_logged_once(caplog):
+    mesh = jax.make_mesh((2, 4), ("data", "sequence"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    context._NOTED.clear()
+    with caplog.at_level("WARNING", logger="longctx.parallel.context"):
+        context.note_gspmd("full attention", "it attends from a KV cache")  # no mesh: silent
+        with jax.set_mesh(mesh):
+            for _ in range(3):
+                context.note_gspmd("full attention", "it attends from a KV cache")
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 1 and "splits the sequence 4 ways" in msgs[0] and "GSPMD" in msgs[0]

@@ -3,6 +3,8 @@
 import json
 import os
 
+import pytest
+
 from experiments import context_sweep
 
 SMALL = ["model.d_model=32", "model.mlp_dim=32", "model.n_layers=1", "model.n_heads=2",
@@ -15,11 +17,11 @@ def _rows(out):
 
 def test_two_lengths_write_every_output(tmp_path):
     out = str(tmp_path / "sweep")
-    context_sweep.main(["--backends", "flash", "xla", "--lengths", "64", "128", "--out", out,
+    # xla runs in the resume / budget tests below; here flash, then flash on a mesh
+    context_sweep.main(["--backends", "flash", "--lengths", "64", "128", "--out", out,
                         "--repeats", "1", *SMALL])
     rows = _rows(out)
-    assert {(r["backend"], r["length"]) for r in rows} == {
-        ("flash", 64), ("flash", 128), ("xla", 64), ("xla", 128)}
+    assert {(r["backend"], r["length"]) for r in rows} == {("flash", 64), ("flash", 128)}
     for r in rows:
         assert set(r) == set(context_sweep.FIELDS)
         assert r["status"] == "ok", r
@@ -27,7 +29,31 @@ def test_two_lengths_write_every_output(tmp_path):
         assert r["jax_version"] and r["device_kind"]
     with open(os.path.join(out, "frontier.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    assert "| flash | 64 | ok |" in open(os.path.join(out, "results.md")).read()
+    assert "| flash | 1 | 64 | ok |" in open(os.path.join(out, "results.md")).read()
+    # the same out dir, the sequence split over 2 devices, compiled only: rows of both
+    # meshes side by side
+    context_sweep.main(["--backends", "flash", "--lengths", "64", "--out", out, "--repeats", "1",
+                        "--mesh", "sequence=2", "--compile-only", *SMALL])
+    rows = _rows(out)
+    assert len(rows) == 3
+    sharded, single = rows[-1], rows[0]
+    assert (sharded["mesh"], sharded["devices"], sharded["status"]) == ("sequence=2", 2,
+                                                                        "compiled")
+    assert sharded["step_s"] is None
+    assert (single["mesh"], single["devices"]) == (None, 1)
+    assert 0 < sharded["scratch_bytes"] < single["scratch_bytes"]  # per device: half the tokens
+    assert any("mesh.ici={sequence: 2}" == o for o in sharded["overrides"])
+    assert "| flash | 2 (sequence=2) | 64 | compiled |" in open(os.path.join(out, "results.md")).read()
+
+
+def test_mesh_argument_is_checked():
+    assert context_sweep.parse_mesh("data=2, sequence=4") == {"data": 2, "sequence": 4}
+    assert context_sweep._mesh_devices(["--lengths", "64", "--mesh", "data=2,sequence=4"]) == 8
+    for bad in ("sequence", "rows=2", "sequence=0", "sequence=2,sequence=2"):
+        with pytest.raises(ValueError, match="--mesh"):
+            context_sweep.parse_mesh(bad)
+    with pytest.raises(SystemExit):  # more devices than JAX has (8 simulated in the tests)
+        context_sweep.main(["--mesh", "sequence=16", "--out", "/nonexistent/never-written"])
 
 
 def test_existing_results_are_resumed_not_recomputed(tmp_path):
@@ -45,7 +71,7 @@ def test_existing_results_are_resumed_not_recomputed(tmp_path):
     assert rows[0]["step_s"] == 123.0  # untouched
 
 
-def test_over_budget_is_skipped_not_run(tmp_path):
+def test_over_budget_is_skipped_not_run(tmp_path, monkeypatch):
     out = str(tmp_path / "sweep")
     # A budget below what the shortest length compiles to: `oom` without running,
     # and every longer length is skipped from then on.
@@ -54,15 +80,22 @@ def test_over_budget_is_skipped_not_run(tmp_path):
     rows = {r["length"]: r for r in _rows(out)}
     assert rows[64]["status"] == "oom" and rows[64]["step_s"] is None
     assert rows[256]["status"] == "oom" and "shorter length" in rows[256]["message"]
-    # Prediction from two measured lengths: xla scratch grows ~T^2.
+    # Prediction from two measured lengths (scratch ~T^2, as xla's): a stand-in measure,
+    # the real one runs above and in the other tests
+    calls = []
+
+    def fake_measure(cfg, **kw):
+        calls.append(cfg.data.seq_len)
+        return {"status": "ok", "step_s": 0.01, "scratch_bytes": cfg.data.seq_len ** 2,
+                "compile_s": 0.0}
+
+    monkeypatch.setattr(context_sweep, "measure", fake_measure)
     out2 = str(tmp_path / "sweep2")
-    context_sweep.main(["--backends", "xla", "--lengths", "64", "128", "--out", out2,
-                        "--repeats", "1", *SMALL])
-    measured = {r["length"]: r["scratch_bytes"] for r in _rows(out2)}
-    budget_gb = measured[128] * 3 / 2**30  # 128 fits; 1024 predicted far above
+    budget_gb = 128 ** 2 * 3 / 2**30  # 128 fits; 1024 predicted far above
     context_sweep.main(["--backends", "xla", "--lengths", "64", "128", "1024", "--out", out2,
                         "--repeats", "1", "--budget-gb", str(budget_gb), *SMALL])
     rows = {r["length"]: r for r in _rows(out2)}
+    assert calls == [64, 128]
     assert rows[1024]["status"] == "oom-predicted" and rows[1024]["compile_s"] is None
 
 

@@ -21,7 +21,13 @@ Strategies (``N`` devices on ``axis``, ``Tl = T / N`` local tokens):
   holds, and the partial results merge by their log-sum-exp. ``jax.custom_vjp``:
   the backward pass rotates K/V once more, the dK/dV accumulators travelling
   with them and arriving home after the ``N``-th hop; dQ stays local. Only
-  ``o`` and the log-sum-exp are saved. Peak extra memory: two K/V chunks.
+  ``o`` and the log-sum-exp are saved. Peak extra memory: the K/V (and, backward,
+  dK/dV) chunk in flight. The backward attends to the local chunk first, outside the
+  ring loop, and every chunk's gradients accumulate in place into the travelling
+  dK/dV (no zero-initialised loop carry: XLA allocates a loop's initial carry early,
+  and 4 such ``[T/N]`` buffers used to stay live through the whole forward, 10% of
+  the per-device scratch at 128K on 8 devices); block positions come from the chunks'
+  start positions (:func:`local_chunk_starts`), never ``[T/N]`` position vectors.
 * ``"all_gather"``: K/V (and segment ids) all-gathered once, local queries
   attend to all of it; the backward pass reduce-scatters dK/dV (the transpose
   of the all-gather). Simpler and fewer, larger messages: better for short
@@ -42,11 +48,16 @@ a model that permutes its tokens once per forward passes ``inputs_permuted=True`
 gather). ``T % 2N != 0`` is an error naming ``T``
 and ``N``. Without load balance device ``i`` holds the contiguous chunk ``i``
 (``T % N == 0`` required).
+
+Paths that stay with GSPMD under a split sequence (``context_parallel=none``, a KV
+cache or carried state: decoding, and models that scan ``model.segment_len`` segments)
+are logged once (:func:`note_gspmd`); the recurrent backend refuses a split sequence.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from typing import NamedTuple
 
 import jax
@@ -57,6 +68,8 @@ from jax.sharding import PartitionSpec as P
 from longctx.backends.full.ops import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, _check, visible
 
 STRATEGIES = ("ring", "all_gather")
+log = logging.getLogger(__name__)
+_NOTED: set = set()
 
 
 # ----------------------------------------------------------------------------
@@ -78,6 +91,23 @@ def active_strategy(context_parallel: str, axis: str = "sequence") -> str | None
     if context_parallel == "none" or axis_size(axis) <= 1:
         return None
     return "ring" if context_parallel == "auto" else context_parallel
+
+
+def note_gspmd(layer: str, why: str, axis: str = "sequence") -> None:
+    """Log once (a warning) that ``layer`` runs its token mixing under GSPMD although the
+    current mesh splits ``axis``: no ring / state passing, GSPMD gathers what it needs.
+
+    The paths: ``context_parallel=none``; a KV cache or carried state (decoding, and a
+    model that scans segments, ``model.segment_len``: each segment's mixer gets the state
+    of the segments before it, so the mixer runs the single-device form on the segment,
+    split over ``axis`` as GSPMD sees fit). Silent when the mesh does not split ``axis``.
+    """
+    n = axis_size(axis)
+    if n <= 1 or (layer, why) in _NOTED:
+        return
+    _NOTED.add((layer, why))
+    log.warning("%s: mesh axis %r splits the sequence %d ways but %s: this layer's token "
+                "mixing is left to GSPMD (no context parallelism)", layer, axis, n, why)
 
 
 def check_split(T: int, n: int, load_balance: bool) -> None:
@@ -172,6 +202,27 @@ def local_positions(idx, T: int, n: int, load_balance: bool):
     return jnp.concatenate([first * C + r, second * C + r])
 
 
+def local_chunk_starts(idx, T: int, n: int, load_balance: bool):
+    """Global position of the first token of each chunk device ``idx`` holds: ``[2]``
+    (zigzag) or ``[1]`` int32. :func:`local_positions` is ``starts[u // P] + u % P`` for
+    slot ``u`` and chunk length ``P``; the kernels derive a block's positions from it
+    (blocks never straddle a chunk) instead of holding ``[T / N]`` position vectors."""
+    Tl = T // n
+    if not load_balance:
+        return (idx * Tl)[None].astype(jnp.int32)
+    C = Tl // 2
+    lo, hi = idx, 2 * n - 1 - idx
+    odd = idx % 2 == 1
+    return (jnp.stack([jnp.where(odd, hi, lo), jnp.where(odd, lo, hi)]) * C).astype(jnp.int32)
+
+
+def _block_pos(c, starts, i, b):
+    """Global positions ``[b]`` of block ``i`` (size ``b``) of a layout with chunk starts
+    ``starts`` (one per chunk of ``c.part`` tokens, concatenated over devices for a gather)."""
+    u = i * b
+    return starts[u // c.part] + u % c.part + jnp.arange(b, dtype=jnp.int32)
+
+
 # ----------------------------------------------------------------------------
 # Block kernel with explicit global positions (the flash kernel of
 # longctx.backends.full.ops, generalised from "query i sits at i" to any positions).
@@ -189,6 +240,7 @@ class _Static(NamedTuple):
     axis: str
     load_balance: bool
     T: int  # global length
+    part: int  # chunk length: blocks never straddle two chunks
 
 
 def blocks_meet(causal, window, q_lo, q_hi, k_lo, k_hi):
@@ -224,7 +276,8 @@ def _mask(c: _Static, qp, kp, qs, ks):
 def _fwd_chunk(c: _Static, q, k, v, qpos, kpos, qseg, kseg, o0=None, lse0=None):
     """Local queries against one K/V chunk, merged into a running result.
 
-    ``q [B, K, Tq*G, D]`` grouped rows, ``k, v [B, K, S, D]``, ``qpos [Tq]``, ``kpos [S]``,
+    ``q [B, K, Tq*G, D]`` grouped rows, ``k, v [B, K, S, D]``, ``qpos, kpos``: chunk starts
+    (:func:`local_chunk_starts`) of the queries and keys,
     ``qseg [B, Tq]``, ``kseg [B, S]`` (or None) -> ``o [B, K, Tq*G, D]`` float32 (normalised)
     and ``lse [B, K, Tq*G]`` float32 (``-inf`` for a row that sees no key). ``o0, lse0``: the
     result over the keys seen so far (ring steps before), merged by log-sum-exp: the online
@@ -238,11 +291,11 @@ def _fwd_chunk(c: _Static, q, k, v, qpos, kpos, qseg, kseg, o0=None, lse0=None):
     def q_block(i, out):
         o_all, lse_all = out
         qi = _sl(q, i, rows, 2)
-        qp = _sl(qpos, i, c.bq, 0)
+        qp = _block_pos(c, qpos, i, c.bq)
         qs = None if qseg is None else _sl(qseg, i, c.bq, 1)
 
         def kv_step(j, carry):
-            kp = _sl(kpos, j, c.bk, 0)
+            kp = _block_pos(c, kpos, j, c.bk)
 
             def compute(carry):
                 m, l, acc = carry
@@ -275,22 +328,28 @@ def _fwd_chunk(c: _Static, q, k, v, qpos, kpos, qseg, kseg, o0=None, lse0=None):
     return jax.lax.fori_loop(0, n_q, q_block, (o0, lse0))
 
 
-def _bwd_chunk(c: _Static, q, k, v, qpos, kpos, qseg, kseg, lse, delta, do, dq0=None):
+def _bwd_chunk(c: _Static, q, k, v, qpos, kpos, qseg, kseg, lse, delta, do, dq, dk, dv):
     """Gradients of the local queries against one chunk, given the *global* ``lse``
-    (``+inf`` for empty rows) and ``delta = rowsum(dO * O)`` (FlashAttention-2, Alg. 2).
-    Returns ``dq [B, K, R, D]`` (added to ``dq0``, in place), ``dk, dv [B, K, S, D]``, all
-    float32."""
+    (``+inf`` for empty rows) and ``delta = rowsum(dO * O)`` (FlashAttention-2, Alg. 2),
+    accumulated in place, block by block, into ``dq [B, K, R, D]`` and the chunk's
+    ``dk, dv [B, K, S, D]`` (all float32; zeros, or the ring's travelling accumulators).
+
+    Accumulating into the buffers passed in (rather than returning this chunk's dK/dV
+    stacked block by block, to be added to the accumulators) keeps one dK/dV buffer per
+    chunk: no stacked ``[n_k, ..., bk, D]`` copy, no separate partial to add.
+    """
     B, K, R, D = q.shape
     rows = c.bq * c.G
     n_q, n_k = R // rows, k.shape[2] // c.bk
 
-    def kv_block(dq, j):
+    def kv_block(j, acc):
+        dq, dk_all, dv_all = acc
         kj, vj = _sl(k, j, c.bk, 2), _sl(v, j, c.bk, 2)
-        kp = _sl(kpos, j, c.bk, 0)
+        kp = _block_pos(c, kpos, j, c.bk)
         ks = None if kseg is None else _sl(kseg, j, c.bk, 1)
 
         def q_step(i, carry):
-            qp = _sl(qpos, i, c.bq, 0)
+            qp = _block_pos(c, qpos, i, c.bq)
 
             def compute(carry):
                 dq, dk, dv = carry
@@ -313,15 +372,12 @@ def _bwd_chunk(c: _Static, q, k, v, qpos, kpos, qseg, kseg, lse, delta, do, dq0=
             meet = blocks_meet(c.causal, c.window, qp[0], qp[-1], kp[0], kp[-1])
             return jax.lax.cond(meet, compute, lambda x: x, carry)
 
-        zeros = jnp.zeros((B, K, c.bk, D), jnp.float32)
-        dq, dk, dv = jax.lax.fori_loop(0, n_q, q_step, (dq, zeros, zeros))
-        return dq, (dk, dv)
+        dq, dk, dv = jax.lax.fori_loop(0, n_q, q_step,
+                                       (dq, _sl(dk_all, j, c.bk, 2), _sl(dv_all, j, c.bk, 2)))
+        return (dq, jax.lax.dynamic_update_slice_in_dim(dk_all, dk, j * c.bk, axis=2),
+                jax.lax.dynamic_update_slice_in_dim(dv_all, dv, j * c.bk, axis=2))
 
-    dq0 = jnp.zeros((B, K, R, D), jnp.float32) if dq0 is None else dq0
-    dq, (dk, dv) = jax.lax.scan(kv_block, dq0, jnp.arange(n_k))
-    S = k.shape[2]
-    return (dq, jnp.moveaxis(dk, 0, 2).reshape(B, K, S, D),
-            jnp.moveaxis(dv, 0, 2).reshape(B, K, S, D))
+    return jax.lax.fori_loop(0, n_k, kv_block, (dq, dk, dv))
 
 
 def _bwd_lse(lse):
@@ -336,9 +392,9 @@ def _bwd_lse(lse):
 
 
 def _source_positions(c: _Static, s):
-    """Global positions of the K/V chunk a device holds at ring step ``s``."""
+    """Chunk starts of the K/V chunk a device holds at ring step ``s``."""
     src = (jax.lax.axis_index(c.axis) - s) % c.n
-    return local_positions(src, c.T, c.n, c.load_balance)
+    return local_chunk_starts(src, c.T, c.n, c.load_balance)
 
 
 def _rotate(c: _Static, *xs):
@@ -378,21 +434,24 @@ def _ring_bwd(c, res, do):
     lse = _bwd_lse(lse)
     delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
 
-    def grads(s, k, v, kseg, dq):
+    def grads(s, k, v, kseg, dq, dk, dv):
         return _bwd_chunk(c, q, k, v, qpos, _source_positions(c, s), qseg, kseg, lse, delta, do,
-                          dq)
+                          dq, dk, dv)
 
-    def step(carry, s):  # dK/dV accumulators travel with the chunk they belong to
+    def step(carry, s):  # receive the next chunk with its dK/dV accumulators, add to them
         dq, k, v, kseg, dk, dv = carry
-        dq, dk_s, dv_s = grads(s, k, v, kseg, dq)
-        k, v, kseg, dk, dv = _rotate(c, k, v, kseg, dk + dk_s, dv + dv_s)
+        k, v, kseg, dk, dv = _rotate(c, k, v, kseg, dk, dv)
+        dq, dk, dv = grads(s, k, v, kseg, dq, dk, dv)
         return (dq, k, v, kseg, dk, dv), None
 
-    init = (jnp.zeros(q.shape, jnp.float32), k, v, kseg,
-            jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-    (dq, k, v, kseg, dk, dv), _ = jax.lax.scan(step, init, jnp.arange(c.n - 1))
-    dq, dk_s, dv_s = grads(c.n - 1, k, v, kseg, dq)
-    dk, dv = _rotate(c, dk + dk_s, dv + dv_s)  # the N-th hop: the accumulators arrive home
+    # The local chunk first, outside the ring loop: its dK/dV start from zeros here, so
+    # the loop carries no zero-initialised accumulators (XLA allocates a loop's initial
+    # carry early, and such buffers would stay live through the whole forward pass).
+    f32 = functools.partial(jnp.zeros, dtype=jnp.float32)
+    dq, dk, dv = grads(0, k, v, kseg, f32(q.shape), f32(k.shape), f32(v.shape))
+    (dq, k, v, kseg, dk, dv), _ = jax.lax.scan(step, (dq, k, v, kseg, dk, dv),
+                                               jnp.arange(1, c.n))
+    dk, dv = _rotate(c, dk, dv)  # the N-th hop: the accumulators arrive home
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None
 
 
@@ -420,7 +479,9 @@ def _attend_fwd(c, q, k, v, qpos, kpos, qseg, kseg):
 def _attend_bwd(c, res, do):
     q, k, v, qpos, kpos, qseg, kseg, o, lse = res
     delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
-    dq, dk, dv = _bwd_chunk(c, q, k, v, qpos, kpos, qseg, kseg, _bwd_lse(lse), delta, do)
+    f32 = functools.partial(jnp.zeros, dtype=jnp.float32)
+    dq, dk, dv = _bwd_chunk(c, q, k, v, qpos, kpos, qseg, kseg, _bwd_lse(lse), delta, do,
+                            f32(q.shape), f32(k.shape), f32(v.shape))
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
 
 
@@ -431,7 +492,8 @@ def _all_gather_local(c: _Static, q, k, v, qpos, qseg, kseg):
     gather = functools.partial(jax.lax.all_gather, axis_name=c.axis, tiled=True)
     kg, vg = gather(k, axis=2), gather(v, axis=2)
     ksg = None if kseg is None else gather(kseg, axis=1)
-    kpos = jnp.concatenate([local_positions(d, c.T, c.n, c.load_balance) for d in range(c.n)])
+    kpos = jnp.concatenate([local_chunk_starts(jnp.int32(d), c.T, c.n, c.load_balance)
+                            for d in range(c.n)])
     return _attend(c, q, kg, vg, qpos, kpos, qseg, ksg)
 
 
@@ -472,7 +534,7 @@ def attention(q, k, v, *, causal=True, scale=None, window=None, segment_ids=None
     c = _Static(causal=bool(causal), window=None if window is None else int(window),
                 scale=float(D**-0.5 if scale is None else scale), G=Hq // Hkv,
                 bq=_largest_divisor(part, block_q), bk=_largest_divisor(part, block_k),
-                n=n, axis=axis, load_balance=bool(load_balance), T=T)
+                n=n, axis=axis, load_balance=bool(load_balance), T=T, part=part)
     permute = load_balance and not inputs_permuted
     seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
 
@@ -483,7 +545,7 @@ def attention(q, k, v, *, causal=True, scale=None, window=None, segment_ids=None
         # [B, Tl, Hq, D] -> [B, Hkv, Tl*G, D] (row t*G + g), k/v -> [B, Hkv, Tl, D]
         qr = q.reshape(B, Tl, Hkv, c.G, D).transpose(0, 2, 1, 3, 4).reshape(B, Hkv, Tl * c.G, D)
         kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-        qpos = local_positions(jax.lax.axis_index(axis), T, n, load_balance)
+        qpos = local_chunk_starts(jax.lax.axis_index(axis), T, n, load_balance)
         run = _ring if strategy == "ring" else _all_gather_local
         o = run(c, qr, kt, vt, qpos, seg, seg)
         o = o.reshape(B, Hkv, Tl, c.G, D).transpose(0, 2, 1, 3, 4).reshape(B, Tl, Hq, D)
@@ -522,4 +584,5 @@ def visited_key_blocks(T: int, n: int, *, causal=True, window=None, load_balance
 
 
 __all__ = ["STRATEGIES", "active_strategy", "attention", "axis_size", "check_split",
-           "local_positions", "visited_key_blocks", "zigzag", "zigzag_indices", "zigzag_reference", "unzigzag"]
+           "local_chunk_starts", "local_positions", "note_gspmd", "visited_key_blocks", "zigzag",
+           "zigzag_indices", "zigzag_reference", "unzigzag"]

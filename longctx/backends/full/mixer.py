@@ -160,11 +160,14 @@ class FullAttention(Mixer):
                                   block_q=a.block_q, block_k=a.block_k)
             new_state = None
         elif state is None:
+            context.note_gspmd("full attention", "model.attention.context_parallel=none")
             o = full_attention.attention(q, k, v, causal=True, window=a.window,
                                          segment_ids=segment_ids, impl=a.impl,
                                          block_q=a.block_q, block_k=a.block_k)
             new_state = None
         else:
+            context.note_gspmd("full attention", "it attends from a KV cache (decoding, or "
+                               "segments of model.segment_len)")
             o, new_state = self._cached(q, k, v, positions, state, segment_ids)
             if conv_state is not None:
                 new_state["conv"] = conv_state

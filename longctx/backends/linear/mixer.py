@@ -292,6 +292,10 @@ class LinearAttention(Mixer):
         if state is None and context.active_strategy(self.context_parallel) is not None:
             ops = context_linear  # the sequence is split over `sequence`: state passing
             del kw["form"]
+        else:
+            context.note_gspmd("linear attention", "model.attention.context_parallel=none"
+                               if state is None else "it carries a state (decoding, or "
+                               "segments of model.segment_len)")
         if beta is not None:
             o, S_new = ops.delta_rule(q, k, v, beta, **kw)
         else:
