@@ -19,6 +19,11 @@ slow, flash is quadratic in time) or when their scratch memory exceeds
 to the longest length (1.0 = linear), the chunk/recurrent speed ratio at 64K and
 the crossover length from which chunked linear attention beats flash.
 
+Below that: each chunk form's achieved rate (``3 x linear.chunk_flops``, the
+forward's matmul FLOPs times 3 for fwd+bwd) as a fraction of the measured
+``2048^2`` float32 matmul rate, by wall time and by process CPU time (on a
+shared machine the wall time includes waiting for the cores).
+
 ``--op`` picks the kernel: ``linear`` (no gate), ``retnet`` (one log-decay per
 head and step, ``g [B, T, H]``: RetNet / simple GLA), ``gla`` (per-key gate
 ``g [B, T, H, K]``), ``deltanet`` and ``gated_deltanet`` (the delta rule).
@@ -42,18 +47,34 @@ from longctx.train.metrics import append_jsonl, scratch_bytes
 OPS = ("linear", "retnet", "gla", "deltanet", "gated_deltanet", "kda")
 
 
+CPU_TIMES: dict = {}  # id(fn) -> the last timed() call's median process CPU seconds
+
+
 def timed(fn, *args, repeats=3, budget_s=60.0):
-    """Median seconds of ``fn(*args)`` after one warm-up; fewer repeats for slow runs."""
+    """Median seconds of ``fn(*args)`` after one warm-up; fewer repeats for slow runs.
+
+    Also records the median process CPU time (all threads) in ``CPU_TIMES[id(fn)]``:
+    on a shared machine wall time includes waiting for the cores, CPU time does not."""
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))  # warm-up (compiled already by scratch_bytes)
     first = time.perf_counter() - t0
     n = max(1, min(repeats, int(budget_s // max(first, 1e-9))))
-    times = []
+    times, cpu = [], []
     for _ in range(n):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    CPU_TIMES[id(fn)] = statistics.median(cpu)
     return statistics.median(times)
+
+
+def matmul_rate(n=2048, repeats=5):
+    """Measured float32 matmul rate ``[n, n] x [n, n]``: (GFLOP/s wall, per CPU-second)."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    f = jax.jit(jnp.matmul)
+    wall = timed(f, a, a, repeats=repeats)
+    return 2 * n**3 / wall / 1e9, 2 * n**3 / CPU_TIMES[id(f)] / 1e9
 
 
 def inputs(op, B, T, H, D, seed=0):
@@ -85,6 +106,13 @@ def fwd_bwd_linear(op, form, chunk_size):
         return jnp.sum(o.astype(jnp.float32) ** 2)
 
     return jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+
+def op_flops(op, tokens, head_dim, chunk_size):
+    """fwd+bwd matmul FLOPs of the chunk form: 3x the forward (``linear.chunk_flops``)."""
+    return 3 * linear.chunk_flops(tokens, key_dim=head_dim, value_dim=head_dim,
+                                  chunk_size=chunk_size,
+                                  delta=op in ("deltanet", "gated_deltanet", "kda"))
 
 
 def fwd_bwd_flash(block):
@@ -130,6 +158,9 @@ def main(argv=None):
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), "
           f"jax {jax.__version__}; op={args.op} B={args.batch} H={args.heads} "
           f"K=V={args.head_dim} chunk={args.chunk_size} flash block={args.flash_block}")
+    mm_wall, mm_cpu = matmul_rate()
+    print(f"measured matmul rate (2048^2 float32): {mm_wall:.1f} GFLOP/s wall, "
+          f"{mm_cpu:.1f} GFLOP per CPU-second")
     fns = {form: fwd_bwd_linear(args.op, form, args.chunk_size)
            for form in linear.FORMS + linear.BASELINE_FORMS}
     fns["flash"] = fwd_bwd_flash(args.flash_block)
@@ -156,6 +187,7 @@ def main(argv=None):
                 continue
             row[f"{form}_s"] = timed(fns[form], qkv, extra, repeats=args.repeats,
                                      budget_s=args.time_budget)
+            row[f"{form}_cpu_s"] = CPU_TIMES[id(fns[form])]
         rows.append(row)
         del qkv, extra
 
@@ -181,10 +213,22 @@ def main(argv=None):
     if at64:
         print(f"chunk vs recurrent at 64K: {at64[0]['recurrent_s'] / at64[0]['chunk_s']:.1f}x "
               "faster (target >= 10x)")
+    print("\n| T | form | wall s | CPU s | GFLOP/s wall | % of matmul (wall) "
+          "| GFLOP per CPU-s | % of matmul (CPU) |\n|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        fl = op_flops(args.op, args.batch * args.heads * r["T"], args.head_dim, args.chunk_size)
+        for f in ("chunk", "chunk_scan"):
+            if f + "_s" in r:
+                w, c = r[f + "_s"], r[f + "_cpu_s"]
+                r[f + "_gflops"] = fl / w / 1e9
+                print(f"| {r['T']} | {f} | {w:.3f} | {c:.3f} | {fl / w / 1e9:.1f} | "
+                      f"{100 * fl / w / 1e9 / mm_wall:.0f}% | {fl / c / 1e9:.1f} | "
+                      f"{100 * fl / c / 1e9 / mm_cpu:.0f}% |")
     for r in rows:
         if "chunk_scan_s" in r:
             print(f"parallel chunk vs sequential chunk form at {r['T']}: "
-                  f"{r['chunk_scan_s'] / r['chunk_s']:.2f}x faster")
+                  f"{r['chunk_scan_s'] / r['chunk_s']:.2f}x faster (wall), "
+                  f"{r['chunk_scan_cpu_s'] / r['chunk_cpu_s']:.2f}x (CPU time)")
     both = [r for r in rows if "flash_s" in r]
     wins = [r["T"] for r in both if r["chunk_s"] < r["flash_s"]]
     if both:
