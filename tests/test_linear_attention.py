@@ -106,7 +106,7 @@ def test_ladder_parallel_recurrent_chunk_outputs_states_and_all_gradients(case, 
 
     The chunk form runs 2 chunks per scan step here: 3 chunks -> 2 steps, the second
     padded with an empty chunk (the default of 8 would make these one step)."""
-    monkeypatch.setattr(forms, "CHUNKS_PER_STEP", 2)
+    monkeypatch.setattr(forms, "CHUNKS_PER_STEP", {jax.default_backend(): 2})
     op, B, T, H, K, V, C = case
     x = _inputs(op, B, T, H, K, V, resets=True)
     wo = jax.random.normal(jax.random.PRNGKey(7), (B, T, H, V))

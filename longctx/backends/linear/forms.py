@@ -15,8 +15,9 @@ Inputs ``[B, T, H, ...]`` float32 (None passes through), start state ``S0
   ``[K, K] x [K, V]`` matmul per chunk for the delta rules; unrolled), then the
   inter-chunk output ``q_eff S_n`` of those chunks at once; a ``lax.scan`` over
   the steps carries the state (one checkpoint per step, ``CHECKPOINT_STEPS``).
-  ``CHUNKS_PER_STEP = None`` runs every chunk in one step (only the state
-  recurrence sequential). Scratch memory is linear in ``T`` either way.
+  ``CHUNKS_PER_STEP`` is by platform (8 on CPU, where a step's working set must
+  stay in cache); a platform not listed runs every chunk in one step (only the
+  state recurrence sequential). Scratch memory is linear in ``T`` either way.
 * :func:`chunk_scan`: the previous sequential chunk form: one ``lax.scan`` step
   per chunk running that chunk's block (one checkpoint per step). Same results;
   kept as the benchmark baseline (``experiments/bench_linear.py``) and a second
@@ -40,8 +41,10 @@ DIAGONAL_SCAN = "scan"
 # steps' working set must stay in cache: batched [B*H*G, 64, 64] matmuls ran at 18 GF/s
 # per CPU-second at G*B*H = 1024 but ~50 at 4 (in cache), and all 256 chunks of 16K
 # tokens in one step were ~1.8x slower than 4-8 per step (CPU time, fwd+bwd,
-# experiments/bench_linear.py). Accelerators want large steps (None).
-CHUNKS_PER_STEP = 8
+# experiments/bench_linear.py). Accelerators want one step (all chunks' matmuls in one
+# batch, only the state recurrence sequential): a tuning table by platform, like block
+# sizes; a platform not listed runs every chunk in one step. Unmeasured on GPU/TPU.
+CHUNKS_PER_STEP = {"cpu": 8}
 # Checkpoint each step (the backward recomputes its blocks from the step's inputs and
 # start state) instead of storing the blocks' residuals: faster on CPU (less memory
 # traffic), scratch linear in T either way.
@@ -134,7 +137,8 @@ def _groups(n_chunks, per_step):
 def chunk(block, xs, S0, chunk_size, chunks_per_step=None):
     """The parallel chunk form (module docstring)."""
     B, T, H = xs[0].shape[:3]
-    per_step = CHUNKS_PER_STEP if chunks_per_step is None else chunks_per_step
+    per_step = (CHUNKS_PER_STEP.get(jax.default_backend()) if chunks_per_step is None
+                else chunks_per_step)
     n_steps, G = _groups(-(-T // max(1, min(chunk_size, T))), per_step)
     C = max(1, min(chunk_size, T))
     xs, N, C = _pad_to_chunks(xs, chunk_size, n_chunks=n_steps * G)
