@@ -3,6 +3,7 @@
     python -m experiments.bench_linear                        # 4K..1M tokens, B=1 H=4 K=V=64
     python -m experiments.bench_linear --lengths 4096 16384 --repeats 2
     python -m experiments.bench_linear --op gated_deltanet --max-flash 0
+    python -m experiments.bench_linear --forward-only --lengths 65536 1048576 --max-flash 0
 
 ``chunk`` is the parallel chunk form (all chunks as batched matmuls, only the
 state recurrence over chunks sequential); ``chunk_scan`` the previous sequential
@@ -94,7 +95,7 @@ def inputs(op, B, T, H, D, seed=0):
     return (q, k, v), extra
 
 
-def fwd_bwd_linear(op, form, chunk_size):
+def fwd_bwd_linear(op, form, chunk_size, forward_only=False):
     def loss(qkv, extra):
         q, k, v = qkv
         if op in ("deltanet", "gated_deltanet", "kda"):
@@ -105,12 +106,12 @@ def fwd_bwd_linear(op, form, chunk_size):
                                            form=form)
         return jnp.sum(o.astype(jnp.float32) ** 2)
 
-    return jax.jit(jax.grad(loss, argnums=(0, 1)))
+    return jax.jit(loss if forward_only else jax.grad(loss, argnums=(0, 1)))
 
 
-def op_flops(op, tokens, head_dim, chunk_size):
+def op_flops(op, tokens, head_dim, chunk_size, forward_only=False):
     """fwd+bwd matmul FLOPs of the chunk form: 3x the forward (``linear.chunk_flops``)."""
-    return 3 * linear.chunk_flops(tokens, key_dim=head_dim, value_dim=head_dim,
+    return (1 if forward_only else 3) * linear.chunk_flops(tokens, key_dim=head_dim, value_dim=head_dim,
                                   chunk_size=chunk_size,
                                   delta=op in ("deltanet", "gated_deltanet", "kda"))
 
@@ -152,16 +153,19 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--time-budget", type=float, default=60.0,
                    help="seconds of timed repeats per run (at least one repeat)")
+    p.add_argument("--forward-only", action="store_true",
+                   help="time the forward pass only (linear forms; flash stays fwd+bwd)")
     p.add_argument("--json", default=None, help="also write the rows to this JSONL file")
     args = p.parse_args(argv)
 
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), "
           f"jax {jax.__version__}; op={args.op} B={args.batch} H={args.heads} "
-          f"K=V={args.head_dim} chunk={args.chunk_size} flash block={args.flash_block}")
+          f"K=V={args.head_dim} chunk={args.chunk_size} flash block={args.flash_block}; "
+          f"{'forward only' if args.forward_only else 'fwd+bwd'}")
     mm_wall, mm_cpu = matmul_rate()
     print(f"measured matmul rate (2048^2 float32): {mm_wall:.1f} GFLOP/s wall, "
           f"{mm_cpu:.1f} GFLOP per CPU-second")
-    fns = {form: fwd_bwd_linear(args.op, form, args.chunk_size)
+    fns = {form: fwd_bwd_linear(args.op, form, args.chunk_size, args.forward_only)
            for form in linear.FORMS + linear.BASELINE_FORMS}
     fns["flash"] = fwd_bwd_flash(args.flash_block)
     limits = {"chunk": 1 << 62, "chunk_scan": args.max_chunk_scan,
@@ -176,7 +180,7 @@ def main(argv=None):
     rows = []
     for T in args.lengths:
         qkv, extra = inputs(args.op, args.batch, T, args.heads, args.head_dim)
-        row = {"T": T, "op": args.op}
+        row = {"T": T, "op": args.op, "pass": "fwd" if args.forward_only else "fwd+bwd"}
         for form in forms:
             if T > limits[form]:
                 continue
@@ -216,7 +220,8 @@ def main(argv=None):
     print("\n| T | form | wall s | CPU s | GFLOP/s wall | % of matmul (wall) "
           "| GFLOP per CPU-s | % of matmul (CPU) |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
-        fl = op_flops(args.op, args.batch * args.heads * r["T"], args.head_dim, args.chunk_size)
+        fl = op_flops(args.op, args.batch * args.heads * r["T"], args.head_dim, args.chunk_size,
+                      args.forward_only)
         for f in ("chunk", "chunk_scan"):
             if f + "_s" in r:
                 w, c = r[f + "_s"], r[f + "_cpu_s"]
