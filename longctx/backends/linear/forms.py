@@ -47,7 +47,7 @@ DIAGONAL_SCAN = "scan"
 CHUNKS_PER_STEP = {"cpu": 8}
 # Checkpoint each step (the backward recomputes its blocks from the step's inputs and
 # start state) instead of storing the blocks' residuals: faster on CPU (less memory
-# traffic), scratch linear in T either way.
+# traffic), scratch linear in T either way. A single step is never checkpointed.
 CHECKPOINT_STEPS = True
 UNROLL_MAX = 16  # the state scan within a step is unrolled up to this many chunks
 # Recompute the blocks in the backward pass (jax.checkpoint) inside a step (only
@@ -156,7 +156,7 @@ def chunk(block, xs, S0, chunk_size, chunks_per_step=None):
         starts, S = _state_starts(aff, S)
         return S, aff.o + jnp.einsum("bhnck,bhnkv->bhncv", aff.q_eff, starts)  # inter-chunk
 
-    if CHECKPOINT_STEPS:
+    if CHECKPOINT_STEPS and n_steps > 1:  # one step: store its residuals (as before)
         body = jax.checkpoint(body)
     S, o = jax.lax.scan(body, S0, tuple(map(chunks, xs)))  # o [n_steps, B, H, G, C, V]
     o = jnp.moveaxis(jnp.moveaxis(o, 0, 1), 2, 4).reshape(B, N * C, H, o.shape[-1])[:, :T]
