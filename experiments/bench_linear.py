@@ -3,6 +3,7 @@
     python -m experiments.bench_linear                        # 4K..1M tokens, B=1 H=4 K=V=64
     python -m experiments.bench_linear --lengths 4096 16384 --repeats 2
     python -m experiments.bench_linear --op gated_deltanet --max-flash 0
+    python -m experiments.bench_linear --forward-only --lengths 65536 1048576 --max-flash 0
 
 ``chunk`` is the parallel chunk form (all chunks as batched matmuls, only the
 state recurrence over chunks sequential); ``chunk_scan`` the previous sequential
@@ -18,6 +19,11 @@ slow, flash is quadratic in time) or when their scratch memory exceeds
 ``--mem-budget-gib``. Below the table: the log-log slope of chunk time from 16K
 to the longest length (1.0 = linear), the chunk/recurrent speed ratio at 64K and
 the crossover length from which chunked linear attention beats flash.
+
+Below that: each chunk form's achieved rate (``3 x linear.chunk_flops``, the
+forward's matmul FLOPs times 3 for fwd+bwd) as a fraction of the measured
+``2048^2`` float32 matmul rate, by wall time and by process CPU time (on a
+shared machine the wall time includes waiting for the cores).
 
 ``--op`` picks the kernel: ``linear`` (no gate), ``retnet`` (one log-decay per
 head and step, ``g [B, T, H]``: RetNet / simple GLA), ``gla`` (per-key gate
@@ -42,18 +48,34 @@ from longctx.train.metrics import append_jsonl, scratch_bytes
 OPS = ("linear", "retnet", "gla", "deltanet", "gated_deltanet", "kda")
 
 
+CPU_TIMES: dict = {}  # id(fn) -> the last timed() call's median process CPU seconds
+
+
 def timed(fn, *args, repeats=3, budget_s=60.0):
-    """Median seconds of ``fn(*args)`` after one warm-up; fewer repeats for slow runs."""
+    """Median seconds of ``fn(*args)`` after one warm-up; fewer repeats for slow runs.
+
+    Also records the median process CPU time (all threads) in ``CPU_TIMES[id(fn)]``:
+    on a shared machine wall time includes waiting for the cores, CPU time does not."""
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))  # warm-up (compiled already by scratch_bytes)
     first = time.perf_counter() - t0
     n = max(1, min(repeats, int(budget_s // max(first, 1e-9))))
-    times = []
+    times, cpu = [], []
     for _ in range(n):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    CPU_TIMES[id(fn)] = statistics.median(cpu)
     return statistics.median(times)
+
+
+def matmul_rate(n=2048, repeats=5):
+    """Measured float32 matmul rate ``[n, n] x [n, n]``: (GFLOP/s wall, per CPU-second)."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    f = jax.jit(jnp.matmul)
+    wall = timed(f, a, a, repeats=repeats)
+    return 2 * n**3 / wall / 1e9, 2 * n**3 / CPU_TIMES[id(f)] / 1e9
 
 
 def inputs(op, B, T, H, D, seed=0):
@@ -73,7 +95,7 @@ def inputs(op, B, T, H, D, seed=0):
     return (q, k, v), extra
 
 
-def fwd_bwd_linear(op, form, chunk_size):
+def fwd_bwd_linear(op, form, chunk_size, forward_only=False):
     def loss(qkv, extra):
         q, k, v = qkv
         if op in ("deltanet", "gated_deltanet", "kda"):
@@ -84,7 +106,14 @@ def fwd_bwd_linear(op, form, chunk_size):
                                            form=form)
         return jnp.sum(o.astype(jnp.float32) ** 2)
 
-    return jax.jit(jax.grad(loss, argnums=(0, 1)))
+    return jax.jit(loss if forward_only else jax.grad(loss, argnums=(0, 1)))
+
+
+def op_flops(op, tokens, head_dim, chunk_size, forward_only=False):
+    """fwd+bwd matmul FLOPs of the chunk form: 3x the forward (``linear.chunk_flops``)."""
+    return (1 if forward_only else 3) * linear.chunk_flops(tokens, key_dim=head_dim, value_dim=head_dim,
+                                  chunk_size=chunk_size,
+                                  delta=op in ("deltanet", "gated_deltanet", "kda"))
 
 
 def fwd_bwd_flash(block):
@@ -124,13 +153,19 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--time-budget", type=float, default=60.0,
                    help="seconds of timed repeats per run (at least one repeat)")
+    p.add_argument("--forward-only", action="store_true",
+                   help="time the forward pass only (linear forms; flash stays fwd+bwd)")
     p.add_argument("--json", default=None, help="also write the rows to this JSONL file")
     args = p.parse_args(argv)
 
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), "
           f"jax {jax.__version__}; op={args.op} B={args.batch} H={args.heads} "
-          f"K=V={args.head_dim} chunk={args.chunk_size} flash block={args.flash_block}")
-    fns = {form: fwd_bwd_linear(args.op, form, args.chunk_size)
+          f"K=V={args.head_dim} chunk={args.chunk_size} flash block={args.flash_block}; "
+          f"{'forward only' if args.forward_only else 'fwd+bwd'}")
+    mm_wall, mm_cpu = matmul_rate()
+    print(f"measured matmul rate (2048^2 float32): {mm_wall:.1f} GFLOP/s wall, "
+          f"{mm_cpu:.1f} GFLOP per CPU-second")
+    fns = {form: fwd_bwd_linear(args.op, form, args.chunk_size, args.forward_only)
            for form in linear.FORMS + linear.BASELINE_FORMS}
     fns["flash"] = fwd_bwd_flash(args.flash_block)
     limits = {"chunk": 1 << 62, "chunk_scan": args.max_chunk_scan,
@@ -145,7 +180,7 @@ def main(argv=None):
     rows = []
     for T in args.lengths:
         qkv, extra = inputs(args.op, args.batch, T, args.heads, args.head_dim)
-        row = {"T": T, "op": args.op}
+        row = {"T": T, "op": args.op, "pass": "fwd" if args.forward_only else "fwd+bwd"}
         for form in forms:
             if T > limits[form]:
                 continue
@@ -156,6 +191,7 @@ def main(argv=None):
                 continue
             row[f"{form}_s"] = timed(fns[form], qkv, extra, repeats=args.repeats,
                                      budget_s=args.time_budget)
+            row[f"{form}_cpu_s"] = CPU_TIMES[id(fns[form])]
         rows.append(row)
         del qkv, extra
 
@@ -181,10 +217,23 @@ def main(argv=None):
     if at64:
         print(f"chunk vs recurrent at 64K: {at64[0]['recurrent_s'] / at64[0]['chunk_s']:.1f}x "
               "faster (target >= 10x)")
+    print("\n| T | form | wall s | CPU s | GFLOP/s wall | % of matmul (wall) "
+          "| GFLOP per CPU-s | % of matmul (CPU) |\n|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        fl = op_flops(args.op, args.batch * args.heads * r["T"], args.head_dim, args.chunk_size,
+                      args.forward_only)
+        for f in ("chunk", "chunk_scan"):
+            if f + "_s" in r:
+                w, c = r[f + "_s"], r[f + "_cpu_s"]
+                r[f + "_gflops"] = fl / w / 1e9
+                print(f"| {r['T']} | {f} | {w:.3f} | {c:.3f} | {fl / w / 1e9:.1f} | "
+                      f"{100 * fl / w / 1e9 / mm_wall:.0f}% | {fl / c / 1e9:.1f} | "
+                      f"{100 * fl / c / 1e9 / mm_cpu:.0f}% |")
     for r in rows:
         if "chunk_scan_s" in r:
             print(f"parallel chunk vs sequential chunk form at {r['T']}: "
-                  f"{r['chunk_scan_s'] / r['chunk_s']:.2f}x faster")
+                  f"{r['chunk_scan_s'] / r['chunk_s']:.2f}x faster (wall), "
+                  f"{r['chunk_scan_cpu_s'] / r['chunk_cpu_s']:.2f}x (CPU time)")
     both = [r for r in rows if "flash_s" in r]
     wins = [r["T"] for r in both if r["chunk_s"] < r["flash_s"]]
     if both:

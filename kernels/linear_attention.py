@@ -28,11 +28,16 @@ decay matrix; a per-key gate (GLA) forms the ``[C, C, K]`` decays explicitly
 ``chunk_size``, e.g. 16). ``b`` and ``r`` are computed outside the kernel (an
 elementwise cumsum over each chunk), so the kernel itself has no scan.
 
-Backward: ``jax.custom_vjp`` whose backward is ``jax.vjp`` of
+Backward (``jax.custom_vjp``): for a scalar gate (or none) a second Pallas
+kernel, same grid, walking the chunks last to first and carrying the state's
+cotangent ``dS [K, V]``: per chunk the hand-derived gradients of
+:func:`_chunk_bwd` (eight ``C``-sized matmuls; the gate's gradient from the
+row and column sums of ``dA * A`` and the boundary decays). Its residual is
+every chunk's start state, written by the forward kernel (``K V / C`` floats
+per token and head, linear in ``T``). Per-key gates (GLA) keep ``jax.vjp`` of
 :func:`chunk_reference` (the same chunk math in plain JAX: a ``lax.scan`` over
 chunks, each chunk one ``jax.checkpoint``), as JAX's Pallas GPU attention does
-for its slow backward. So only the forward runs in Pallas; the gradients equal
-those of the pure-JAX chunk form.
+for its slow backward.
 
 Hardware: written for both Pallas backends (GPU Triton, TPU Mosaic), verified
 only with ``interpret=True`` on CPU (no GPU/TPU was available): whether the
@@ -133,11 +138,16 @@ def _chunk(q, k, v, b, r, S):
 # ----------------------------------------------------------------------------
 
 
-def _kernel(q_ref, k_ref, v_ref, b_ref, r_ref, s0_ref, o_ref, s_ref, *, C):
+def _kernel(q_ref, k_ref, v_ref, b_ref, r_ref, s0_ref, o_ref, s_ref, *states_ref, C):
+    """Forward over the chunks of one (batch row, head); ``states_ref`` (optional,
+    ``[n_chunks * K, V]``) receives each chunk's start state for the backward kernel."""
     n_chunks = q_ref.shape[0] // C
+    K = s0_ref.shape[0]
 
     def step(n, S):
         sl = pl.ds(pl.multiple_of(n * C, C), C)
+        if states_ref:
+            states_ref[0][pl.ds(pl.multiple_of(n * K, K), K), :] = S
         o, S = _chunk(q_ref[sl, :], k_ref[sl, :], v_ref[sl, :], b_ref[sl, :], r_ref[sl, :], S)
         o_ref[sl, :] = o.astype(o_ref.dtype)
         return S
@@ -145,24 +155,117 @@ def _kernel(q_ref, k_ref, v_ref, b_ref, r_ref, s0_ref, o_ref, s_ref, *, C):
     s_ref[...] = jax.lax.fori_loop(0, n_chunks, step, s0_ref[...].astype(jnp.float32))
 
 
-def _pallas_forward(q, k, v, b, r, S0, C, interpret):
-    """``q, k [N, Tp, K]``, ``v [N, Tp, V]``, ``b, r [N, Tp, Kg]``, ``S0 [N, K, V]``."""
+def _spec(*shape):
+    """One program's whole block ``shape`` of an array ``[N, *shape]``."""
+    return pl.BlockSpec((None, *shape), lambda i: (i,) + (0,) * len(shape))
+
+
+def _pallas_forward(q, k, v, b, r, S0, C, interpret, with_states=False):
+    """``q, k [N, Tp, K]``, ``v [N, Tp, V]``, ``b, r [N, Tp, Kg]``, ``S0 [N, K, V]``.
+
+    Returns ``(o, S_T)``, and with ``with_states`` also every chunk's start state
+    ``[N, n_chunks * K, V]`` (``K V / C`` floats per token: the backward's residual)."""
     N, Tp, K = q.shape
     V, Kg = v.shape[-1], b.shape[-1]
-
-    def spec(*shape):
-        return pl.BlockSpec((None, *shape), lambda i: (i,) + (0,) * len(shape))
-
+    n_chunks = Tp // C
+    out_specs = [_spec(Tp, V), _spec(K, V)]
+    out_shape = [jax.ShapeDtypeStruct((N, Tp, V), jnp.float32),
+                 jax.ShapeDtypeStruct((N, K, V), jnp.float32)]
+    if with_states:
+        out_specs.append(_spec(n_chunks * K, V))
+        out_shape.append(jax.ShapeDtypeStruct((N, n_chunks * K, V), jnp.float32))
     return pl.pallas_call(
         functools.partial(_kernel, C=C),
         grid=(N,),
-        in_specs=[spec(Tp, K), spec(Tp, K), spec(Tp, V), spec(Tp, Kg), spec(Tp, Kg),
-                  spec(K, V)],
-        out_specs=[spec(Tp, V), spec(K, V)],
-        out_shape=[jax.ShapeDtypeStruct((N, Tp, V), jnp.float32),
-                   jax.ShapeDtypeStruct((N, K, V), jnp.float32)],
+        in_specs=[_spec(Tp, K), _spec(Tp, K), _spec(Tp, V), _spec(Tp, Kg), _spec(Tp, Kg),
+                  _spec(K, V)],
+        out_specs=out_specs,
+        out_shape=out_shape,
         interpret=interpret,
     )(q, k, v, b, r, S0)
+
+
+def _chunk_bwd(q, k, v, b, r, S, do, dS):
+    """Backward of :func:`_chunk` for a scalar gate (``b, r [C, 1]``), by hand.
+
+    With ``D_ij = exp(b_i - b_j) [j <= i, r_i == r_j]``, ``A = (q k^T) * D``,
+    ``e = exp(b) [r == 0]``, ``f = exp(b_C - b) [r == r_C]``, ``a = exp(b_C) [r_C == 0]``
+    (so ``o = A v + (q e) S``, ``S' = a S + (k f)^T v``) and the cotangents ``do [C, V]``,
+    ``dS [K, V]`` of ``o`` and ``S'``::
+
+        dv = A^T do + (k f) dS;   dA = do v^T
+        dq = (dA * D) k + e (do S^T);  dk = (dA * D)^T q + f (v dS^T)
+        dS_prev = (q e)^T do + a dS
+        db_i = sum_j (dA * A)_ij - sum_j (dA * A)_ji + sum_d (q e)_id (do S^T)_id
+               - sum_d (k f)_id (v dS^T)_id;   db_C += sum_j,d (k f)_jd (v dS^T)_jd + a <dS, S>
+
+    (the gate's exponents ``b_i - b_j`` each move with ``b_i`` and against ``b_j``).
+    Returns ``(dq, dk, dv, db [C, 1], dS_prev)``.
+    """
+    C = q.shape[0]
+    f32 = jnp.float32
+    row, col = jnp.arange(C)[:, None], jnp.arange(C)[None, :]
+    ok = (row >= col) & (r[:, 0][:, None] == r[:, 0][None, :])
+    D = _exp_if(b[:, 0][:, None] - b[:, 0][None, :], ok)
+    A = jnp.dot(q, k.T, preferred_element_type=f32) * D
+    e = _exp_if(b, r == 0)  # [C, 1]
+    f = _exp_if(b[C - 1:C] - b, r == r[C - 1:C])  # [C, 1]
+    a = _exp_if(b[C - 1:C], r[C - 1:C] == 0)  # [1, 1]
+    qe, kf = q * e, k * f
+    dA = jnp.dot(do, v.T, preferred_element_type=f32)
+    dP = dA * D
+    dqe = jnp.dot(do, S.T, preferred_element_type=f32)  # [C, K]
+    dkf = jnp.dot(v, dS.T, preferred_element_type=f32)  # [C, K]
+    dq = jnp.dot(dP, k, preferred_element_type=f32) + dqe * e
+    dk = jnp.dot(dP.T, q, preferred_element_type=f32) + dkf * f
+    dv = jnp.dot(A.T, do, preferred_element_type=f32) + jnp.dot(kf, dS, preferred_element_type=f32)
+    Z = dA * A
+    dF = jnp.sum(kf * dkf, axis=1, keepdims=True)  # [C, 1]
+    db = (jnp.sum(Z, axis=1, keepdims=True) - jnp.sum(Z.T, axis=1, keepdims=True)
+          + jnp.sum(qe * dqe, axis=1, keepdims=True) - dF)
+    last = jnp.sum(dF) + a[0, 0] * jnp.sum(dS * S)
+    db = db + jnp.where(row == C - 1, last, 0.0)
+    dS_prev = jnp.dot(qe.T, do, preferred_element_type=f32) + a * dS
+    return dq, dk, dv, db, dS_prev
+
+
+def _bwd_kernel(q_ref, k_ref, v_ref, b_ref, r_ref, st_ref, do_ref, dsT_ref,
+                dq_ref, dk_ref, dv_ref, db_ref, ds0_ref, *, C):
+    """Backward over the chunks of one (batch row, head), last chunk first, carrying
+    the state's cotangent ``[K, V]``; the chunk start states come from the forward."""
+    n_chunks = q_ref.shape[0] // C
+    K = q_ref.shape[1]
+
+    def step(i, dS):
+        n = n_chunks - 1 - i
+        sl = pl.ds(pl.multiple_of(n * C, C), C)
+        S = st_ref[pl.ds(pl.multiple_of(n * K, K), K), :]
+        dq, dk, dv, db, dS = _chunk_bwd(q_ref[sl, :], k_ref[sl, :], v_ref[sl, :],
+                                        b_ref[sl, :], r_ref[sl, :], S, do_ref[sl, :], dS)
+        dq_ref[sl, :] = dq
+        dk_ref[sl, :] = dk
+        dv_ref[sl, :] = dv
+        db_ref[sl, :] = db
+        return dS
+
+    ds0_ref[...] = jax.lax.fori_loop(0, n_chunks, step, dsT_ref[...].astype(jnp.float32))
+
+
+def _pallas_backward(q, k, v, b, r, states, do, dS_T, C, interpret):
+    """Gradients of :func:`_pallas_forward` (scalar gate): ``(dq, dk, dv, db, dS0)``."""
+    N, Tp, K = q.shape
+    V = v.shape[-1]
+    n_chunks = Tp // C
+    shapes = [(Tp, K), (Tp, K), (Tp, V), (Tp, 1), (K, V)]
+    return pl.pallas_call(
+        functools.partial(_bwd_kernel, C=C),
+        grid=(N,),
+        in_specs=[_spec(Tp, K), _spec(Tp, K), _spec(Tp, V), _spec(Tp, 1), _spec(Tp, 1),
+                  _spec(n_chunks * K, V), _spec(Tp, V), _spec(K, V)],
+        out_specs=[_spec(*s) for s in shapes],
+        out_shape=[jax.ShapeDtypeStruct((N, *s), jnp.float32) for s in shapes],
+        interpret=interpret,
+    )(q, k, v, b, r, states, do.astype(jnp.float32), dS_T.astype(jnp.float32))
 
 
 def chunk_reference(q, k, v, b, r, S0, C):
@@ -187,11 +290,17 @@ def _gla(q, k, v, b, r, S0, C, interpret):
 
 
 def _gla_fwd(q, k, v, b, r, S0, C, interpret):
-    return _pallas_forward(q, k, v, b, r, S0, C, interpret), (q, k, v, b, r, S0)
+    if b.shape[-1] == 1:  # scalar gate: the Pallas backward needs the chunk start states
+        o, S, states = _pallas_forward(q, k, v, b, r, S0, C, interpret, with_states=True)
+        return (o, S), (q, k, v, b, r, S0, states)
+    return _pallas_forward(q, k, v, b, r, S0, C, interpret), (q, k, v, b, r, S0, None)
 
 
 def _gla_bwd(C, interpret, res, cts):
-    q, k, v, b, r, S0 = res
+    q, k, v, b, r, S0, states = res
+    if states is not None:  # scalar gate (or none): the Pallas backward kernel
+        dq, dk, dv, db, dS0 = _pallas_backward(q, k, v, b, r, states, *cts, C, interpret)
+        return dq, dk, dv, db, jnp.zeros_like(r), dS0
     _, vjp = jax.vjp(lambda q, k, v, b, S0: chunk_reference(q, k, v, b, r, S0, C),
                      q, k, v, b, S0)
     dq, dk, dv, db, dS0 = vjp(cts)

@@ -51,6 +51,10 @@ def test_pallas_linear_attention_matches_recurrent(gate):
     np.testing.assert_allclose(o, o_ref, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(S, S_ref, atol=1e-5, rtol=1e-5)
     names = ["q", "k", "v", "S0"] if g is None else ["q", "k", "v", "g", "S0"]
+    # scalar gate or none: forward and backward are Pallas kernels; per key: forward only
+    grad_fn = jax.grad(lambda q: jnp.sum(pk.linear_attention(
+        q, k, v, g=g, initial_state=S0, chunk_size=C, interpret=True)[0]))
+    assert str(jax.make_jaxpr(grad_fn)(q)).count("pallas_call") == (1 if gate == "per_key" else 2)
     for name, a, b in zip(names, grads, grads_ref):
         assert np.isfinite(np.asarray(a)).all(), name
         # float32 sums of up to 40 rank-one terms of size ~10: rounding ~1e-4 relative

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from longctx.backends.linear import forms
 from longctx.backends.linear.ops import FORMS, delta_rule, linear_attention
 
 # These tests compile many small graphs: LLVM at -O0 compiles them ~2.5x faster.
@@ -100,8 +101,12 @@ def naive(q, k, v, *, g=None, beta=None, initial_state=None, normalize=False, ep
 
 
 @pytest.mark.parametrize("case", CASES, ids=_id)
-def test_ladder_parallel_recurrent_chunk_outputs_states_and_all_gradients(case):
-    """Gated cases include hard resets (g = -inf), which every form must take exactly."""
+def test_ladder_parallel_recurrent_chunk_outputs_states_and_all_gradients(case, monkeypatch):
+    """Gated cases include hard resets (g = -inf), which every form must take exactly.
+
+    The chunk form runs 2 chunks per scan step here: 3 chunks -> 2 steps, the second
+    padded with an empty chunk (the default of 8 would make these one step)."""
+    monkeypatch.setattr(forms, "CHUNKS_PER_STEP", {jax.default_backend(): 2})
     op, B, T, H, K, V, C = case
     x = _inputs(op, B, T, H, K, V, resets=True)
     wo = jax.random.normal(jax.random.PRNGKey(7), (B, T, H, V))

@@ -6,17 +6,18 @@ Inputs ``[B, T, H, ...]`` float32 (None passes through), start state ``S0
 * :func:`parallel`: the whole sequence as one block (quadratic; the reference).
 * :func:`recurrent`: ``lax.scan`` over time, one step per token (the naive
   recurrence and the decoding form).
-* :func:`chunk`: the parallel chunk form (the ``chunk`` form of the ops). All
-  chunks' blocks at once as batched matmuls (intra-chunk outputs, each chunk's
-  ``K^T V`` contribution, decay, delta-rule WY / UT factors), then only the state
-  recurrence ``S_{n+1} = decay_n S_n + U_n`` runs over chunks: a
-  ``lax.scan`` (or ``lax.associative_scan``, ``DIAGONAL_SCAN``) of one
-  multiply-add per chunk for diagonal (scalar or per-key) decays, a
-  ``lax.scan`` of one ``[K, K] x [K, V]`` matmul per chunk for the delta rules;
-  then the inter-chunk output ``q_eff S_n`` for all chunks at once. Scratch
-  memory is linear in ``T``: the chunk start states ``[B, H, N, K, V]`` (``K V / C``
-  floats per token and head) and the blocks' residuals (``O(C)`` per token);
-  ``CHECKPOINT_BLOCKS`` recomputes the blocks in the backward pass instead.
+* :func:`chunk`: the parallel chunk form (the ``chunk`` form of the ops). The
+  blocks of ``CHUNKS_PER_STEP`` consecutive chunks (for every batch row and
+  head) at once as batched matmuls (intra-chunk outputs, each chunk's ``K^T V``
+  contribution, decay, delta-rule WY / UT factors), then the state recurrence
+  ``S_{n+1} = decay_n S_n + U_n`` over those chunks (one multiply-add per chunk
+  for diagonal decays, or ``lax.associative_scan``, ``DIAGONAL_SCAN``; one
+  ``[K, K] x [K, V]`` matmul per chunk for the delta rules; unrolled), then the
+  inter-chunk output ``q_eff S_n`` of those chunks at once; a ``lax.scan`` over
+  the steps carries the state (one checkpoint per step, ``CHECKPOINT_STEPS``).
+  ``CHUNKS_PER_STEP`` is by platform (8 on CPU, where a step's working set must
+  stay in cache); a platform not listed runs every chunk in one step (only the
+  state recurrence sequential). Scratch memory is linear in ``T`` either way.
 * :func:`chunk_scan`: the previous sequential chunk form: one ``lax.scan`` step
   per chunk running that chunk's block (one checkpoint per step). Same results;
   kept as the benchmark baseline (``experiments/bench_linear.py``) and a second
@@ -36,9 +37,21 @@ import jax.numpy as jnp
 # On CPU the scan measured faster (experiments/bench_linear.py); "associative" is the
 # choice for accelerators where N sequential steps dominate.
 DIAGONAL_SCAN = "scan"
-# Recompute the blocks in the backward pass (jax.checkpoint) instead of storing their
-# residuals. Scratch is linear in T either way (residuals are O(C) floats per token);
-# on CPU storing them measured ~1.4x faster at 16K at ~the same compiled scratch.
+# Chunks per scan step of the chunk form (None: all chunks in one step). On CPU the
+# steps' working set must stay in cache: batched [B*H*G, 64, 64] matmuls ran at 18 GF/s
+# per CPU-second at G*B*H = 1024 but ~50 at 4 (in cache), and all 256 chunks of 16K
+# tokens in one step were ~1.8x slower than 4-8 per step (CPU time, fwd+bwd,
+# experiments/bench_linear.py). Accelerators want one step (all chunks' matmuls in one
+# batch, only the state recurrence sequential): a tuning table by platform, like block
+# sizes; a platform not listed runs every chunk in one step. Unmeasured on GPU/TPU.
+CHUNKS_PER_STEP = {"cpu": 8}
+# Checkpoint each step (the backward recomputes its blocks from the step's inputs and
+# start state) instead of storing the blocks' residuals: faster on CPU (less memory
+# traffic), scratch linear in T either way. A single step is never checkpointed.
+CHECKPOINT_STEPS = True
+UNROLL_MAX = 16  # the state scan within a step is unrolled up to this many chunks
+# Recompute the blocks in the backward pass (jax.checkpoint) inside a step (only
+# matters with CHECKPOINT_STEPS = False).
 CHECKPOINT_BLOCKS = False
 
 
@@ -68,14 +81,20 @@ def recurrent(step, xs, S0):
     return jnp.moveaxis(o, 0, 1), S
 
 
-def _pad_to_chunks(xs, chunk_size):
+def _pad_to_chunks(xs, chunk_size, n_chunks=None):
     T = xs[0].shape[1]
     C = max(1, min(chunk_size, T))  # a sequence shorter than a chunk is one chunk
-    N = -(-T // C)
+    N = -(-T // C) if n_chunks is None else n_chunks
     pad = N * C - T
     padded = tuple(None if x is None else
                    jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) for x in xs)
     return padded, N, C
+
+
+def _unroll(U):
+    """Unroll the state scan of a step of few chunks (``U [B, H, G, K, V]``)."""
+    n = U.shape[2]
+    return n if n <= UNROLL_MAX else 1
 
 
 def _state_starts(aff, S0):
@@ -87,7 +106,7 @@ def _state_starts(aff, S0):
             return jnp.einsum("bhkj,bhjv->bhkv", M, S) + U, S
 
         S, starts = jax.lax.scan(step, S0, (jnp.moveaxis(aff.M, 2, 0),
-                                            jnp.moveaxis(aff.U, 2, 0)))
+                                            jnp.moveaxis(aff.U, 2, 0)), unroll=_unroll(aff.U))
         return jnp.moveaxis(starts, 0, 2), S
     if aff.decay is None:  # no gate: the states are a running sum
         ends = S0[:, :, None] + jnp.cumsum(aff.U, axis=2)
@@ -102,28 +121,45 @@ def _state_starts(aff, S0):
             return du[0] * S + du[1], S
 
         S, starts = jax.lax.scan(step, S0, (jnp.moveaxis(aff.decay, 2, 0),
-                                            jnp.moveaxis(aff.U, 2, 0)))
+                                            jnp.moveaxis(aff.U, 2, 0)), unroll=_unroll(aff.U))
         return jnp.moveaxis(starts, 0, 2), S
     starts = jnp.concatenate([S0[:, :, None], ends[:, :, :-1]], axis=2)
     return starts, ends[:, :, -1]
 
 
-def chunk(block, xs, S0, chunk_size):
+def _groups(n_chunks, per_step):
+    """Split ``n_chunks`` into ``n_steps`` equal groups of ``G`` chunks (padding < n_steps)."""
+    per_step = n_chunks if per_step is None else max(1, min(per_step, n_chunks))
+    n_steps = -(-n_chunks // per_step)
+    return n_steps, -(-n_chunks // n_steps)
+
+
+def chunk(block, xs, S0, chunk_size, chunks_per_step=None):
     """The parallel chunk form (module docstring)."""
     B, T, H = xs[0].shape[:3]
-    xs, N, C = _pad_to_chunks(xs, chunk_size)
+    per_step = (CHUNKS_PER_STEP.get(jax.default_backend()) if chunks_per_step is None
+                else chunks_per_step)
+    n_steps, G = _groups(-(-T // max(1, min(chunk_size, T))), per_step)
+    C = max(1, min(chunk_size, T))
+    xs, N, C = _pad_to_chunks(xs, chunk_size, n_chunks=n_steps * G)
 
-    def chunks(x):  # [B, N*C, H, ...] -> [B, H, N, C, ...]
+    def chunks(x):  # [B, N*C, H, ...] -> [n_steps, B, H, G, C, ...]
         if x is None:
             return None
-        return jnp.moveaxis(x.reshape(B, N, C, *x.shape[2:]), 3, 1)
+        x = x.reshape(B, n_steps, G, C, *x.shape[2:])
+        return jnp.moveaxis(jnp.moveaxis(x, 1, 0), 4, 2)
 
-    if CHECKPOINT_BLOCKS:
-        block = jax.checkpoint(block)
-    aff = block(*map(chunks, xs))  # every chunk at once: [B, H, N, ...]
-    starts, S = _state_starts(aff, S0)
-    o = aff.o + jnp.einsum("bhnck,bhnkv->bhncv", aff.q_eff, starts)  # inter-chunk term
-    o = jnp.moveaxis(o, 1, 3).reshape(B, N * C, H, o.shape[-1])[:, :T]
+    blk = jax.checkpoint(block) if CHECKPOINT_BLOCKS else block
+
+    def body(S, x):  # G chunks at once: [B, H, G, ...]
+        aff = blk(*x)
+        starts, S = _state_starts(aff, S)
+        return S, aff.o + jnp.einsum("bhnck,bhnkv->bhncv", aff.q_eff, starts)  # inter-chunk
+
+    if CHECKPOINT_STEPS and n_steps > 1:  # one step: store its residuals (as before)
+        body = jax.checkpoint(body)
+    S, o = jax.lax.scan(body, S0, tuple(map(chunks, xs)))  # o [n_steps, B, H, G, C, V]
+    o = jnp.moveaxis(jnp.moveaxis(o, 0, 1), 2, 4).reshape(B, N * C, H, o.shape[-1])[:, :T]
     return o, S
 
 

@@ -164,10 +164,11 @@ _FORM_LOGGED: set = set()
 def segment_form(form: str) -> str:
     """``model.attention.linear.form`` -> the form the mixers run a multi-token segment with.
 
-    ``auto``: ``chunk_scan`` (chunks one after another) on CPU, where it measured faster
-    than the parallel ``chunk`` form (0.53-0.74x for ``chunk`` at 16K-64K,
-    ``python -m experiments.bench_linear``: the batched form streams ``[N, C, C]``
-    tensors through memory, the scan keeps one chunk in cache); ``chunk`` on GPU / TPU,
+    ``auto``: ``chunk_scan`` (chunks one after another) on CPU, where the parallel
+    ``chunk`` form (8 chunks per step on CPU) measured no clear win: 1.1-1.5x faster by
+    wall time at 16K-64K but 0.84-0.91x by CPU time, and 0.74x at 256K, on a shared
+    2-core machine (``python -m experiments.bench_linear``; README, *Linear family*);
+    ``chunk`` on GPU / TPU (every chunk in one step),
     where all chunks' matmuls in one batch is the point. Logged once per choice.
     """
     if form != "auto":
