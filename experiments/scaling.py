@@ -50,7 +50,7 @@ def points(args, specs):
     rows = []
     base = [f"data.task={args.task}", *args.overrides]
     for name in args.backends:
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             runs = {}  # value -> run dir
             if args.knob == "length":
                 ov = [*specs[name], *base, f"data.seq_len={args.train_len}",
@@ -174,6 +174,8 @@ def main(argv=None):
     p.add_argument("--knob", help="'length' (evaluated length) or a config key")
     p.add_argument("--values", nargs="+", type=float)
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="seeds first-seed .. first-seed + seeds - 1 (split a run over processes)")
     p.add_argument("--task", help=f"a synthetic task: {sorted(synthetic.TASKS)}")
     p.add_argument("--backends", nargs="+", default=["flash"])
     p.add_argument("--config", default="experiments/configs/sweep.yaml")
