@@ -189,6 +189,7 @@ def main(argv=None):
     p.add_argument("--out", default="runs/scaling")
     p.add_argument("--refit", nargs="+", default=None, metavar="JSONL",
                    help="fit the point rows of these scaling.jsonl files; no training")
+    p.add_argument("--no-plot", action="store_true", help="skip scaling.png")
     p.add_argument("overrides", nargs="*", help="config overrides for every run")
     args = p.parse_args(argv)
     if args.refit:
@@ -196,7 +197,8 @@ def main(argv=None):
                 if r.get("kind") == "point"]
         if not rows:
             p.error(f"--refit: no 'kind: point' rows in {args.refit}")
-        return write_outputs(rows, args.out, n_boot=args.n_boot, knob=rows[0]["knob"])
+        return write_outputs(rows, args.out, n_boot=args.n_boot, knob=rows[0]["knob"],
+                             plot_png=not args.no_plot)
     missing = [a for a in ("knob", "values", "task") if getattr(args, a) is None]
     if missing:
         p.error("the following arguments are required: " + ", ".join(f"--{a}" for a in missing))
@@ -216,11 +218,12 @@ def main(argv=None):
                                   f"{args.knob}={_fmt(args.values[0])}"])
         args.values = [_fmt(v) for v in args.values]
     os.makedirs(args.out, exist_ok=True)
-    return write_outputs(points(args, specs), args.out, n_boot=args.n_boot, knob=args.knob)
+    return write_outputs(points(args, specs), args.out, n_boot=args.n_boot, knob=args.knob,
+                         plot_png=not args.no_plot)
 
 
-def write_outputs(rows, out, *, n_boot, knob):
-    """Fit ``rows``; write ``scaling.jsonl``, ``scaling.md``, ``scaling.png`` in ``out``."""
+def write_outputs(rows, out, *, n_boot, knob, plot_png=True):
+    """Fit ``rows``; write ``scaling.jsonl``, ``scaling.md`` (and ``scaling.png``) in ``out``."""
     os.makedirs(out, exist_ok=True)
     fit_rows, objs = fits(rows, n_boot=n_boot)
     tmp = os.path.join(out, "scaling.jsonl.tmp")
@@ -229,7 +232,8 @@ def write_outputs(rows, out, *, n_boot, knob):
             f.write(json.dumps(r) + "\n")
     os.replace(tmp, os.path.join(out, "scaling.jsonl"))
     write_table(fit_rows, os.path.join(out, "scaling.md"), rows)
-    plot(rows, objs, os.path.join(out, "scaling.png"), knob)
+    if plot_png:
+        plot(rows, objs, os.path.join(out, "scaling.png"), knob)
     print(open(os.path.join(out, "scaling.md")).read())
     return rows, fit_rows
 

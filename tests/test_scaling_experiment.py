@@ -33,11 +33,12 @@ def test_length_knob_trains_once_evaluates_every_length_fits_and_plots(tmp_path)
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     # --refit: the same points fitted again from the file (no training), same fits
     rows2, fit_rows2 = exp.main(["--refit", os.path.join(out, "scaling.jsonl"), "--n-boot", "5",
-                                 "--out", str(tmp_path / "refit")])
+                                 "--no-plot", "--out", str(tmp_path / "refit")])
     assert rows2 == rows and fit_rows2 == fit_rows
     md = open(tmp_path / "refit" / "scaling.md").read()
     em = [r["exact_match"] for r in rows if r["value"] == 48.0][0]
     assert f"| flash | 48 | 1 | {em:.3f} [{em:.3f}, {em:.3f}]" in md  # the points table
+    assert not os.path.exists(tmp_path / "refit" / "scaling.png")
 
 
 def test_bad_knob_or_task_fails_before_training(tmp_path):
