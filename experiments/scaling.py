@@ -18,7 +18,12 @@ then fits each backend x metric over the knob (seeds as repeated x).
 Outputs in ``--out``: ``scaling.jsonl`` (``kind: point`` rows, one per backend x value
 x seed; ``kind: fit`` rows, one per backend x metric), ``scaling.md`` (the fits) and
 ``scaling.png`` (points with their seed spread, fitted curves with 95 % bootstrap
-bands, phase-change intervals shaded). Backends are the context sweep's named specs
+bands, phase-change intervals shaded). ``scaling.md`` also tabulates the points (each
+metric's mean over seeds and its range, per backend and value).
+
+``--refit FILE [FILE ...]`` trains nothing: it reads the ``kind: point`` rows of earlier
+``scaling.jsonl`` files (e.g. backends run as separate processes), fits them together
+and writes the same outputs to ``--out``. Backends are the context sweep's named specs
 (``experiments.context_sweep.default_specs``). Runs go to ``--out/runs/``.
 """
 
@@ -45,7 +50,7 @@ def points(args, specs):
     rows = []
     base = [f"data.task={args.task}", *args.overrides]
     for name in args.backends:
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             runs = {}  # value -> run dir
             if args.knob == "length":
                 ov = [*specs[name], *base, f"data.seq_len={args.train_len}",
@@ -98,7 +103,20 @@ def fits(rows, *, n_boot):
     return out, objs
 
 
-def write_table(fit_rows, path):
+def points_table(rows):
+    """Markdown: per backend x value, each metric's mean over seeds [min, max]."""
+    lines = ["| backend | value | seeds | " + " | ".join(METRICS) + " |",
+             "|---|---|---|" + "---|" * len(METRICS)]
+    for name in dict.fromkeys(r["backend"] for r in rows):
+        for v in sorted({r["value"] for r in rows if r["backend"] == name}):
+            pts = [r for r in rows if r["backend"] == name and r["value"] == v]
+            cells = [f"{np.mean([r[m] for r in pts]):.3f} [{min(r[m] for r in pts):.3f}, "
+                     f"{max(r[m] for r in pts):.3f}]" for m in METRICS]
+            lines.append(f"| {name} | {_fmt(v)} | {len(pts)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(fit_rows, path, rows=()):
     lines = ["| backend | metric | best curve | parameters (95 % CI) | phase change x0 (CI) |",
              "|---|---|---|---|---|"]
     for r in fit_rows:
@@ -112,6 +130,8 @@ def write_table(fit_rows, path):
         lines.append(f"| {r['backend']} | {r['metric']} | {r['best']} | {ps} | {pcs} |")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
+        if rows:
+            f.write("\n" + points_table(rows))
 
 
 def plot(rows, objs, path, knob):
@@ -151,10 +171,12 @@ def plot(rows, objs, path, knob):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--knob", required=True, help="'length' (evaluated length) or a config key")
-    p.add_argument("--values", nargs="+", type=float, required=True)
+    p.add_argument("--knob", help="'length' (evaluated length) or a config key")
+    p.add_argument("--values", nargs="+", type=float)
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--task", required=True, help=f"a synthetic task: {sorted(synthetic.TASKS)}")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="seeds first-seed .. first-seed + seeds - 1 (split a run over processes)")
+    p.add_argument("--task", help=f"a synthetic task: {sorted(synthetic.TASKS)}")
     p.add_argument("--backends", nargs="+", default=["flash"])
     p.add_argument("--config", default="experiments/configs/sweep.yaml")
     p.add_argument("--train-len", type=int, default=256)
@@ -165,8 +187,21 @@ def main(argv=None):
                    help="needle depth range (lo hi) of the evaluated examples")
     p.add_argument("--n-boot", type=int, default=200)
     p.add_argument("--out", default="runs/scaling")
+    p.add_argument("--refit", nargs="+", default=None, metavar="JSONL",
+                   help="fit the point rows of these scaling.jsonl files; no training")
+    p.add_argument("--no-plot", action="store_true", help="skip scaling.png")
     p.add_argument("overrides", nargs="*", help="config overrides for every run")
     args = p.parse_args(argv)
+    if args.refit:
+        rows = [r for path in args.refit for r in map(json.loads, open(path))
+                if r.get("kind") == "point"]
+        if not rows:
+            p.error(f"--refit: no 'kind: point' rows in {args.refit}")
+        return write_outputs(rows, args.out, n_boot=args.n_boot, knob=rows[0]["knob"],
+                             plot_png=not args.no_plot)
+    missing = [a for a in ("knob", "values", "task") if getattr(args, a) is None]
+    if missing:
+        p.error("the following arguments are required: " + ", ".join(f"--{a}" for a in missing))
     if args.task not in synthetic.TASKS:
         p.error(f"unknown --task {args.task!r}; expected one of {sorted(synthetic.TASKS)}")
     if any(v <= 0 for v in args.values):
@@ -183,16 +218,23 @@ def main(argv=None):
                                   f"{args.knob}={_fmt(args.values[0])}"])
         args.values = [_fmt(v) for v in args.values]
     os.makedirs(args.out, exist_ok=True)
-    rows = points(args, specs)
-    fit_rows, objs = fits(rows, n_boot=args.n_boot)
-    tmp = os.path.join(args.out, "scaling.jsonl.tmp")
+    return write_outputs(points(args, specs), args.out, n_boot=args.n_boot, knob=args.knob,
+                         plot_png=not args.no_plot)
+
+
+def write_outputs(rows, out, *, n_boot, knob, plot_png=True):
+    """Fit ``rows``; write ``scaling.jsonl``, ``scaling.md`` (and ``scaling.png``) in ``out``."""
+    os.makedirs(out, exist_ok=True)
+    fit_rows, objs = fits(rows, n_boot=n_boot)
+    tmp = os.path.join(out, "scaling.jsonl.tmp")
     with open(tmp, "w") as f:
         for r in rows + fit_rows:
             f.write(json.dumps(r) + "\n")
-    os.replace(tmp, os.path.join(args.out, "scaling.jsonl"))
-    write_table(fit_rows, os.path.join(args.out, "scaling.md"))
-    plot(rows, objs, os.path.join(args.out, "scaling.png"), args.knob)
-    print(open(os.path.join(args.out, "scaling.md")).read())
+    os.replace(tmp, os.path.join(out, "scaling.jsonl"))
+    write_table(fit_rows, os.path.join(out, "scaling.md"), rows)
+    if plot_png:
+        plot(rows, objs, os.path.join(out, "scaling.png"), knob)
+    print(open(os.path.join(out, "scaling.md")).read())
     return rows, fit_rows
 
 

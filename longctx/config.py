@@ -484,4 +484,5 @@ def task_kwargs(cfg: Config) -> dict:
     depth = (d.passkey_depth_min, d.passkey_depth_max)
     return {"mqar": dict(num_kv_pairs=d.num_kv_pairs),
             "passkey": dict(passkey_len=d.passkey_len, depth=depth),
-            **{t: dict(depth=depth) for t in ruler.TASKS}}.get(d.task, {})  # RULER: needle depth
+            # RULER (ids and the text template): the needle depth
+            **{t: dict(depth=depth) for t in [*ruler.TASKS, "niah_text"]}}.get(d.task, {})

@@ -31,6 +31,14 @@ def test_length_knob_trains_once_evaluates_every_length_fits_and_plots(tmp_path)
     assert "| flash | exact_match |" in open(os.path.join(out, "scaling.md")).read()
     with open(os.path.join(out, "scaling.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # --refit: the same points fitted again from the file (no training), same fits
+    rows2, fit_rows2 = exp.main(["--refit", os.path.join(out, "scaling.jsonl"), "--n-boot", "5",
+                                 "--no-plot", "--out", str(tmp_path / "refit")])
+    assert rows2 == rows and fit_rows2 == fit_rows
+    md = open(tmp_path / "refit" / "scaling.md").read()
+    em = [r["exact_match"] for r in rows if r["value"] == 48.0][0]
+    assert f"| flash | 48 | 1 | {em:.3f} [{em:.3f}, {em:.3f}]" in md  # the points table
+    assert not os.path.exists(tmp_path / "refit" / "scaling.png")
 
 
 def test_bad_knob_or_task_fails_before_training(tmp_path):
@@ -39,3 +47,5 @@ def test_bad_knob_or_task_fails_before_training(tmp_path):
                   "--out", str(tmp_path)])
     with pytest.raises(SystemExit):
         exp.main(["--knob", "length", "--values", "1", "--task", "nope", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):  # --task missing (and not --refit)
+        exp.main(["--knob", "length", "--values", "1", "--out", str(tmp_path)])

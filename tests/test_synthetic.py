@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from longctx.data import ruler
+from longctx.data import ruler, ruler_text
 from longctx.data import synthetic as syn
 
 # (seq_len, vocab_size, num_kv_pairs)
@@ -39,6 +39,7 @@ def test_registry_is_explicit():
         "copy": syn.copy,
         "selective_copy": syn.selective_copy,
         **ruler.TASKS,
+        "niah_text": ruler_text.niah_text,
     }
 
 

@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from longctx.data import ruler
+from longctx.data import ruler, ruler_text
 
 __all__ = [
     "mqar",
@@ -348,6 +348,7 @@ TASKS: dict[str, Callable[..., dict[str, np.ndarray]]] = {
     "copy": copy,
     "selective_copy": selective_copy,
     **ruler.TASKS,  # RULER-style suite (longctx/data/ruler.py) and its mixture "ruler"
+    "niah_text": ruler_text.niah_text,  # RULER's text template, byte ids (data/ruler_text.py)
 }
 
 
