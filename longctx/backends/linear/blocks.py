@@ -18,8 +18,10 @@ inter-chunk term ``q_eff S_n`` for all chunks at once again.
 Gates are in log space, ``[..., L]`` (one per step) or ``[..., L, K]`` (one per
 key), cumulated from the block start (so every exponent is ``<= 0`` at any
 length). A gate of ``-inf`` is a hard reset, handled by counting resets apart
-from the finite gates (:func:`cum_gate`). Per-key gates use GLA's secondary
-chunking (:func:`gated_scores`). The derivation of each block is in its
+from the finite gates (:func:`cum_gate`). Per-key gates use one factored matmul
+per block where that is exact (:func:`factored_scores`, :func:`factored_ok`: no
+resets, bounded decay per half block), else GLA's secondary chunking
+(:func:`gated_scores`). The derivation of each block is in its
 docstring; the tests compare every block against float64 loops over time.
 """
 

@@ -69,7 +69,9 @@ states and every gradient against float64 loops; drivers in
   batched matmuls, only the ``[B, H, K, V]`` state recurrence over chunks
   sequential (an associative scan for diagonal decays), gates cumulated from each
   chunk start (every exponent ``<= 0`` at any length: a gate of -8 per step over a
-  million tokens stays finite); scratch memory linear in ``T``.
+  million tokens stays finite); scratch memory linear in ``T``. Per-key gates
+  (GLA, KDA, RWKV-6/7): one factored score matmul per chunk when that is exact for
+  the whole input, else GLA sub-chunks with explicit decays (see :func:`_run`).
 * ``"chunk_scan"``: the sequential chunk form (one ``lax.scan`` step per chunk);
   the benchmark baseline. Not in :data:`FORMS` (the forms the tests' ladder runs),
   accepted everywhere.
