@@ -150,3 +150,14 @@ def test_factored_scores_condition():
     assert bool(factored_ok(g(12.0), 8)) and not bool(factored_ok(g(12.5), 8))
     assert not bool(factored_ok(g(0.1).at[0, 9, 1, 2].set(-jnp.inf), 8))
     assert bool(factored_ok(g(20.0, T=2), 8))  # T < chunk: one chunk of 2, halves of 2 and 0
+    # Allowed but strong: 33 steps of -1.8 per half, 115 over the chunk; the masked upper
+    # triangle of the factored product overflows (exp(+115)) and must not leak a nan.
+    from longctx.backends.linear.blocks import _explicit_scores, cum_gate, factored_scores, tril
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 64, 4))
+    gi, ge = cum_gate(jnp.full((64, 4), -1.8))
+    assert bool(factored_ok(jnp.full((1, 64, 1, 4), -1.8), 64))
+    for gq in (gi, ge):
+        A = factored_scores(x[0], x[1], gq, gi, tril(64, True))
+        np.testing.assert_allclose(A, _explicit_scores(x[0], x[1], gq, gi, tril(64, True)),
+                                   rtol=1e-5, atol=1e-6)

@@ -115,7 +115,9 @@ def factored_scores(q, k, gq, gk, mask):
     L = q.shape[-2]
     m = gk.b[..., L // 2:L // 2 + 1, :]  # [..., 1, K]
     A = jnp.einsum("...id,...jd->...ij", q * jnp.exp(gq.b - m), k * jnp.exp(m - gk.b))
-    return A * mask
+    # Above the diagonal the products are exp(b_i - b_j) with b_i > b_j: up to exp(120),
+    # inf in float32. Selected away (a where: `A * mask` would make inf * 0 = nan).
+    return jnp.where(mask, A, 0.0)
 
 
 def factored_ok(g, chunk_size):
