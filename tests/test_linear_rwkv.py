@@ -161,3 +161,7 @@ def test_factored_scores_condition():
         A = factored_scores(x[0], x[1], gq, gi, tril(64, True))
         np.testing.assert_allclose(A, _explicit_scores(x[0], x[1], gq, gi, tril(64, True)),
                                    rtol=1e-5, atol=1e-6)
+    grads = jax.grad(lambda x, w: jnp.sum(factored_scores(
+        x[0], x[1], cum_gate(w)[1], cum_gate(w)[0], tril(64, True)) ** 2), argnums=(0, 1))(
+        x, jnp.full((64, 4), -1.8))
+    assert all(bool(jnp.isfinite(gr).all()) for gr in grads)
