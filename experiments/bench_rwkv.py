@@ -1,19 +1,36 @@
-"""RWKV-6 / RWKV-7 ops: chunk form vs recurrent form (forward), same run, same shapes.
+"""RWKV-6 / RWKV-7 / KDA ops: chunk vs recurrent at one length, chunk per-token time over
+lengths, compiled scratch of chunk fwd+bwd over lengths.
 
-Run: PYTHONPATH=$PWD python -m experiments.bench_rwkv --seq-len 8192
-Prints the median time of each form and the ratio recurrent / chunk (issue 17 asks
->= 10x at 64K on an accelerator; on a CPU the ratio is smaller).
+Run: PYTHONPATH=$PWD python -m experiments.bench_rwkv
+     PYTHONPATH=$PWD python -m experiments.bench_rwkv --ratio-len 65536 \
+         --lengths 16384 65536 262144 1048576 --scratch-lengths 16384 65536 262144
+
+Three parts, each op (``--ops``), B / H / K = V from the flags, log decays
+``w = -0.6 sigmoid(x)`` (RWKV-7's range; KDA: ``g`` the same), so the chunk forms take
+the factored per-key scores (``blocks.FACTORED``):
+
+1. ``--ratio-len``: median forward time of ``recurrent``, ``chunk`` and
+   ``chunk_scan``, and recurrent / chunk (issue 17 asks >= 10x at 64K).
+2. ``--lengths``: chunk forward time per token at each length and the least-squares
+   log-log slope of time against length (issue 17: <= 1.1 from 16K to 1M). Forward only
+   (the backward pass doubles the work at every length alike).
+3. ``--scratch-lengths``: compiled scratch (``memory_analysis().temp_size_in_bytes``,
+   deterministic, nothing runs) of chunk fwd+bwd, in bytes per token.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 
 from longctx import ops
+
+OPS = ("rwkv6", "rwkv7", "kda")
 
 
 def _inputs(op, B, T, H, K):
@@ -23,7 +40,22 @@ def _inputs(op, B, T, H, K):
     if op == "rwkv6":
         return dict(r=n(1), k=n(2), v=n(3), w=w, u=jnp.zeros((H, K)))
     kap = n(4) / jnp.linalg.norm(n(4), axis=-1, keepdims=True)
+    if op == "kda":
+        return dict(q=n(1), k=kap, v=n(3), beta=jax.nn.sigmoid(n(5)[..., 0]), g=w)
     return dict(r=n(1), w=w, k=n(2), v=n(3), a=-kap, b=kap * jax.nn.sigmoid(n(5)))
+
+
+def _op(op):
+    return ops.delta_rule if op == "kda" else getattr(ops, op)
+
+
+def _fwd(op, form, chunk_size):
+    return jax.jit(lambda x: _op(op)(**x, chunk_size=chunk_size, form=form)[0])
+
+
+def _fwd_bwd(op, chunk_size):
+    return jax.jit(jax.grad(lambda x: jnp.sum(_op(op)(**x, chunk_size=chunk_size,
+                                                      form="chunk")[0] ** 2)))
 
 
 def _time(fn, x, reps):
@@ -36,25 +68,56 @@ def _time(fn, x, reps):
     return sorted(ts)[len(ts) // 2]
 
 
+def slope(points):
+    """Least-squares slope of log(y) against log(T)."""
+    xs = [math.log(t) for t, _ in points]
+    ys = [math.log(s) for _, s in points]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    return (sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+            / sum((x - mx) ** 2 for x in xs))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seq-len", type=int, default=8192)
+    p.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
+    p.add_argument("--ratio-len", type=int, default=65536, help="0: skip part 1")
+    p.add_argument("--lengths", type=int, nargs="*", default=[16384, 65536, 262144, 1048576])
+    p.add_argument("--scratch-lengths", type=int, nargs="*", default=[16384, 65536, 262144])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--head-dim", type=int, default=32)
-    p.add_argument("--chunk-size", type=int, default=32)
+    p.add_argument("--chunk-size", type=int, default=64)
     p.add_argument("--reps", type=int, default=3)
     a = p.parse_args(argv)
-    for op in ("rwkv6", "rwkv7"):
-        x = _inputs(op, a.batch, a.seq_len, a.heads, a.head_dim)
-        t = {}
-        for form in ("recurrent", "chunk"):
-            f = jax.jit(lambda x, form=form: getattr(ops, op)(
-                **x, chunk_size=a.chunk_size, form=form)[0])
-            t[form] = _time(f, x, a.reps)
-        print(f"{op} T={a.seq_len} B={a.batch} H={a.heads} K=V={a.head_dim} "
-              f"chunk={a.chunk_size}: recurrent {t['recurrent'] * 1e3:.1f} ms, chunk "
-              f"{t['chunk'] * 1e3:.1f} ms, recurrent/chunk {t['recurrent'] / t['chunk']:.2f}x")
+    shape = f"B={a.batch} H={a.heads} K=V={a.head_dim} chunk={a.chunk_size}"
+    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}); {shape}")
+    for op in a.ops:
+        if a.ratio_len:
+            x = _inputs(op, a.batch, a.ratio_len, a.heads, a.head_dim)
+            t = {f: _time(_fwd(op, f, a.chunk_size), x, a.reps)
+                 for f in ("recurrent", "chunk", "chunk_scan")}
+            print(f"{op} T={a.ratio_len} fwd: recurrent {t['recurrent'] * 1e3:.1f} ms, chunk "
+                  f"{t['chunk'] * 1e3:.1f} ms, chunk_scan {t['chunk_scan'] * 1e3:.1f} ms; "
+                  f"recurrent/chunk {t['recurrent'] / t['chunk']:.2f}x, recurrent/chunk_scan "
+                  f"{t['recurrent'] / t['chunk_scan']:.2f}x", flush=True)
+        pts = []
+        for T in a.lengths:
+            x = _inputs(op, a.batch, T, a.heads, a.head_dim)
+            s = _time(_fwd(op, "chunk", a.chunk_size), x, a.reps)
+            pts.append((T, s))
+            print(f"{op} T={T} chunk fwd {s:.3f} s = {s / T * 1e6:.2f} us/token", flush=True)
+        if len(pts) > 1:
+            print(f"{op} chunk fwd time log-log slope {pts[0][0]}..{pts[-1][0]}: "
+                  f"{slope(pts):.3f}", flush=True)
+        mem = []
+        for T in a.scratch_lengths:
+            x = jax.eval_shape(lambda T=T: _inputs(op, a.batch, T, a.heads, a.head_dim))
+            b = _fwd_bwd(op, a.chunk_size).lower(x).compile().memory_analysis().temp_size_in_bytes
+            mem.append((T, b))
+            print(f"{op} T={T} chunk fwd+bwd scratch {b / 2**20:.1f} MiB = {b / T:.0f} B/token",
+                  flush=True)
+        if len(mem) > 1:
+            print(f"{op} scratch log-log slope: {slope(mem):.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -119,7 +119,8 @@ def test_load_balance_equalises_visited_key_blocks():
 # Sequence-parallel linear attention / delta rule (state passing) vs one device.
 # ----------------------------------------------------------------------------
 
-LINEAR_CASES = ["gla_per_key", "gated_delta_reset"]  # plain linear attention: g=None, below
+# Per-key gates everywhere (the scalar gate is the case K = 1 of the same code path).
+LINEAR_CASES = ["gla_per_key", "kda_reset", "rwkv6", "rwkv7"]
 
 
 @pytest.mark.parametrize("case", LINEAR_CASES)
@@ -133,14 +134,27 @@ def test_sequence_parallel_linear_equals_one_device(case):
     k = jax.random.normal(ks[1], (B, T, H, K)) * 0.5
     v = jax.random.normal(ks[2], (B, T, H, V))
     S0 = jax.random.normal(ks[3], (B, H, K, V))
+    g = jax.nn.log_sigmoid(jax.random.normal(ks[4], (B, T, H, K)) + 2)
     if case == "gla_per_key":
         ops, sp = linear_ops.linear_attention, context_linear.linear_attention
-        g, extra = jax.nn.log_sigmoid(jax.random.normal(ks[4], (B, T, H, K)) + 2), ()
-    else:  # gated delta rule with a hard reset (packed documents) inside device 1's chunk
+        extra = ()
+    elif case == "kda_reset":  # KDA with a hard reset (packed documents) in device 1's chunk
         ops, sp = linear_ops.delta_rule, context_linear.delta_rule
-        g = jax.nn.log_sigmoid(jax.random.normal(ks[4], (B, T, H)) + 2).at[:, 13].set(-jnp.inf)
+        g = g.at[:, 13].set(-jnp.inf)
         k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
         extra = (jax.nn.sigmoid(jax.random.normal(ks[5], (B, T, H))),)
+    elif case == "rwkv6":  # (r, k, v, w, u): the gate is positional, the bonus replicated
+        u = jax.random.normal(ks[5], (H, K))
+        ops = lambda q, k, v, *, g, **kw: linear_ops.rwkv6(q, k, v, g, u, **kw)  # noqa: E731
+        sp = lambda q, k, v, *, g, **kw: context_linear.rwkv6(q, k, v, g, u, **kw)  # noqa: E731
+        extra = ()
+    else:  # rwkv7 (r, w, k, v, a, b), a = -kappa, b = kappa * a_gate
+        kap = jax.random.normal(ks[5], (B, T, H, K))
+        kap = kap / jnp.linalg.norm(kap, axis=-1, keepdims=True)
+        ab = (-kap, kap * jax.nn.sigmoid(jax.random.normal(ks[6], (B, T, H, K))))
+        ops = lambda q, k, v, *, g, **kw: linear_ops.rwkv7(q, g, k, v, *ab, **kw)  # noqa: E731
+        sp = lambda q, k, v, *, g, **kw: context_linear.rwkv7(q, g, k, v, *ab, **kw)  # noqa
+        extra = ()
 
     def loss(fn):
         def f(S0, q, k, v):

@@ -34,12 +34,13 @@ def _grads(model, batch):
     (("model.attention.conv_size=0", "model.attention.context_parallel=ring",
       "model.n_layers=1"),
      "collective-permute"),  # every layer full: zigzag order, ring
-    (("model.attention.backend=linear", "model.attention.linear.variant=linear",
-      "model.attention.linear.chunk_size=8", "model.n_layers=1"), "all-gather"),
+    (("model.attention.backend=linear", "model.attention.linear.variant=rwkv7",
+      "model.attention.linear.chunk_size=8", "model.n_layers=1"),
+     "all-gather"),  # RWKV-7: state passing, the token shift across device boundaries
     (("model.attention.pattern=[linear, full]", "model.attention.context_parallel=all_gather",
       "model.attention.linear.variant=gla", "model.attention.linear.chunk_size=8"),
      "all-gather"),  # hybrid: contiguous split, short convs across device boundaries
-], ids=["full-zigzag-ring", "linear", "linear-full-all_gather"])
+], ids=["full-zigzag-ring", "rwkv7", "linear-full-all_gather"])
 def test_sequence_sharded_train_step_equals_single_device(extra, collective):
     """Loss and every parameter gradient of a train step on mesh (data 2, sequence 4)."""
     cfg = load_config("experiments/configs/tiny.yaml", [*SMALL, *extra])

@@ -136,3 +136,32 @@ def test_bad_shapes_name_their_values():
         rwkv6(x["q"], x["k"], x["v"], x["w"], x["u"][:1])
     with pytest.raises(ValueError, match=r"rwkv7: a must have the shape of r"):
         rwkv7(x["q"], x["w"], x["k"], x["v"], x["w"][..., :4], x["w"])
+
+
+def test_factored_scores_condition():
+    """The chunk forms take the factored per-key scores only where they are exact: with
+    chunks of 8 the first half is steps 1..5, so a constant gate -c is fine up to 5c = 60;
+    never with a reset. (The ladder above runs both branches: kda / rwkv7 factored,
+    rwkv6 with resets and the w = -8 test on sub-chunks.)"""
+    from longctx.backends.linear.blocks import FACTOR_MAX_EXP, factored_ok
+
+    g = lambda c, T=20: jnp.full((1, T, 2, 3), -c)  # noqa: E731
+    assert FACTOR_MAX_EXP == 60.0
+    assert bool(factored_ok(g(12.0), 8)) and not bool(factored_ok(g(12.5), 8))
+    assert not bool(factored_ok(g(0.1).at[0, 9, 1, 2].set(-jnp.inf), 8))
+    assert bool(factored_ok(g(20.0, T=2), 8))  # T < chunk: one chunk of 2, halves of 2 and 0
+    # Allowed but strong: 33 steps of -1.8 per half, 115 over the chunk; the masked upper
+    # triangle of the factored product overflows (exp(+115)) and must not leak a nan.
+    from longctx.backends.linear.blocks import _explicit_scores, cum_gate, factored_scores, tril
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 64, 4))
+    gi, ge = cum_gate(jnp.full((64, 4), -1.8))
+    assert bool(factored_ok(jnp.full((1, 64, 1, 4), -1.8), 64))
+    for gq in (gi, ge):
+        A = factored_scores(x[0], x[1], gq, gi, tril(64, True))
+        np.testing.assert_allclose(A, _explicit_scores(x[0], x[1], gq, gi, tril(64, True)),
+                                   rtol=1e-5, atol=1e-6)
+    grads = jax.grad(lambda x, w: jnp.sum(factored_scores(
+        x[0], x[1], cum_gate(w)[1], cum_gate(w)[0], tril(64, True)) ** 2), argnums=(0, 1))(
+        x, jnp.full((64, 4), -1.8))
+    assert all(bool(jnp.isfinite(gr).all()) for gr in grads)

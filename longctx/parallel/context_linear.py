@@ -1,9 +1,10 @@
-"""Sequence-parallel linear attention and delta rule: state passing over mesh axis ``sequence``.
+"""Sequence-parallel linear attention, delta rule, RWKV-6 and RWKV-7 (state passing).
 
 Same signatures and results as :func:`longctx.backends.linear.ops.linear_attention` /
-``delta_rule`` (chunk form), on global arrays sharded along time over ``axis`` of
-the current mesh (contiguous split: device ``i`` holds tokens ``[i T/N, (i+1) T/N)``;
-recurrences need natural order, so there is no zigzag here)::
+``delta_rule`` (``g`` per key: Kimi Delta Attention) / ``rwkv6`` / ``rwkv7`` (chunk
+form), on global arrays sharded along time over ``axis`` of the current mesh
+(contiguous split: device ``i`` holds tokens ``[i T/N, (i+1) T/N)``; recurrences need
+natural order, so there is no zigzag here)::
 
     q, k [B, T, H, K]   v [B, T, H, V]   g None | [B, T, H] | [B, T, H, K]   beta [B, T, H]
     initial_state, final_state [B, H, K, V] float32
@@ -39,7 +40,7 @@ from longctx.parallel.context import axis_size, check_split
 
 
 def _sequence_parallel(op, q, k, v, extras, *, g, scale, initial_state, output_final_state,
-                       chunk_size, axis):
+                       chunk_size, axis, replicated=()):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or axis not in mesh.axis_names:
         raise ValueError(f"sequence-parallel {op.__name__} needs a current mesh with axis "
@@ -51,7 +52,8 @@ def _sequence_parallel(op, q, k, v, extras, *, g, scale, initial_state, output_f
     S0 = (jnp.zeros((B, H, K, V), jnp.float32) if initial_state is None
           else initial_state.astype(jnp.float32))
 
-    def local(q, k, v, g, extras, S0):
+    def local(q, k, v, g, extras, replicated, S0):
+        extras = extras + replicated
         kw = dict(g=g, scale=scale, chunk_size=chunk_size, output_final_state=True)
         # Start states differ per device (shard_map's varying type), as the scanned ones do.
         vary = lambda x: jax.lax.pcast(x, (axis,), to="varying")  # noqa: E731
@@ -72,9 +74,10 @@ def _sequence_parallel(op, q, k, v, extras, *, g, scale, initial_state, output_f
 
     seq = P(None, axis)
     g_spec = None if g is None else seq
-    f = jax.shard_map(local, in_specs=(seq, seq, seq, g_spec, tuple(seq for _ in extras), P()),
+    f = jax.shard_map(local, in_specs=(seq, seq, seq, g_spec, tuple(seq for _ in extras),
+                                       tuple(P() for _ in replicated), P()),
                       out_specs=(seq, P(axis)), axis_names=frozenset({axis}))
-    o, S_ends = f(q, k, v, g, tuple(extras), S0)  # S_ends [N, B, H, K, V]
+    o, S_ends = f(q, k, v, g, tuple(extras), tuple(replicated), S0)  # S_ends [N, B, H, K, V]
     return o, (S_ends[-1] if output_final_state else None)  # the last device's end state
 
 
@@ -91,6 +94,40 @@ def delta_rule(q, k, v, beta, *, g=None, scale=None, initial_state=None,
                output_final_state=False, chunk_size=64, axis="sequence"):
     """:func:`longctx.backends.linear.ops.delta_rule` with time split over ``axis``."""
     return _sequence_parallel(linear_ops.delta_rule, q, k, v, (beta,), g=g, scale=scale,
+                              initial_state=initial_state,
+                              output_final_state=output_final_state, chunk_size=chunk_size,
+                              axis=axis)
+
+
+def _rwkv6_op(r, k, v, w, u, *, g, **kw):
+    del g
+    return linear_ops.rwkv6(r, k, v, w, u, **kw)
+
+
+def _rwkv7_op(r, k, v, w, a, b, *, g, **kw):
+    del g
+    return linear_ops.rwkv7(r, w, k, v, a, b, **kw)
+
+
+def rwkv6(r, k, v, w, u, *, scale=None, initial_state=None, output_final_state=False,
+          chunk_size=64, axis="sequence"):
+    """:func:`longctx.backends.linear.ops.rwkv6` with time split over ``axis``.
+
+    The identity-start trick holds: with ``v = 0`` the bonus term vanishes and the
+    state is ``diag(exp sum w) S_0``, the output ``scale r_t diag(exp b_{t-1}) S_0``."""
+    return _sequence_parallel(_rwkv6_op, r, k, v, (w,), g=None, scale=scale,
+                              initial_state=initial_state,
+                              output_final_state=output_final_state, chunk_size=chunk_size,
+                              axis=axis, replicated=(u,))
+
+
+def rwkv7(r, w, k, v, a, b, *, scale=None, initial_state=None, output_final_state=False,
+          chunk_size=64, axis="sequence"):
+    """:func:`longctx.backends.linear.ops.rwkv7` with time split over ``axis``.
+
+    The generalized delta rule is linear in the state, so the identity-start trick gives
+    the device's transition ``M`` ([K, K]: the product of ``diag(exp w_t) + b_t^T a_t``)."""
+    return _sequence_parallel(_rwkv7_op, r, k, v, (w, a, b), g=None, scale=scale,
                               initial_state=initial_state,
                               output_final_state=output_final_state, chunk_size=chunk_size,
                               axis=axis)

@@ -18,8 +18,10 @@ inter-chunk term ``q_eff S_n`` for all chunks at once again.
 Gates are in log space, ``[..., L]`` (one per step) or ``[..., L, K]`` (one per
 key), cumulated from the block start (so every exponent is ``<= 0`` at any
 length). A gate of ``-inf`` is a hard reset, handled by counting resets apart
-from the finite gates (:func:`cum_gate`). Per-key gates use GLA's secondary
-chunking (:func:`gated_scores`). The derivation of each block is in its
+from the finite gates (:func:`cum_gate`). Per-key gates use one factored matmul
+per block where that is exact (:func:`factored_scores`, :func:`factored_ok`: no
+resets, bounded decay per half block), else GLA's secondary chunking
+(:func:`gated_scores`). The derivation of each block is in its
 docstring; the tests compare every block against float64 loops over time.
 """
 
@@ -57,7 +59,7 @@ def exp_if(x, ok):
     return jnp.exp(jnp.where(ok, x, -jnp.inf))
 
 
-def cum_gate(g):
+def cum_gate(g, resets=True):
     """``g [..., L, G]`` -> (inclusive, exclusive) cumulative :class:`Gate` s.
 
     Inclusive at step ``i``: gates ``1..i``; exclusive: gates ``1..i-1`` (the state
@@ -65,6 +67,10 @@ def cum_gate(g):
     from (after) step ``j`` to step ``i`` is ``exp(b_i - b_j)`` if ``r_i == r_j`` (no
     reset in between) else 0, so ``-inf - -inf`` is never formed.
     """
+    if not resets:  # the caller guarantees finite gates (FACTORED): a broadcastable 0 count
+        r = jnp.zeros((1,) * g.ndim, jnp.int32)
+        b = jnp.cumsum(g, axis=-2)
+        return Gate(b, r), Gate(b - g, r)
     reset = jnp.isneginf(g)
     gf = jnp.where(reset, 0.0, g)
     ri = reset.astype(jnp.int32)
@@ -87,6 +93,49 @@ def _explicit_scores(q, k, gq, gk, mask):
     return jnp.sum(q[..., :, None, :] * k[..., None, :, :] * d, axis=-1)
 
 
+# ``sub`` value of the blocks: per-key scores by one factored matmul (:func:`factored_scores`),
+# for inputs where :func:`factored_ok` holds (the ops check it and fall back to sub-chunks).
+FACTORED = "factored"
+# The factored scores multiply factors up to exp(FACTOR_MAX_EXP) and down to
+# exp(-FACTOR_MAX_EXP): inside float32's range (exp(+-88)) with room for |q|, |k| and sums.
+FACTOR_MAX_EXP = 60.0
+
+
+def factored_scores(q, k, gq, gk, mask):
+    """``sum_d q_id k_jd exp(bq_id - bk_jd)`` as one matmul of ``q exp(bq - m)`` and
+    ``k exp(m - bk)``, with ``m`` the inclusive gate at the block's middle step ``L // 2``.
+
+    No ``[L, L, K]`` decays and one exp per element of ``q`` and ``k`` (as
+    flash-linear-attention's chunk kernels for bounded decays, e.g. RWKV-7's
+    ``w >= -0.61``). Exact while every ``|b - m| <= FACTOR_MAX_EXP`` and no gate is a
+    reset (:func:`factored_ok`); the reference point in the middle halves the largest
+    exponent against the block start. ``b`` is monotone, so
+    ``max |b - m| = max(-m, m - b_L)`` (the exclusive gate adds only the start, 0).
+    """
+    L = q.shape[-2]
+    m = gk.b[..., L // 2:L // 2 + 1, :]  # [..., 1, K]
+    A = jnp.einsum("...id,...jd->...ij", q * jnp.exp(gq.b - m), k * jnp.exp(m - gk.b))
+    # Above the diagonal the products are exp(b_i - b_j) with b_i > b_j: up to exp(120),
+    # inf in float32. Selected away (a where: `A * mask` would make inf * 0 = nan).
+    return jnp.where(mask, A, 0.0)
+
+
+def factored_ok(g, chunk_size):
+    """Whether :func:`factored_scores` is exact for every chunk of the per-key log gate
+    ``g [B, T, H, K]`` (chunks of ``chunk_size``, zero-padded, as the chunk forms cut
+    them): no reset, and the decay over steps ``1..L//2+1`` and over the rest of each
+    chunk at most ``FACTOR_MAX_EXP`` in every key. A scalar bool (traced)."""
+    B, T = g.shape[:2]
+    C = max(1, min(chunk_size, T))
+    N = -(-T // C)
+    gc = jnp.pad(g, [(0, 0), (0, N * C - T)] + [(0, 0)] * (g.ndim - 2))
+    gc = gc.reshape(B, N, C, *g.shape[2:])
+    h = C // 2 + 1
+    first, rest = -jnp.sum(gc[:, :, :h], axis=2), -jnp.sum(gc[:, :, h:], axis=2)
+    return ((jnp.max(first) <= FACTOR_MAX_EXP) & (jnp.max(rest) <= FACTOR_MAX_EXP)
+            & ~jnp.any(jnp.isneginf(g)))
+
+
 def gated_scores(q, k, gq, gk, *, strict, sub=None):
     """``A_ij = sum_d q_id k_jd exp(bq_id - bk_jd)`` for ``j <= i`` (``j < i`` if ``strict``).
 
@@ -101,7 +150,8 @@ def gated_scores(q, k, gq, gk, *, strict, sub=None):
     ``k_j exp(b_p - b_j)`` with ``p`` the last step before sub-chunk ``I`` (both
     exponents ``<= 0``, also for an exclusive ``gq``: ``bq_i <= b_p``); within a
     diagonal sub-chunk the explicit decays. ``sub=None`` (or ``L`` not a multiple):
-    explicit decays everywhere (the reference).
+    explicit decays everywhere (the reference). ``sub=FACTORED``: one factored matmul
+    (:func:`factored_scores`; only where :func:`factored_ok`).
     """
     L, K = q.shape[-2:]
     mask = tril(L, strict)
@@ -111,6 +161,8 @@ def gated_scores(q, k, gq, gk, *, strict, sub=None):
         ok = mask & (gq.r[..., :, None, 0] == gk.r[..., None, :, 0])
         d = exp_if(gq.b[..., :, None, 0] - gk.b[..., None, :, 0], ok)
         return jnp.einsum("...id,...jd->...ij", q, k) * d
+    if sub == FACTORED:
+        return factored_scores(q, k, gq, gk, mask)
     if sub is None or sub >= L or L % sub:
         return _explicit_scores(q, k, gq, gk, mask)
     lead = q.shape[:-2]
@@ -175,7 +227,7 @@ def linear_block(q, k, v, g, *, sub=None):
     ``U = (k exp(b_L - b))^T v``, ``decay = exp(b_L)``.
     """
     g = _as_gate(g, q)
-    gi = None if g is None else cum_gate(g)[0]
+    gi = None if g is None else cum_gate(g, sub != FACTORED)[0]
     A = gated_scores(q, k, gi, gi, strict=False, sub=sub)
     to_step, to_end, across = boundary_decays(gi)
     return Affine(o=jnp.einsum("...ij,...jv->...iv", A, v), q_eff=_mul(q, to_step),
@@ -190,7 +242,7 @@ def rwkv6_block(r, k, v, w, ruk, *, sub=None):
     below the diagonal, plus the bonus ``ruk_t v_t`` with ``ruk_t = sum_d r_td u_d k_td``
     (``ruk [..., L]``, computed by the caller). ``q_eff = r exp(b_{t-1})``.
     """
-    gi, ge = cum_gate(w)
+    gi, ge = cum_gate(w, sub != FACTORED)
     A = gated_scores(r, k, ge, gi, strict=True, sub=sub)
     _, to_end, across = boundary_decays(gi)
     o = jnp.einsum("...ij,...jv->...iv", A, v) + ruk[..., None] * v
@@ -250,7 +302,7 @@ def delta_block(q, k, v, beta, g, *, sub=None):
         o   = P U~ + (q exp(b) - P W) S_0        S_L = Kd^T U~ + (diag(exp(b_L)) - Kd^T W) S_0
     """
     g = _as_gate(g, q)
-    gi = None if g is None else cum_gate(g)[0]
+    gi = None if g is None else cum_gate(g, sub != FACTORED)[0]
     kb = k * beta[..., None]
     A = gated_scores(kb, k, gi, gi, strict=True, sub=sub)  # strictly lower
     to_step, to_end, across = boundary_decays(gi)
@@ -284,7 +336,7 @@ def rwkv7_block(r, w, k, v, a, b, *, sub=None):
         o   = Q_b X~ + Q_k V + (r exp(b) + Q_b Wx) S_0
         S_L = Bd^T X~ + Kd^T V + (diag(exp(b_L)) + Bd^T Wx) S_0     (Bd = b exp(b_L - b), Kd alike)
     """
-    gi, ge = cum_gate(w)
+    gi, ge = cum_gate(w, sub != FACTORED)
     Aab = gated_scores(a, b, ge, gi, strict=True, sub=sub)
     Aak = gated_scores(a, k, ge, gi, strict=True, sub=sub)
     rhs = jnp.concatenate([jnp.einsum("...ij,...jv->...iv", Aak, v),

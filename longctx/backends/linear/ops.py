@@ -69,7 +69,9 @@ states and every gradient against float64 loops; drivers in
   batched matmuls, only the ``[B, H, K, V]`` state recurrence over chunks
   sequential (an associative scan for diagonal decays), gates cumulated from each
   chunk start (every exponent ``<= 0`` at any length: a gate of -8 per step over a
-  million tokens stays finite); scratch memory linear in ``T``.
+  million tokens stays finite); scratch memory linear in ``T``. Per-key gates
+  (GLA, KDA, RWKV-6/7): one factored score matmul per chunk when that is exact for
+  the whole input, else GLA sub-chunks with explicit decays (see :func:`_run`).
 * ``"chunk_scan"``: the sequential chunk form (one ``lax.scan`` step per chunk);
   the benchmark baseline. Not in :data:`FORMS` (the forms the tests' ladder runs),
   accepted everywhere.
@@ -148,14 +150,31 @@ def _f32(x):
     return None if x is None else jnp.asarray(x).astype(jnp.float32)
 
 
-def _run(form, block, step, xs, S0, chunk_size):
-    """Dispatch to a form; ``xs`` are ``[B, T, H, ...]`` float32, ``S0 [B, H, K, V]`` float32."""
+def _run(form, block, step, xs, S0, chunk_size, per_key_gate=None):
+    """Dispatch to a form; ``xs`` are ``[B, T, H, ...]`` float32, ``S0 [B, H, K, V]`` float32.
+
+    ``per_key_gate``: the op's ``[B, T, H, K]`` log gate (None: none or scalar). The chunk
+    forms then compute their per-key scores by one factored matmul per chunk
+    (``blocks.FACTORED``) when :func:`~longctx.backends.linear.blocks.factored_ok` holds
+    for the whole input, else by GLA sub-chunks of ``GLA_SUBCHUNK`` with explicit decays
+    (resets, or more than ``blocks.FACTOR_MAX_EXP`` of log decay in half a chunk): a
+    ``lax.cond`` on that traced flag, so both are exact and only one runs. The fallback is
+    rematerialised in the backward pass, so the fast branch carries no zero-filled
+    residuals of the fallback's ``[C, c, K]`` decays.
+    """
     if form == "parallel":
         return forms.parallel(functools.partial(block, sub=None), xs, S0)
     if form == "recurrent":
         return forms.recurrent(step, xs, S0)
     run = forms.chunk_scan if form == "chunk_scan" else forms.chunk
-    return run(functools.partial(block, sub=GLA_SUBCHUNK), xs, S0, chunk_size)
+
+    def with_sub(sub):
+        return lambda xs, S0: run(functools.partial(block, sub=sub), xs, S0, chunk_size)
+
+    if per_key_gate is None:
+        return with_sub(GLA_SUBCHUNK)(xs, S0)
+    return jax.lax.cond(blocks.factored_ok(per_key_gate, chunk_size), with_sub(blocks.FACTORED),
+                        jax.checkpoint(with_sub(GLA_SUBCHUNK)), xs, S0)
 
 
 _FORM_LOGGED: set = set()
@@ -178,6 +197,11 @@ def segment_form(form: str) -> str:
         _FORM_LOGGED.add(chosen)
         log.info("linear attention: form=auto runs %r on %s", chosen, jax.default_backend())
     return chosen
+
+
+def _per_key(g, q):
+    """``g`` if it is a per-key gate ``[B, T, H, K]`` (see :func:`_run`), else None."""
+    return g if g is not None and g.ndim == q.ndim else None
 
 
 def _start_state(S0, B, H, K, V):
@@ -241,7 +265,7 @@ def linear_attention(q, k, v, *, g=None, scale=None, initial_state=None,
         v = jnp.concatenate([v, jnp.ones_like(v[..., :1])], axis=-1)
         S0 = jnp.concatenate([S0, jnp.zeros_like(S0[..., :1])], axis=-1)
     o, S = _run(form, blocks.linear_block, forms.linear_step, (q * scale, k, v, g), S0,
-                chunk_size)
+                chunk_size, _per_key(g, q))
     if normalize:
         o = o[..., :V] / (o[..., V:] + NORMALIZE_EPS)
         S = S[..., :V]
@@ -271,7 +295,7 @@ def delta_rule(q, k, v, beta, *, g=None, scale=None, initial_state=None,
     q, k, v, beta, g, S0 = map(_f32, (q, k, v, beta, g, initial_state))
     S0 = _start_state(S0, B, H, K, v.shape[-1])
     o, S = _run(form, blocks.delta_block, forms.delta_step, (q * scale, k, v, beta, g), S0,
-                chunk_size)
+                chunk_size, _per_key(g, q))
     return o.astype(out_dtype), (S if output_final_state else None)
 
 
@@ -295,7 +319,8 @@ def rwkv6(r, k, v, w, u, *, scale=None, initial_state=None, output_final_state=F
     r = r * scale
     ruk = jnp.sum(r * u * k, axis=-1)  # [B, T, H]: the bonus coefficient r_t diag(u) k_t^T
     S0 = _start_state(S0, B, H, K, v.shape[-1])
-    o, S = _run(form, blocks.rwkv6_block, forms.rwkv6_step, (r, k, v, w, ruk), S0, chunk_size)
+    o, S = _run(form, blocks.rwkv6_block, forms.rwkv6_step, (r, k, v, w, ruk), S0, chunk_size,
+                w)
     return o.astype(out_dtype), (S if output_final_state else None)
 
 
@@ -319,5 +344,5 @@ def rwkv7(r, w, k, v, a, b, *, scale=None, initial_state=None, output_final_stat
     r, w, k, v, a, b, S0 = map(_f32, (r, w, k, v, a, b, initial_state))
     S0 = _start_state(S0, B, H, K, v.shape[-1])
     o, S = _run(form, blocks.rwkv7_block, forms.rwkv7_step, (r * scale, w, k, v, a, b), S0,
-                chunk_size)
+                chunk_size, w)
     return o.astype(out_dtype), (S if output_final_state else None)

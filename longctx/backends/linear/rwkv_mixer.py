@@ -33,8 +33,10 @@ variant). Without it RWKV-7 is the paper's ablation "no v-first".
 State: ``{"S": [B, H, K, V] float32, "shift": [B, E]}`` (the last input token).
 ``state=None``: the chunk form over the segment; with a state the chunk form for
 ``S > 1`` tokens and the recurrent form for ``S == 1`` (decoding). Packed
-documents (``segment_ids``) and context parallelism are refused with an error
-(not implemented for these variants).
+documents (``segment_ids``) are refused with an error (not implemented). With the
+mesh splitting ``sequence`` (``model.attention.context_parallel``) the stateless call
+passes the state across devices (``longctx.parallel.context_linear.rwkv6`` / ``rwkv7``);
+the token shift reads the previous device's last token through GSPMD (global view).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from longctx.backends.base import Mixer, MixerDims
 from longctx.backends.linear import ops as linear_ops
 from longctx.backends.linear.config import LinearConfig
 from longctx.layers import DTYPES, param
-from longctx.parallel import context
+from longctx.parallel import context, context_linear
 
 GROUP_NORM_EPS = 64e-5  # RWKV's ln_x eps (1e-5 * head_size_divisor**2 with divisor 8)
 
@@ -146,10 +148,6 @@ class RWKVMixer(Mixer):
             raise NotImplementedError(
                 f"model.attention.linear.variant={name!r} does not take segment_ids "
                 "(packed documents): token shift and state resets are not implemented")
-        if state is None and context.active_strategy(self.context_parallel) is not None:
-            raise NotImplementedError(
-                f"model.attention.linear.variant={name!r} has no context-parallel form; "
-                "set model.attention.context_parallel=none or do not split `sequence`")
         dt = self.dtype
         x = x.astype(dt)
         B, S, _ = x.shape
@@ -175,9 +173,13 @@ class RWKVMixer(Mixer):
                   output_final_state=state is not None, chunk_size=self.lin.chunk_size,
                   form="recurrent" if state is not None and S == 1
                   else linear_ops.segment_form(self.lin.form))
+        ops = linear_ops
+        if state is None and context.active_strategy(self.context_parallel) is not None:
+            ops = context_linear  # the sequence is split over `sequence`: state passing
+            del kw["form"]  # (the token shift's one-token halo is GSPMD's, global view)
         if not self.v7:
             w = -jnp.exp(d_w)
-            o, S_new = linear_ops.rwkv6(r, k, v, w, self.u[...], **kw)
+            o, S_new = ops.rwkv6(r, k, v, w, self.u[...], **kw)
             o = _group_norm(o.astype(jnp.float32), self.ln_scale[...], self.ln_bias[...])
             o = o * jax.nn.silu(proj(xs["g"], self.wg).astype(jnp.float32))
         else:
@@ -187,7 +189,7 @@ class RWKVMixer(Mixer):
             kf = k.astype(jnp.float32)
             kappa = _l2norm(kf * self.k_k[...])
             kf = kf * (1.0 + (a_gate - 1.0) * self.k_a[...])
-            o, S_new = linear_ops.rwkv7(r, w, kf, v, -kappa, kappa * a_gate, **kw)
+            o, S_new = ops.rwkv7(r, w, kf, v, -kappa, kappa * a_gate, **kw)
             o = _group_norm(o.astype(jnp.float32), self.ln_scale[...], self.ln_bias[...])
             bonus = jnp.sum(r.astype(jnp.float32) * kf * self.r_k[...], axis=-1, keepdims=True)
             o = o + bonus * v.astype(jnp.float32)
