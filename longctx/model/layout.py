@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from longctx.config import ModelConfig
@@ -164,6 +165,32 @@ def from_per_layer(cfg: ModelConfig, params: dict) -> dict:
                         if st.scanned else layers[0])
         out["stages"][s] = {"blocks": group}
     return out
+
+
+def params_of(model) -> dict:
+    """``model``'s parameters in the per-layer view (pure dict of arrays), either layout."""
+    return to_per_layer(model.cfg, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def blocks_of(model) -> list:
+    """Layer ``i``'s block module, for every ``i``, either layout (for inspection: types,
+    attributes, metadata). A scanned stage's layers share one stacked module, whose
+    variables carry the leading ``[n]`` axis; read values through :func:`params_of`."""
+    if not model.cfg.scan_layers:
+        return list(model.blocks)
+    out = [None] * model.cfg.n_layers
+    for st, group in zip(stages(model.cfg), model.stages):
+        for j in range(st.repeats):
+            for k in range(st.size):
+                out[st.layer(j, k)] = group.blocks[k]
+    return out
+
+
+def set_params(model, params: dict) -> None:
+    """Write the per-layer view ``params`` (all of ``model``'s parameters) into ``model``."""
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, from_per_layer(model.cfg, params))
+    nnx.update(model, state)
 
 
 # -- carried state (decoding, segments) --------------------------------------------------
