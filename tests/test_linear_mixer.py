@@ -134,9 +134,10 @@ def test_parameters_carry_logical_axes():
     model, _ = _model("gated_deltanet")
     specs = {"/".join(map(str, path)): v.get_metadata()["out_sharding"]
              for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    assert specs["blocks/0/mixer/wq"] == ("embed", "heads", "head_dim")
-    assert specs["blocks/0/mixer/wo"] == ("heads", "head_dim", "embed")
-    assert specs["blocks/0/mixer/a_log"] == ("heads",)
+    # 2 layers stacked (model.scan_layers, the default): a leading, unsharded `layers` axis
+    assert specs["stages/0/blocks/0/mixer/wq"] == ("layers", "embed", "heads", "head_dim")
+    assert specs["stages/0/blocks/0/mixer/wo"] == ("layers", "heads", "head_dim", "embed")
+    assert specs["stages/0/blocks/0/mixer/a_log"] == ("layers", "heads")
 
 
 def test_gla_with_retnet_bias_and_no_data_gate_is_retnet():
