@@ -20,8 +20,8 @@ the model's layout:
   ``k`` of the group of stage ``s``, whose slice ``j`` is layer ``start + j * g + k``.
 
 The same functions convert anything shaped like the parameters (optimizer moments,
-``jax.ShapeDtypeStruct`` restore targets: a stacked sharding gains / loses its leading
-``layers`` entry); ``longctx.train.checkpoint.convert_layout`` applies them to a whole
+``jax.ShapeDtypeStruct`` restore targets, trees of ``NamedSharding``: a stacked sharding
+gains / loses its leading ``layers`` entry); ``longctx.train.checkpoint.convert_layout`` applies them to a whole
 train state so that a checkpoint written unscanned restores scanned and back. The
 carried per-layer decoding / segment state has the same two layouts
 (:func:`states_to_per_layer`, :func:`states_from_per_layer`).
@@ -101,6 +101,8 @@ def stages(cfg: ModelConfig) -> list[Stage]:
 
 
 def _take(a, j: int):
+    if isinstance(a, NamedSharding):  # a tree of shardings: the slice's loses `layers`
+        return NamedSharding(a.mesh, P(*tuple(a.spec)[1:]))
     if isinstance(a, jax.ShapeDtypeStruct):
         sh = a.sharding
         if isinstance(sh, NamedSharding):
@@ -111,6 +113,8 @@ def _take(a, j: int):
 
 def _stack(xs: list):
     a = xs[0]
+    if isinstance(a, NamedSharding):
+        return NamedSharding(a.mesh, P(None, *tuple(a.spec)))
     if isinstance(a, jax.ShapeDtypeStruct):
         sh = a.sharding
         if isinstance(sh, NamedSharding):
