@@ -113,8 +113,9 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype (params stay float32): float32 | bfloat16
     remat: str = "none"  # per-block rematerialisation: none | full | dots
     # Layers (pattern groups) stacked [n, ...] and run by lax.scan: compile time flat in
-    # depth (longctx/model/layout.py); false: an unrolled list, one compiled copy per layer.
-    scan_layers: bool = False
+    # depth (longctx/model/layout.py); false: an unrolled list, one compiled copy per layer
+    # (debugging, per-layer inspection: `model.blocks[i]`).
+    scan_layers: bool = True
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
 

@@ -11,6 +11,7 @@ from flax import nnx
 import longctx
 from longctx.config import load_config
 from longctx.data.pipeline import build_source, make_dataset
+from longctx.model import layout
 from longctx.parallel import context
 from longctx.parallel import sharding as shd
 from longctx.train.step import loss_fn
@@ -69,7 +70,7 @@ def test_model_permutes_only_when_every_layer_takes_zigzag():
     def layouts(*extra):
         cfg = load_config(None, [*SMALL, *extra])
         model = longctx.build_model(cfg.model, rngs=nnx.Rngs(0))
-        return {b.mixer.token_layout for b in model.blocks}
+        return {b.mixer.token_layout for b in layout.blocks_of(model)}
 
     assert layouts("model.attention.conv_size=0") == {"zigzag"}
     assert layouts("model.attention.conv_size=4") == {"natural"}  # a conv needs natural order

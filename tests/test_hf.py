@@ -22,7 +22,7 @@ from safetensors.numpy import save_file
 
 from longctx import hf
 from longctx.config import ConfigError
-from longctx.model import build_model
+from longctx.model import build_model, layout
 from longctx.parallel import sharding as shd
 
 V, E, L = 128, 32, 2
@@ -118,9 +118,10 @@ def test_sharded_save_and_mesh_load(tmp_path):
     assert len(files) > 2 and os.path.exists(os.path.join(out, "model.safetensors.index.json"))
     mesh = shd.make_mesh({"fsdp": 4, "tensor": 2})
     sharded, _ = hf.load(out, mesh=mesh)
-    wq = sharded.blocks[0].mixer.wq[...]
-    assert wq.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
-    assert wq.addressable_shards[0].data.shape == (E // 4, 2, 32)
+    assert sharded.cfg.scan_layers  # the default: layers 0..L-1 stacked [L, ...]
+    wq = sharded.stages[0].blocks[0].mixer.wq[...]
+    assert wq.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    assert wq.addressable_shards[0].data.shape == (L, E // 4, 2, 32)  # `layers` unsharded
     with jax.set_mesh(mesh):
         logits, _ = sharded(PROMPTS[7])
     _close(np.asarray(logits), _torch_logits(ref, PROMPTS[7]))
@@ -242,8 +243,10 @@ def test_rope_scaling_section_and_interleaved_layout_export(tmp_path):
                            "model.rope_scaling={type: yarn, factor: 4, "
                            "original_max_position_embeddings: 64}"]).model
     model = build_model(m, rngs=nnx.Rngs(0))
-    for blk in model.blocks:  # non-trivial q/k norm scales, so their permutation is tested
-        blk.mixer.q_norm.scale[...] = jax.random.uniform(jax.random.key(1), (8,)) + 0.5
+    params = layout.params_of(model)  # per layer, whatever model.scan_layers
+    for blk in params["blocks"].values():  # non-trivial q/k norm scales: permutation tested
+        blk["mixer"]["q_norm"]["scale"] = jax.random.uniform(jax.random.key(1), (8,)) + 0.5
+    layout.set_params(model, params)
     out = hf.save(model, m, str(tmp_path / "out"))
     back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(back).__name__ == "Qwen3ForCausalLM"

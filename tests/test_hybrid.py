@@ -16,6 +16,7 @@ from longctx.backends.full.mixer import FullAttention
 from longctx.backends.linear.mixer import LinearAttention
 from longctx.backends.recurrent.mixer import RecurrentAttention
 from longctx.config import ConfigError
+from longctx.model import layout
 
 TINY = "experiments/configs/tiny.yaml"
 FLASH = ["model.attention.impl=flash", "model.attention.block_q=16", "model.attention.block_k=16"]
@@ -41,12 +42,15 @@ def _tokens(B, T, seed=0):
 
 
 def test_pattern_builds_each_layer_with_its_backend():
-    m, _ = _model("recurrent-linear", "model.n_layers=4", "model.segment_len=16")
-    assert [type(b.mixer) for b in m.blocks] == [RecurrentAttention, LinearAttention] * 2
-    state = m.init_state(2)  # each layer carries its own kind of state
-    assert "S" in state["layers"][1] and "k" in state["layers"][0]
+    m, cfg = _model("recurrent-linear", "model.n_layers=4", "model.segment_len=16")
+    assert [type(b.mixer) for b in layout.blocks_of(m)] == [RecurrentAttention,
+                                                           LinearAttention] * 2
+    assert layout.stages(cfg.model) == [layout.Stage(0, 2, 2, True)]  # one scan over 2 groups
+    # each layer carries its own kind of state
+    state = layout.states_to_per_layer(cfg.model, m.init_state(2)["layers"])
+    assert "S" in state[1] and "k" in state[0] and "S" in state[3] and "k" in state[2]
     m, _ = _model("linear-full")
-    assert [type(b.mixer) for b in m.blocks] == [LinearAttention, FullAttention]
+    assert [type(b.mixer) for b in layout.blocks_of(m)] == [LinearAttention, FullAttention]
 
 
 @pytest.mark.parametrize("name", list(PATTERNS))

@@ -10,6 +10,7 @@ from flax import nnx
 
 import longctx
 from longctx.inherit.core import correspondence, inherited_layers, layer_source, upcycle
+from longctx.model import layout
 
 TINY = "experiments/configs/tiny.yaml"
 SMALL = ["model.d_model=32", "model.n_heads=4", "model.n_kv_heads=2", "model.mlp_dim=64",
@@ -21,9 +22,15 @@ def _cfg(*over):
 
 
 def _flat(model) -> dict:
-    """Parameter name -> numpy array, read from the model's own state (not the view)."""
-    return {"/".join(map(str, p)): np.asarray(v[...])
-            for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    """Parameter name -> numpy array, per layer (``blocks/{i}/...``) in either layout: the
+    view of ``longctx.model.layout``, itself checked by tests/test_scan_layers.py."""
+    def walk(tree, prefix):
+        for k, v in tree.items():
+            if isinstance(v, dict):
+                yield from walk(v, f"{prefix}{k}/")
+            else:
+                yield f"{prefix}{k}", np.asarray(v)
+    return dict(walk(layout.params_of(model), ""))
 
 
 @pytest.fixture(scope="module")

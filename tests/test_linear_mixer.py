@@ -10,6 +10,7 @@ from flax import nnx
 
 import longctx
 from longctx.config import ConfigError
+from longctx.model import layout
 
 TINY = "experiments/configs/tiny.yaml"
 
@@ -78,7 +79,8 @@ def test_causal_decoding_and_segments_match_the_one_pass_forward(variant):
         logits, _, state = step(model, tok[:, i:i + 1], state)
         outs.append(logits)
     np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-4)
-    assert state["layers"][0]["S"].dtype == jnp.float32
+    per_layer = layout.states_to_per_layer(cfg.model, state["layers"])
+    assert [s["S"].dtype for s in per_layer] == [jnp.float32] * cfg.model.n_layers
 
     seg, _ = _model(variant, "model.segment_len=16")
     np.testing.assert_allclose(forward(seg, tok), full, atol=1e-4)
@@ -134,9 +136,10 @@ def test_parameters_carry_logical_axes():
     model, _ = _model("gated_deltanet")
     specs = {"/".join(map(str, path)): v.get_metadata()["out_sharding"]
              for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    assert specs["blocks/0/mixer/wq"] == ("embed", "heads", "head_dim")
-    assert specs["blocks/0/mixer/wo"] == ("heads", "head_dim", "embed")
-    assert specs["blocks/0/mixer/a_log"] == ("heads",)
+    # 2 layers stacked (model.scan_layers, the default): a leading, unsharded `layers` axis
+    assert specs["stages/0/blocks/0/mixer/wq"] == ("layers", "embed", "heads", "head_dim")
+    assert specs["stages/0/blocks/0/mixer/wo"] == ("layers", "heads", "head_dim", "embed")
+    assert specs["stages/0/blocks/0/mixer/a_log"] == ("layers", "heads")
 
 
 def test_gla_with_retnet_bias_and_no_data_gate_is_retnet():
@@ -151,14 +154,16 @@ def test_gla_with_retnet_bias_and_no_data_gate_is_retnet():
     gla = longctx.build_model(cfg("gla").model, rngs=nnx.Rngs(0))
     ret = longctx.build_model(cfg("retnet").model, rngs=nnx.Rngs(1))
     H = gla.cfg.n_heads
-    b = gla.blocks[0].mixer.b_gate[...]
+    b = layout.params_of(gla)["blocks"][0]["mixer"]["b_gate"]
     np.testing.assert_allclose(jax.nn.log_sigmoid(b) / 16.0,
                                np.broadcast_to(retnet_log_decay(H)[:, None], b.shape), rtol=1e-5)
     flat_gla = dict(nnx.to_flat_state(nnx.state(gla, nnx.Param)))
     for path, v in nnx.to_flat_state(nnx.state(ret, nnx.Param)):
         v[...] = flat_gla[path][...]  # every shared weight from the GLA model
-    for blk in gla.blocks:
-        blk.mixer.w_gate1[...] = jnp.zeros_like(blk.mixer.w_gate1[...])
+    params = layout.params_of(gla)  # per layer, whatever model.scan_layers
+    for blk in params["blocks"].values():
+        blk["mixer"]["w_gate1"] = jnp.zeros_like(blk["mixer"]["w_gate1"])
+    layout.set_params(gla, params)
     tok = _tokens(2, 40, 3)
     np.testing.assert_allclose(forward(gla, tok), forward(ret, tok), atol=1e-5)
 

@@ -10,6 +10,7 @@ from flax import nnx
 
 import longctx
 from longctx.layers import rope
+from longctx.model import layout
 
 TINY = "experiments/configs/tiny.yaml"
 
@@ -33,15 +34,17 @@ def test_public_api_shapes_and_dtypes():
 
 
 def test_parameters_carry_logical_axes():
-    model, _ = _model("model.tie_embeddings=false")
-    specs = {"/".join(map(str, path)): v.get_metadata()["out_sharding"]
-             for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    assert specs["embed/embedding"] == ("vocab", "embed")
-    assert specs["lm_head"] == ("embed", "vocab")
-    assert specs["blocks/0/mixer/wq"] == ("embed", "heads", "head_dim")
-    assert specs["blocks/0/mixer/wk"] == ("embed", "kv_heads", "head_dim")
-    assert specs["blocks/1/mlp/w_down"] == ("mlp", "embed")
-    assert specs["final_norm/scale"] == ("embed",)
+    for scan in (True, False):  # stacked layers gain a leading, unsharded `layers` axis
+        model, _ = _model("model.tie_embeddings=false", f"model.scan_layers={str(scan).lower()}")
+        specs = {"/".join(map(str, path)): v.get_metadata()["out_sharding"]
+                 for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+        layer, lead = ("stages/0/blocks/0/", ("layers",)) if scan else ("blocks/{i}/", ())
+        assert specs["embed/embedding"] == ("vocab", "embed")
+        assert specs["lm_head"] == ("embed", "vocab")
+        assert specs[layer.format(i=0) + "mixer/wq"] == (*lead, "embed", "heads", "head_dim")
+        assert specs[layer.format(i=0) + "mixer/wk"] == (*lead, "embed", "kv_heads", "head_dim")
+        assert specs[layer.format(i=1) + "mlp/w_down"] == (*lead, "mlp", "embed")
+        assert specs["final_norm/scale"] == ("embed",)
 
 
 VARIANTS = {
@@ -211,8 +214,9 @@ def test_layers_read_only_their_section():
     moe = MoE(32, MoEConfig(num_experts=4), mlp_dim=16, rngs=nnx.Rngs(0))
     assert not _holds_whole_config(moe) and moe(x)[0].shape == x.shape
 
-    # The model builds the same layer from a whole config: same sizes, same function.
-    cfg = longctx.load_config(TINY, ["model.attention.backend=linear",
+    # The model builds the same layer from a whole config: same sizes, same function
+    # (unrolled layers: layer 0's own module, compared with one built alone).
+    cfg = longctx.load_config(TINY, ["model.attention.backend=linear", "model.scan_layers=false",
                                      "model.attention.linear.variant=gla"]).model
     model = longctx.build_model(cfg, rngs=nnx.Rngs(0))
     mixer = model.blocks[0].mixer
@@ -230,9 +234,12 @@ def test_conv_starts_as_plain_attention_and_decodes_exactly():
     tok = _tokens(2, 24, 6)
     np.testing.assert_allclose(conv(tok)[0], plain(tok)[0], atol=1e-6)  # identity kernel
     # Perturb the kernels so that the conv matters, then check decode / segments / causality.
-    for blk in conv.blocks:
-        for w in (blk.mixer.conv_q, blk.mixer.conv_k, blk.mixer.conv_v):
-            w[...] = w[...] + 0.3 * jax.random.normal(jax.random.PRNGKey(1), w[...].shape)
+    params = layout.params_of(conv)  # per layer, whatever model.scan_layers
+    for blk in params["blocks"].values():
+        for name in ("conv_q", "conv_k", "conv_v"):
+            w = blk["mixer"][name]
+            blk["mixer"][name] = w + 0.3 * jax.random.normal(jax.random.PRNGKey(1), w.shape)
+    layout.set_params(conv, params)
     full, _ = conv(tok)
     assert not np.allclose(full, plain(tok)[0], atol=1e-3)
     state, outs = conv.init_state(2), []
@@ -250,8 +257,10 @@ def test_conv_starts_as_plain_attention_and_decodes_exactly():
 
 def test_conv_taps_do_not_cross_documents():
     model, _ = _model("model.attention.conv_size=4")
-    for blk in model.blocks:
-        blk.mixer.conv_k[...] = blk.mixer.conv_k[...].at[0].set(0.7)
+    params = layout.params_of(model)
+    for blk in params["blocks"].values():
+        blk["mixer"]["conv_k"] = blk["mixer"]["conv_k"].at[0].set(0.7)
+    layout.set_params(model, params)
     tok = _tokens(1, 16, 7)
     seg = jnp.asarray([[1] * 6 + [2] * 10], jnp.int32)
     a, _ = model(tok, segment_ids=seg)

@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 import longctx
 from longctx.config import ConfigError, MoEConfig
 from longctx.inherit.core import upcycle
+from longctx.model import layout
 from longctx.moe import ops as moe
 from longctx.moe.layer import MoE
 from longctx.layers import SwiGLU
@@ -349,9 +350,11 @@ def test_router_bias_update_moves_the_load_toward_balance():
     # that the routers read as a positive logit for those experts, on top of random
     # router weights that spread the tokens.
     model.embed.embedding[...] = model.embed.embedding[...].at[:, 0].set(0.1)
-    for i, block in enumerate(model.blocks):
-        w = _normal(block.mlp.router[...].shape, i, scale=0.1)
-        block.mlp.router[...] = w.at[0].set(jnp.asarray([0.3, 0.15, 0, 0]))
+    params = layout.params_of(model)  # per-layer view, whatever model.scan_layers
+    for i, block in params["blocks"].items():
+        w = _normal(block["mlp"]["router"].shape, i, scale=0.1)
+        block["mlp"]["router"] = w.at[0].set(jnp.asarray([0.3, 0.15, 0, 0]))
+    layout.set_params(model, params)
     opt = nnx.Optimizer(model, make_optimizer(cfg.optim, 100), wrt=nnx.Param)
     assert not any("bias" in jax.tree_util.keystr(p)
                    for p, _ in jax.tree_util.tree_flatten_with_path(nnx.state(opt.opt_state))[0])
@@ -365,7 +368,8 @@ def test_router_bias_update_moves_the_load_toward_balance():
         ratios.append(float(metrics["moe_load_max"] / metrics["moe_load_mean"]))
     assert ratios[0] > 1.5, ratios  # skewed: 2 would be every token on experts 0 and 1
     assert max(ratios[-3:]) < 0.8 * ratios[0], ratios
-    bias = nnx.merge(graphdef, state)[0].blocks[0].mlp.bias[...]
+    trained = nnx.to_pure_dict(nnx.state(nnx.merge(graphdef, state)[0]))
+    bias = layout.to_per_layer(cfg.model, trained)["blocks"][0]["mlp"]["bias"]
     assert bias[0] < 0 < bias.max()  # the most loaded expert went down, an underloaded one up
 
 
@@ -375,8 +379,11 @@ def test_router_bias_update_moves_the_load_toward_balance():
 def test_placement_and_config_errors():
     model, cfg = _lm("model.n_layers=6", "model.moe.every=2", "model.moe.first_dense_layers=1")
     assert cfg.model.moe.layers(cfg.model.n_layers) == [2, 4]
-    assert [isinstance(b.mlp, MoE) for b in model.blocks] == [0, 0, 1, 0, 1, 0]
-    assert model.blocks[2].mlp.w_down.get_metadata()["out_sharding"] == ("expert", "mlp", "embed")
+    blocks = layout.blocks_of(model)
+    assert [isinstance(b.mlp, MoE) for b in blocks] == [0, 0, 1, 0, 1, 0]
+    assert layout.stages(cfg.model)[1] == layout.Stage(1, 2, 2, True)  # layers 1-4 stacked
+    assert blocks[2].mlp.w_down.get_metadata()["out_sharding"] == ("layers", "expert", "mlp",
+                                                                   "embed")
     for bad, msg in [("model.moe.dispatch=capacity", "needs capacity_factor"),
                      ("model.moe.router=top1", "expected one of"),
                      ("model.moe.n_groups=3", "must divide"),
@@ -396,10 +403,10 @@ def test_upcycled_model_computes_the_dense_function():
     call = nnx.jit(lambda m, tok: m(tok)[0])
     want, got = call(dense, tok), call(up, tok)
     np.testing.assert_allclose(got, want, atol=1e-5)  # weights sum to 1, experts identical
-    w = up.blocks[0].mlp.w_up[...]
-    np.testing.assert_array_equal(w[3], dense.blocks[0].mlp.w_up[...])
+    w = layout.params_of(up)["blocks"][0]["mlp"]["w_up"]
+    np.testing.assert_array_equal(w[3], layout.params_of(dense)["blocks"][0]["mlp"]["w_up"])
     noisy = upcycle(dense, moe_cfg, rngs=nnx.Rngs(1), noise_std=0.1)
-    w = noisy.blocks[0].mlp.w_up[...]
+    w = layout.params_of(noisy)["blocks"][0]["mlp"]["w_up"]
     assert not np.allclose(w[0], w[1]) and np.allclose(w[0], w[1], atol=0.05)
     with pytest.raises(ValueError, match="shape"):
         upcycle(dense, dataclasses.replace(moe_cfg, moe=MoEConfig(num_experts=4,

@@ -10,6 +10,7 @@ from flax import nnx
 import longctx
 from longctx.config import ConfigError
 from longctx.backends.recurrent.mixer import RecurrentAttention
+from longctx.model import layout
 from longctx.model.transformer import mixer_dims
 
 TINY = "experiments/configs/tiny.yaml"
@@ -249,7 +250,8 @@ def _memory_rows_naive(model, tok):
 
     cfg = model.cfg
     N, M = cfg.segment_len, cfg.attention.recurrent.num_memory_tokens
-    blk, mix = model.blocks[0], model.blocks[0].mixer
+    blk = layout.blocks_of(model)[0]  # one layer: an unstacked module in either layout
+    mix = blk.mixer
     D, H, K = mix.head_dim, mix.n_heads, mix.n_kv_heads
     B, T = tok.shape
     memory = jnp.broadcast_to(model.wrapper.memory[...], (B, M, cfg.d_model))

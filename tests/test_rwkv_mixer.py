@@ -11,6 +11,7 @@ from flax import nnx
 
 import longctx
 from longctx.config import ConfigError
+from longctx.model import layout
 
 TINY = "experiments/configs/tiny.yaml"
 SMALL = ["model.d_model=32", "model.n_heads=2", "model.n_kv_heads=2", "model.n_layers=1",
@@ -56,7 +57,8 @@ def test_causal_decoding_and_segments_match_the_forward(variant):
         logits, _, state = step(model, tok[:, i:i + 1], state)
         outs.append(logits)
     np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-4)
-    assert state["layers"][0]["S"].dtype == jnp.float32
+    per_layer = layout.states_to_per_layer(cfg.model, state["layers"])
+    assert [s["S"].dtype for s in per_layer] == [jnp.float32] * cfg.model.n_layers
 
     seg, _ = _model(variant, "model.segment_len=8")
     np.testing.assert_allclose(forward(seg, tok), full, atol=1e-4)

@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 import longctx
 from longctx.config import load_config
 from longctx.data.pipeline import build_source, make_dataset
+from longctx.model import layout
 from longctx.train import make_optimizer, make_train_step, train
 
 TINY = "experiments/configs/tiny.yaml"
@@ -61,12 +62,18 @@ def test_sharded_step_equals_single_device_and_params_follow_the_rules(tmp_path,
     ours, ref = _flat(state), _flat(nnx.to_pure_dict(ref_state))
     for k in ref:
         np.testing.assert_allclose(ours[k], ref[k], atol=1e-5, err_msg=k)
-    # Parameters are laid out as the default rules say.
-    wq = state[0]["blocks"][0]["mixer"]["wq"]
-    assert wq.sharding.spec == P("fsdp", "tensor", None)
+    # Parameters are laid out as the default rules say; the stacked `layers` axis of
+    # model.scan_layers (the default; 2 layers of one kind, not the 2-layer hybrids) is never
+    # split.
+    assert cfg.model.scan_layers
+    scanned = layout.stages(cfg.model)[0].scanned
+    assert scanned == (extra == ())
+    lead = (None,) if scanned else ()
+    wq = state[0]["stages"][0]["blocks"][0]["mixer"]["wq"]
+    assert wq.sharding.spec == P(*lead, "fsdp", "tensor", None)
     assert state[0]["embed"]["embedding"].sharding.spec == P("tensor", "fsdp")
-    mu = state[1]["opt_state"][1][0]["mu"]["blocks"][0]["mlp"]["w_down"]  # adam moment: ZeRO
-    assert mu.sharding.spec == P("tensor", "fsdp")
+    mu = state[1]["opt_state"][1][0]["mu"]["stages"][0]["blocks"][0]["mlp"]["w_down"]  # ZeRO
+    assert mu.sharding.spec == P(*lead, "tensor", "fsdp")
 
 
 def test_gradient_accumulation_equals_the_full_batch(tmp_path):
@@ -98,7 +105,8 @@ def test_resume_is_bitwise_and_restores_onto_another_mesh(tmp_path):
     for k, v in _flat(s_whole).items():
         np.testing.assert_allclose(np.asarray(v), np.asarray(_flat(s_other)[k]), atol=1e-5,
                                    err_msg=k)
-    assert s_other[0]["blocks"][0]["mixer"]["wq"].sharding.spec == P("fsdp", None, None)
+    assert s_other[0]["stages"][0]["blocks"][0]["mixer"]["wq"].sharding.spec == P(
+        None, "fsdp", None, None)  # 2 layers stacked (model.scan_layers, the default)
 
 
 def test_corrupt_latest_checkpoint_is_skipped(tmp_path, caplog):

@@ -183,10 +183,10 @@ def load(path: str, *, dtype: str = "float32", mesh=None, rules=None, progress: 
 
     # -- read, convert and place one parameter at a time -----------------------------
     rules = {**shd.DEFAULT_RULES, **(rules or {})}
-    shardings = None
+    shardings = stacked = None
     if mesh is not None:
-        shardings = to_per_layer(m, nnx.to_pure_dict(shd.state_shardings(abs_params, mesh,
-                                                                          rules)))
+        stacked = nnx.to_pure_dict(shd.state_shardings(abs_params, mesh, rules))
+        shardings = to_per_layer(m, stacked)
     pdt = np.dtype(PARAM_DTYPES[dtype])
     values = jax.tree.map(lambda x: None, per_layer)
     for e in tqdm(entries, desc="load", disable=not progress, unit="tensor"):
@@ -202,7 +202,10 @@ def load(path: str, *, dtype: str = "float32", mesh=None, rules=None, progress: 
         _set(values, e.path, value)
         del host
     params = nnx.state(abstract, nnx.Param)
-    nnx.replace_by_pure_dict(params, from_per_layer(m, values))
+    values = from_per_layer(m, values)  # stacked layers (model.scan_layers): jnp.stack
+    if stacked is not None:  # ... placed as the rules say, the `layers` axis included
+        values = jax.device_put(values, stacked)
+    nnx.replace_by_pure_dict(params, values)
     # Variables that are not parameters (router bias of aux-free balancing, jitter rngs):
     # their own initial values, computed without the parameters' initialisers (dead code).
     rest = jax.jit(lambda: nnx.state(build(), nnx.Not(nnx.Param)))() \

@@ -20,8 +20,8 @@ the model's layout:
   ``k`` of the group of stage ``s``, whose slice ``j`` is layer ``start + j * g + k``.
 
 The same functions convert anything shaped like the parameters (optimizer moments,
-``jax.ShapeDtypeStruct`` restore targets: a stacked sharding gains / loses its leading
-``layers`` entry); ``longctx.train.checkpoint.convert_layout`` applies them to a whole
+``jax.ShapeDtypeStruct`` restore targets, trees of ``NamedSharding``: a stacked sharding
+gains / loses its leading ``layers`` entry); ``longctx.train.checkpoint.convert_layout`` applies them to a whole
 train state so that a checkpoint written unscanned restores scanned and back. The
 carried per-layer decoding / segment state has the same two layouts
 (:func:`states_to_per_layer`, :func:`states_from_per_layer`).
@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from longctx.config import ModelConfig
@@ -100,6 +101,8 @@ def stages(cfg: ModelConfig) -> list[Stage]:
 
 
 def _take(a, j: int):
+    if isinstance(a, NamedSharding):  # a tree of shardings: the slice's loses `layers`
+        return NamedSharding(a.mesh, P(*tuple(a.spec)[1:]))
     if isinstance(a, jax.ShapeDtypeStruct):
         sh = a.sharding
         if isinstance(sh, NamedSharding):
@@ -110,6 +113,8 @@ def _take(a, j: int):
 
 def _stack(xs: list):
     a = xs[0]
+    if isinstance(a, NamedSharding):
+        return NamedSharding(a.mesh, P(None, *tuple(a.spec)))
     if isinstance(a, jax.ShapeDtypeStruct):
         sh = a.sharding
         if isinstance(sh, NamedSharding):
@@ -164,6 +169,32 @@ def from_per_layer(cfg: ModelConfig, params: dict) -> dict:
                         if st.scanned else layers[0])
         out["stages"][s] = {"blocks": group}
     return out
+
+
+def params_of(model) -> dict:
+    """``model``'s parameters in the per-layer view (pure dict of arrays), either layout."""
+    return to_per_layer(model.cfg, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def blocks_of(model) -> list:
+    """Layer ``i``'s block module, for every ``i``, either layout (for inspection: types,
+    attributes, metadata). A scanned stage's layers share one stacked module, whose
+    variables carry the leading ``[n]`` axis; read values through :func:`params_of`."""
+    if not model.cfg.scan_layers:
+        return list(model.blocks)
+    out = [None] * model.cfg.n_layers
+    for st, group in zip(stages(model.cfg), model.stages):
+        for j in range(st.repeats):
+            for k in range(st.size):
+                out[st.layer(j, k)] = group.blocks[k]
+    return out
+
+
+def set_params(model, params: dict) -> None:
+    """Write the per-layer view ``params`` (all of ``model``'s parameters) into ``model``."""
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, from_per_layer(model.cfg, params))
+    nnx.update(model, state)
 
 
 # -- carried state (decoding, segments) --------------------------------------------------
