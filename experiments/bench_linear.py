@@ -34,7 +34,6 @@ Gradients are taken with respect to q, k, v and the gate / beta.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 
@@ -43,7 +42,7 @@ import jax.numpy as jnp
 
 from longctx.backends.full import ops as full
 from longctx.backends.linear import ops as linear
-from longctx.train.metrics import append_jsonl, scratch_bytes
+from longctx.train.metrics import append_jsonl, loglog_slope as slope, scratch_bytes
 
 OPS = ("linear", "retnet", "gla", "deltanet", "gated_deltanet", "kda")
 
@@ -124,13 +123,6 @@ def fwd_bwd_flash(block):
     return jax.jit(jax.grad(loss, argnums=0))
 
 
-def slope(points):
-    """Least-squares slope of log(time) against log(T)."""
-    xs = [math.log(t) for t, _ in points]
-    ys = [math.log(s) for _, s in points]
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    return (sum((x - mx) * (y - my) for x, y in zip(xs, ys))
-            / sum((x - mx) ** 2 for x in xs))
 
 
 def main(argv=None):

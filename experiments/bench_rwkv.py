@@ -21,14 +21,13 @@ the factored per-key scores (``blocks.FACTORED``):
 from __future__ import annotations
 
 import argparse
-import math
-import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 
 from longctx import ops
+from longctx.train.metrics import loglog_slope as slope
 
 OPS = ("rwkv6", "rwkv7", "kda")
 
@@ -68,13 +67,6 @@ def _time(fn, x, reps):
     return sorted(ts)[len(ts) // 2]
 
 
-def slope(points):
-    """Least-squares slope of log(y) against log(T)."""
-    xs = [math.log(t) for t, _ in points]
-    ys = [math.log(s) for _, s in points]
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    return (sum((x - mx) * (y - my) for x, y in zip(xs, ys))
-            / sum((x - mx) ** 2 for x in xs))
 
 
 def main(argv=None):

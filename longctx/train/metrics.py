@@ -45,6 +45,15 @@ def median_time(fn, *args, repeats=3, warmup=1):
     return statistics.median(times)
 
 
+def loglog_slope(points) -> float:
+    """Least-squares slope of ``log y`` against ``log x`` over ``(x, y)`` points (1: linear)."""
+    xs = [math.log(x) for x, _ in points]
+    ys = [math.log(y) for _, y in points]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    return (sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+            / sum((x - mx) ** 2 for x in xs))
+
+
 def append_jsonl(path: str | None, rows) -> None:
     """Append ``rows`` (dicts) to a JSON-lines file; nothing when ``path`` is None."""
     if path:
