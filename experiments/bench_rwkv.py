@@ -10,7 +10,10 @@ Three parts, each op (``--ops``), B / H / K = V from the flags, log decays
 the factored per-key scores (``blocks.FACTORED``):
 
 1. ``--ratio-len``: median forward time of ``recurrent``, ``chunk`` and
-   ``chunk_scan``, and recurrent / chunk (issue 17 asks >= 10x at 64K).
+   ``chunk_scan``, and recurrent / chunk (issue 17 asks >= 10x at 64K), with the
+   ceiling this device puts on that ratio: the least work of any chunk form
+   (``CHUNK_MIN_FLOPS``) at the measured float32 matmul rate, against the measured
+   recurrent time. Where the ceiling is under 10x, no chunk form can reach 10x here.
 2. ``--lengths``: chunk forward time per token at each length and the least-squares
    log-log slope of time against length (issue 17: <= 1.1 from 16K to 1M). Forward only
    (the backward pass doubles the work at every length alike).
@@ -28,8 +31,15 @@ import jax.numpy as jnp
 
 from longctx import ops
 from longctx.train.metrics import loglog_slope as slope
+from longctx.train.metrics import matmul_rate
 
 OPS = ("rwkv6", "rwkv7", "kda")
+# FLOPs per token and head, in units of K*V, that every chunk form does at least: each
+# chunk's K^T V state contribution (2) and the inter-chunk read q_eff S_0 (2); the
+# intra-chunk scores and outputs (2 C (K + V)) and the delta rules' WY factors come on top.
+# The recurrent step does 5 (rwkv6: decay 1, rank-1 update 2, read 2), 7 (kda) or 9 (rwkv7)
+# of the same units as matrix-vector work, so the chunk form's only edge is the matmul rate.
+CHUNK_MIN_FLOPS = 4
 
 
 def _inputs(op, B, T, H, K):
@@ -83,6 +93,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     shape = f"B={a.batch} H={a.heads} K=V={a.head_dim} chunk={a.chunk_size}"
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}); {shape}")
+    mm = None
     for op in a.ops:
         if a.ratio_len:
             x = _inputs(op, a.batch, a.ratio_len, a.heads, a.head_dim)
@@ -92,6 +103,12 @@ def main(argv=None):
                   f"{t['chunk'] * 1e3:.1f} ms, chunk_scan {t['chunk_scan'] * 1e3:.1f} ms; "
                   f"recurrent/chunk {t['recurrent'] / t['chunk']:.2f}x, recurrent/chunk_scan "
                   f"{t['recurrent'] / t['chunk_scan']:.2f}x", flush=True)
+            if mm is None:
+                mm = matmul_rate()
+            least = CHUNK_MIN_FLOPS * a.batch * a.ratio_len * a.heads * a.head_dim ** 2
+            print(f"{op} ceiling of recurrent/chunk here: {t['recurrent'] * mm / least:.1f}x "
+                  f"(a chunk form's least {least / 1e9:.2f} GFLOP at the measured matmul rate "
+                  f"{mm / 1e9:.1f} GFLOP/s in {least / mm * 1e3:.1f} ms)", flush=True)
         pts = []
         for T in a.lengths:
             x = _inputs(op, a.batch, T, a.heads, a.head_dim)

@@ -1,32 +1,38 @@
-"""Chunked (gated) delta rule: the state recurrence as one Pallas kernel (``form="pallas"``),
-with its pure-JAX reference beside it.
+"""Chunked (gated) delta rule and Kimi Delta Attention: the state recurrence as one Pallas
+kernel, forward and backward (``form="pallas"``), with its pure-JAX reference beside it.
 
 Same contract as ``longctx.backends.linear.ops.delta_rule``::
 
     delta_rule(q, k, v, beta, *, g=None, scale=None, initial_state=None,
                output_final_state=False, chunk_size=64, interpret=False)
         -> (o [B, T, H, V], final_state [B, H, K, V] float32 | None)
-    q, k [B, T, H, K]   v [B, T, H, V]   beta [B, T, H]   g None | [B, T, H] (log space)
+    q, k [B, T, H, K]   v [B, T, H, V]   beta [B, T, H]
+    g None | [B, T, H] (gated DeltaNet) | [B, T, H, K] (KDA: a decay per key), log space
 
 Split as flash-linear-attention's chunk algorithm: everything that does not
 depend on the state runs in plain JAX, batched over all chunks at once (the
-WY / UT factors of Yang et al. 2024: ``A_ij = beta_i exp(b_i - b_j) k_i.k_j``
-for ``j < i``, ``X = (I + A)^{-1} [diag(beta) V, diag(beta exp(b)) K]`` =
+WY / UT factors of Yang et al. 2024: ``A_ij = beta_i sum_d k_id k_jd exp(b_id - b_jd)``
+for ``j < i``, ``X = (I + A)^{-1} [diag(beta) V, diag(beta) K exp(b)]`` =
 ``[U~, W]`` by a unit-lower triangular solve); the Pallas kernel (grid
 ``(B * H,)``, a ``fori_loop`` over chunks carrying the float32 ``[K, V]`` state)
-does the sequential part, per chunk::
+does the sequential part. Per chunk it is the chunk of gated linear attention
+(``longctx.kernels.linear_attention``) with the pseudo-values ``u`` as values::
 
-    U  = U~ - W S
-    o  = (q * exp(b)) S + ((q k^T) * D) U          D_ij = exp(b_i - b_j), j <= i
-    S' = exp(b_C) S + (k * exp(b_C - b))^T U
+    u  = U~ - W S
+    o  = (q * exp(b)) S + A u          A_ij = sum_d q_id k_jd exp(b_id - b_jd), j <= i
+    S' = exp(b_C) S + (k * exp(b_C - b))^T u
 
 ``b`` is the in-chunk cumulative log-gate (exponents ``<= 0``); hard resets
 (``g = -inf``) are counted apart as in ``linear_attention``.
 
-Backward: ``jax.custom_vjp`` whose backward is ``jax.vjp`` of
-:func:`chunk_reference` (the kernel's recurrence in plain JAX); the WY factors
-are differentiated by ordinary autodiff. Verified only with ``interpret=True``
-on CPU (no GPU/TPU was available).
+Backward (``jax.custom_vjp``): a second Pallas kernel walking the chunks last to
+first with the state's cotangent: per chunk the linear-attention chunk backward
+(``_chunk_bwd``) with ``u`` as values, then through ``u = U~ - W S``:
+``dU~ = du``, ``dW = -du S^T``, ``dS += -W^T du``. Its residual is every
+chunk's start state (written by the forward kernel). The WY factors are
+differentiated by ordinary autodiff (plain JAX). :func:`chunk_reference` is the
+kernel's recurrence in plain JAX. Verified only with ``interpret=True`` on CPU
+(no GPU/TPU was available).
 """
 
 from __future__ import annotations
@@ -37,27 +43,23 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from longctx.kernels.linear_attention import _exp_if, _prepare, check_inputs
-
-
-def _decays(b, r, C, strict):
-    i, j = jnp.arange(C)[:, None], jnp.arange(C)[None, :]
-    ok = ((i > j) if strict else (i >= j)) & (r[..., :, None] == r[..., None, :])
-    return _exp_if(b[..., :, None] - b[..., None, :], ok)
+from longctx.kernels.linear_attention import (_chunk as _gla_chunk, _chunk_bwd as _gla_chunk_bwd,
+                                             _decays, _exp_if, _prepare, _spec, check_inputs)
 
 
 def wy_factors(k, v, beta, b, r, C):
     """``U~ [N, Tp, V]`` and ``W [N, Tp, K]`` of every chunk at once (no state needed).
 
-    ``k [N, Tp, K]``, ``v [N, Tp, V]``, ``beta [N, Tp]``, ``b, r [N, Tp, 1]``.
+    ``k [N, Tp, K]``, ``v [N, Tp, V]``, ``beta [N, Tp]``, ``b, r [N, Tp, Kg]`` (Kg = 1 or K).
     """
     N, Tp, K = k.shape
-    n = Tp // C
+    n, Kg = Tp // C, b.shape[-1]
     kc, vc = k.reshape(N, n, C, K), v.reshape(N, n, C, -1)
-    bc, rc, betac = b.reshape(N, n, C), r.reshape(N, n, C), beta.reshape(N, n, C, 1)
+    bc, rc, betac = b.reshape(N, n, C, Kg), r.reshape(N, n, C, Kg), beta.reshape(N, n, C, 1)
     kb = kc * betac
-    A = jnp.einsum("...ik,...jk->...ij", kb, kc) * _decays(bc, rc, C, strict=True)
-    rhs = jnp.concatenate([vc * betac, kb * _exp_if(bc, rc == 0)[..., None]], axis=-1)
+    D = jax.vmap(jax.vmap(lambda b, r: _decays(b, r, C, strict=True)))(bc, rc)
+    A = jnp.sum(kb[..., :, None, :] * kc[..., None, :, :] * D, axis=-1)  # [N, n, C, C]
+    rhs = jnp.concatenate([vc * betac, kb * _exp_if(bc, rc == 0)], axis=-1)
     eye = jnp.eye(C, dtype=A.dtype)
     X = jax.scipy.linalg.solve_triangular(eye + A, rhs, lower=True, unit_diagonal=True)
     V = v.shape[-1]
@@ -65,22 +67,29 @@ def wy_factors(k, v, beta, b, r, C):
 
 
 def _chunk(q, k, ut, w, b, r, S):
-    """One chunk: ``q, k, w [C, K]``, ``ut [C, V]``, ``b, r [C, 1]``, ``S [K, V]``."""
-    C = q.shape[0]
+    """One chunk: ``q, k, w [C, K]``, ``ut [C, V]``, ``b, r [C, Kg]``, ``S [K, V]``."""
     u = ut - jnp.dot(w, S, preferred_element_type=jnp.float32)
-    P = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * _decays(b[:, 0], r[:, 0], C,
-                                                                        strict=False)
-    o = jnp.dot(q * _exp_if(b, r == 0), S, preferred_element_type=jnp.float32)
-    o = o + jnp.dot(P, u, preferred_element_type=jnp.float32)
-    b_last, r_last = b[C - 1:C], r[C - 1:C]
-    k_out = k * _exp_if(b_last - b, r == r_last)
-    S = _exp_if(b_last, r_last == 0) * S + jnp.dot(k_out.T, u, preferred_element_type=jnp.float32)
-    return o, S
+    return _gla_chunk(q, k, u, b, r, S)
 
 
-def _kernel(q_ref, k_ref, ut_ref, w_ref, b_ref, r_ref, s0_ref, o_ref, s_ref, *, C):
+def _chunk_bwd(q, k, ut, w, b, r, S, do, dS):
+    """Backward of :func:`_chunk`: ``(dq, dk, dut, dw, db, dS_prev)``."""
+    f32 = jnp.float32
+    u = ut - jnp.dot(w, S, preferred_element_type=f32)
+    dq, dk, du, db, dS_prev = _gla_chunk_bwd(q, k, u, b, r, S, do, dS)
+    dw = -jnp.dot(du, S.T, preferred_element_type=f32)
+    dS_prev = dS_prev - jnp.dot(w.T, du, preferred_element_type=f32)
+    return dq, dk, du, dw, db, dS_prev
+
+
+def _kernel(q_ref, k_ref, ut_ref, w_ref, b_ref, r_ref, s0_ref, o_ref, s_ref, st_ref, *, C):
+    """Forward over the chunks of one (batch row, head); ``st_ref [n_chunks * K, V]``
+    receives each chunk's start state (the backward's residual)."""
+    K = s0_ref.shape[0]
+
     def step(n, S):
         sl = pl.ds(pl.multiple_of(n * C, C), C)
+        st_ref[pl.ds(pl.multiple_of(n * K, K), K), :] = S
         o, S = _chunk(q_ref[sl, :], k_ref[sl, :], ut_ref[sl, :], w_ref[sl, :], b_ref[sl, :],
                       r_ref[sl, :], S)
         o_ref[sl, :] = o.astype(o_ref.dtype)
@@ -90,27 +99,62 @@ def _kernel(q_ref, k_ref, ut_ref, w_ref, b_ref, r_ref, s0_ref, o_ref, s_ref, *, 
                                    s0_ref[...].astype(jnp.float32))
 
 
-def _pallas_recurrence(q, k, ut, w, b, r, S0, C, interpret):
-    N, Tp, K = q.shape
-    V = ut.shape[-1]
+def _bwd_kernel(q_ref, k_ref, ut_ref, w_ref, b_ref, r_ref, st_ref, do_ref, dsT_ref,
+                dq_ref, dk_ref, dut_ref, dw_ref, db_ref, ds0_ref, *, C):
+    """Backward over the chunks of one (batch row, head), last chunk first."""
+    n_chunks = q_ref.shape[0] // C
+    K = q_ref.shape[1]
 
-    def spec(*shape):
-        return pl.BlockSpec((None, *shape), lambda i: (i,) + (0,) * len(shape))
+    def step(i, dS):
+        n = n_chunks - 1 - i
+        sl = pl.ds(pl.multiple_of(n * C, C), C)
+        S = st_ref[pl.ds(pl.multiple_of(n * K, K), K), :]
+        dq, dk, dut, dw, db, dS = _chunk_bwd(q_ref[sl, :], k_ref[sl, :], ut_ref[sl, :],
+                                             w_ref[sl, :], b_ref[sl, :], r_ref[sl, :], S,
+                                             do_ref[sl, :], dS)
+        for ref, x in ((dq_ref, dq), (dk_ref, dk), (dut_ref, dut), (dw_ref, dw), (db_ref, db)):
+            ref[sl, :] = x
+        return dS
 
+    ds0_ref[...] = jax.lax.fori_loop(0, n_chunks, step, dsT_ref[...].astype(jnp.float32))
+
+
+def _call(kernel, ins, in_shapes, out_shapes, C, interpret):
+    """One program per (batch row, head) over whole rows: ``pallas_call`` of ``kernel``."""
+    N = ins[0].shape[0]
     return pl.pallas_call(
-        functools.partial(_kernel, C=C),
+        functools.partial(kernel, C=C),
         grid=(N,),
-        in_specs=[spec(Tp, K), spec(Tp, K), spec(Tp, V), spec(Tp, K), spec(Tp, 1),
-                  spec(Tp, 1), spec(K, V)],
-        out_specs=[spec(Tp, V), spec(K, V)],
-        out_shape=[jax.ShapeDtypeStruct((N, Tp, V), jnp.float32),
-                   jax.ShapeDtypeStruct((N, K, V), jnp.float32)],
+        in_specs=[_spec(*s) for s in in_shapes],
+        out_specs=[_spec(*s) for s in out_shapes],
+        out_shape=[jax.ShapeDtypeStruct((N, *s), jnp.float32) for s in out_shapes],
         interpret=interpret,
-    )(q, k, ut, w, b, r, S0)
+    )(*ins)
+
+
+def _pallas_forward(q, k, ut, w, b, r, S0, C, interpret):
+    """``(o [N, Tp, V], S_T [N, K, V], chunk start states [N, n_chunks * K, V])``."""
+    _, Tp, K = q.shape
+    V, Kg = ut.shape[-1], b.shape[-1]
+    ins = (q, k, ut, w, b, r, S0)
+    in_shapes = [(Tp, K), (Tp, K), (Tp, V), (Tp, K), (Tp, Kg), (Tp, Kg), (K, V)]
+    return _call(_kernel, ins, in_shapes, [(Tp, V), (K, V), (Tp // C * K, V)], C, interpret)
+
+
+def _pallas_backward(q, k, ut, w, b, r, states, do, dS_T, C, interpret):
+    """``(dq, dk, dut, dw, db, dS0)`` of :func:`_pallas_forward`."""
+    _, Tp, K = q.shape
+    V, Kg = ut.shape[-1], b.shape[-1]
+    ins = (q, k, ut, w, b, r, states, do.astype(jnp.float32), dS_T.astype(jnp.float32))
+    in_shapes = [(Tp, K), (Tp, K), (Tp, V), (Tp, K), (Tp, Kg), (Tp, Kg), (Tp // C * K, V),
+                 (Tp, V), (K, V)]
+    out_shapes = [(Tp, K), (Tp, K), (Tp, V), (Tp, K), (Tp, Kg), (K, V)]
+    return _call(_bwd_kernel, ins, in_shapes, out_shapes, C, interpret)
 
 
 def chunk_reference(q, k, ut, w, b, r, S0, C):
-    """The kernel's recurrence in plain JAX (same inputs and outputs as the Pallas call)."""
+    """The kernel's recurrence in plain JAX (same inputs and outputs as the Pallas call,
+    without the chunk start states)."""
     N, Tp, _ = q.shape
 
     def chunks(x):
@@ -127,18 +171,17 @@ def chunk_reference(q, k, ut, w, b, r, S0, C):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
 def _recurrence(q, k, ut, w, b, r, S0, C, interpret):
-    return _pallas_recurrence(q, k, ut, w, b, r, S0, C, interpret)
+    return tuple(_pallas_forward(q, k, ut, w, b, r, S0, C, interpret)[:2])
 
 
 def _fwd(q, k, ut, w, b, r, S0, C, interpret):
-    return _pallas_recurrence(q, k, ut, w, b, r, S0, C, interpret), (q, k, ut, w, b, r, S0)
+    o, S, states = _pallas_forward(q, k, ut, w, b, r, S0, C, interpret)
+    return (o, S), (q, k, ut, w, b, r, states)
 
 
 def _bwd(C, interpret, res, cts):
-    q, k, ut, w, b, r, S0 = res
-    _, vjp = jax.vjp(lambda q, k, ut, w, b, S0: chunk_reference(q, k, ut, w, b, r, S0, C),
-                     q, k, ut, w, b, S0)
-    dq, dk, dut, dw, db, dS0 = vjp(cts)
+    q, k, ut, w, b, r, states = res
+    dq, dk, dut, dw, db, dS0 = _pallas_backward(q, k, ut, w, b, r, states, *cts, C, interpret)
     return dq, dk, dut, dw, db, jnp.zeros_like(r), dS0
 
 
@@ -147,12 +190,13 @@ _recurrence.defvjp(_fwd, _bwd)
 
 def delta_rule(q, k, v, beta, *, g=None, scale=None, initial_state=None,
                output_final_state=False, chunk_size=64, interpret=False):
-    """(Gated) delta rule, the recurrence in Pallas; see the module docstring."""
+    """(Gated) delta rule / KDA, the recurrence in Pallas; see the module docstring."""
     B, T, H, K, V = check_inputs("longctx.kernels.delta_rule.delta_rule", q, k, v,
                                  initial_state=initial_state, chunk_size=chunk_size,
                                  interpret=interpret)
-    if beta.shape != (B, T, H) or (g is not None and g.shape != (B, T, H)):
-        raise ValueError(f"beta and g must be [B, T, H] = {(B, T, H)}; got {beta.shape=} "
+    if beta.shape != (B, T, H) or (g is not None and g.shape not in ((B, T, H), (B, T, H, K))):
+        raise ValueError(f"beta must be [B, T, H] = {(B, T, H)} and g [B, T, H] or "
+                         f"[B, T, H, K]; got {beta.shape=} g.shape="
                          f"{None if g is None else g.shape}")
     C = max(1, min(chunk_size, T))
     scale = K**-0.5 if scale is None else scale

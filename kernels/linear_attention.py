@@ -28,16 +28,16 @@ decay matrix; a per-key gate (GLA) forms the ``[C, C, K]`` decays explicitly
 ``chunk_size``, e.g. 16). ``b`` and ``r`` are computed outside the kernel (an
 elementwise cumsum over each chunk), so the kernel itself has no scan.
 
-Backward (``jax.custom_vjp``): for a scalar gate (or none) a second Pallas
-kernel, same grid, walking the chunks last to first and carrying the state's
-cotangent ``dS [K, V]``: per chunk the hand-derived gradients of
-:func:`_chunk_bwd` (eight ``C``-sized matmuls; the gate's gradient from the
-row and column sums of ``dA * A`` and the boundary decays). Its residual is
-every chunk's start state, written by the forward kernel (``K V / C`` floats
-per token and head, linear in ``T``). Per-key gates (GLA) keep ``jax.vjp`` of
-:func:`chunk_reference` (the same chunk math in plain JAX: a ``lax.scan`` over
-chunks, each chunk one ``jax.checkpoint``), as JAX's Pallas GPU attention does
-for its slow backward.
+Backward (``jax.custom_vjp``): a second Pallas kernel, same grid, walking the
+chunks last to first and carrying the state's cotangent ``dS [K, V]``: per chunk
+the hand-derived gradients of :func:`_chunk_bwd` (for a scalar gate or none eight
+``C``-sized matmuls, the gate's gradient from the row and column sums of
+``dA * A`` and the boundary decays; for per-key gates the same sums over the
+explicit ``[C, C, K]`` decays). Its residual is every chunk's start state,
+written by the forward kernel (``K V / C`` floats per token and head, linear in
+``T``). :func:`chunk_reference` is the same chunk math in plain JAX (a
+``lax.scan`` over chunks, each chunk one ``jax.checkpoint``): the reference the
+tests and the delta-rule kernel's docs point to.
 
 Hardware: written for both Pallas backends (GPU Triton, TPU Mosaic), verified
 only with ``interpret=True`` on CPU (no GPU/TPU was available): whether the
@@ -112,18 +112,22 @@ def _exp_if(x, ok):
     return jnp.exp(jnp.where(ok, x, -jnp.inf))  # masked before the exp: never overflows
 
 
+def _decays(b, r, C, strict=False):
+    """The in-chunk decays ``D_ijd = exp(b_id - b_jd) [j <= i (j < i if strict), r_id == r_jd]``
+    ``[C, C, Kg]`` from ``b, r [C, Kg]`` (masked before the exp: never overflows)."""
+    i, j = jnp.arange(C)[:, None, None], jnp.arange(C)[None, :, None]
+    ok = ((i > j) if strict else (i >= j)) & (r[:, None, :] == r[None, :, :])
+    return _exp_if(b[:, None, :] - b[None, :, :], ok)
+
+
 def _chunk(q, k, v, b, r, S):
     """One chunk: ``q, k [C, K]``, ``v [C, V]``, ``b, r [C, Kg]``, ``S [K, V]`` -> (o, S')."""
     C = q.shape[0]
-    causal = jnp.arange(C)[:, None] >= jnp.arange(C)[None, :]
+    D = _decays(b, r, C)  # [C, C, Kg]
     if b.shape[-1] == 1:  # scalar gate: [C, C] decay matrix times one matmul
-        ok = causal & (r[:, 0][:, None] == r[:, 0][None, :])
-        A = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * _exp_if(
-            b[:, 0][:, None] - b[:, 0][None, :], ok)
+        A = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * D[:, :, 0]
     else:  # per-key gate: explicit [C, C, K] decays
-        ok = causal[:, :, None] & (r[:, None, :] == r[None, :, :])
-        A = jnp.sum(q[:, None, :] * k[None, :, :] * _exp_if(b[:, None, :] - b[None, :, :], ok),
-                    axis=-1)
+        A = jnp.sum(q[:, None, :] * k[None, :, :] * D, axis=-1)
     b_last, r_last = b[C - 1:C], r[C - 1:C]  # [1, Kg]
     o = jnp.dot(A, v, preferred_element_type=jnp.float32)
     o = o + jnp.dot(q * _exp_if(b, r == 0), S, preferred_element_type=jnp.float32)
@@ -186,46 +190,68 @@ def _pallas_forward(q, k, v, b, r, S0, C, interpret, with_states=False):
 
 
 def _chunk_bwd(q, k, v, b, r, S, do, dS):
-    """Backward of :func:`_chunk` for a scalar gate (``b, r [C, 1]``), by hand.
+    """Backward of :func:`_chunk`, by hand, for a scalar (``b, r [C, 1]``) or per-key
+    (``[C, K]``) gate.
 
-    With ``D_ij = exp(b_i - b_j) [j <= i, r_i == r_j]``, ``A = (q k^T) * D``,
+    With ``D_ijd = exp(b_id - b_jd) [j <= i, r_id == r_jd]``, ``A_ij = sum_d q_id k_jd D_ijd``,
     ``e = exp(b) [r == 0]``, ``f = exp(b_C - b) [r == r_C]``, ``a = exp(b_C) [r_C == 0]``
-    (so ``o = A v + (q e) S``, ``S' = a S + (k f)^T v``) and the cotangents ``do [C, V]``,
-    ``dS [K, V]`` of ``o`` and ``S'``::
+    (so ``o = A v + (q e) S``, ``S' = a S + (k f)^T v``, ``a`` scaling the rows of ``S``)
+    and the cotangents ``do [C, V]``, ``dS [K, V]`` of ``o`` and ``S'``::
 
         dv = A^T do + (k f) dS;   dA = do v^T
-        dq = (dA * D) k + e (do S^T);  dk = (dA * D)^T q + f (v dS^T)
+        dq_id = sum_j dA_ij k_jd D_ijd + e_id (do S^T)_id
+        dk_jd = sum_i dA_ij q_id D_ijd + f_jd (v dS^T)_jd
         dS_prev = (q e)^T do + a dS
-        db_i = sum_j (dA * A)_ij - sum_j (dA * A)_ji + sum_d (q e)_id (do S^T)_id
-               - sum_d (k f)_id (v dS^T)_id;   db_C += sum_j,d (k f)_jd (v dS^T)_jd + a <dS, S>
+        Z_ijd = dA_ij q_id k_jd D_ijd
+        db_id = sum_j Z_ijd - sum_j Z_jid + (q e)_id (do S^T)_id - (k f)_id (v dS^T)_id
+        db_Cd += sum_j (k f)_jd (v dS^T)_jd + a_d sum_v dS_dv S_dv
 
-    (the gate's exponents ``b_i - b_j`` each move with ``b_i`` and against ``b_j``).
-    Returns ``(dq, dk, dv, db [C, 1], dS_prev)``.
+    (each exponent ``b_i - b_j`` moves with ``b_i`` and against ``b_j``; for a scalar
+    gate every ``d`` sum runs over the keys and ``D`` is one ``[C, C]`` matrix, so
+    ``dA * D`` and ``Z = dA * A`` are matmul-sized). Returns
+    ``(dq, dk, dv, db [C, Kg], dS_prev)``.
     """
-    C = q.shape[0]
+    C, K = q.shape
+    Kg = b.shape[-1]
     f32 = jnp.float32
-    row, col = jnp.arange(C)[:, None], jnp.arange(C)[None, :]
-    ok = (row >= col) & (r[:, 0][:, None] == r[:, 0][None, :])
-    D = _exp_if(b[:, 0][:, None] - b[:, 0][None, :], ok)
-    A = jnp.dot(q, k.T, preferred_element_type=f32) * D
-    e = _exp_if(b, r == 0)  # [C, 1]
-    f = _exp_if(b[C - 1:C] - b, r == r[C - 1:C])  # [C, 1]
-    a = _exp_if(b[C - 1:C], r[C - 1:C] == 0)  # [1, 1]
+    D = _decays(b, r, C)  # [C, C, Kg]
+    e = _exp_if(b, r == 0)  # [C, Kg]
+    f = _exp_if(b[C - 1:C] - b, r == r[C - 1:C])  # [C, Kg]
+    a = _exp_if(b[C - 1:C], r[C - 1:C] == 0)  # [1, Kg]
     qe, kf = q * e, k * f
     dA = jnp.dot(do, v.T, preferred_element_type=f32)
-    dP = dA * D
     dqe = jnp.dot(do, S.T, preferred_element_type=f32)  # [C, K]
     dkf = jnp.dot(v, dS.T, preferred_element_type=f32)  # [C, K]
-    dq = jnp.dot(dP, k, preferred_element_type=f32) + dqe * e
-    dk = jnp.dot(dP.T, q, preferred_element_type=f32) + dkf * f
+    if Kg == 1:  # scalar gate: [C, C] matrices and matmuls
+        D = D[:, :, 0]
+        A = jnp.dot(q, k.T, preferred_element_type=f32) * D
+        dP = dA * D
+        dq = jnp.dot(dP, k, preferred_element_type=f32)
+        dk = jnp.dot(dP.T, q, preferred_element_type=f32)
+        Z = dA * A
+        dZ = jnp.sum(Z, axis=1, keepdims=True) - jnp.sum(Z.T, axis=1, keepdims=True)
+    else:  # per-key gate: the explicit [C, C, K] decays, as in the forward
+        A = jnp.sum(q[:, None, :] * k[None, :, :] * D, axis=-1)
+        dPD = dA[:, :, None] * D
+        dq = jnp.sum(dPD * k[None, :, :], axis=1)
+        dk = jnp.sum(dPD * q[:, None, :], axis=0)
+        Z = dPD * q[:, None, :] * k[None, :, :]
+        dZ = jnp.sum(Z, axis=1) - jnp.sum(Z, axis=0)
+    dq = dq + dqe * e
+    dk = dk + dkf * f
     dv = jnp.dot(A.T, do, preferred_element_type=f32) + jnp.dot(kf, dS, preferred_element_type=f32)
-    Z = dA * A
-    dF = jnp.sum(kf * dkf, axis=1, keepdims=True)  # [C, 1]
-    db = (jnp.sum(Z, axis=1, keepdims=True) - jnp.sum(Z.T, axis=1, keepdims=True)
-          + jnp.sum(qe * dqe, axis=1, keepdims=True) - dF)
-    last = jnp.sum(dF) + a[0, 0] * jnp.sum(dS * S)
+    dF = kf * dkf  # [C, K]
+    dE = qe * dqe
+    if Kg == 1:
+        dF, dE = jnp.sum(dF, axis=1, keepdims=True), jnp.sum(dE, axis=1, keepdims=True)
+    db = dZ + dE - dF
+    dSS = jnp.sum(dS * S, axis=1)[None, :]  # [1, K]: per row of S
+    if Kg == 1:
+        dSS = jnp.sum(dSS, axis=1, keepdims=True)
+    last = jnp.sum(dF, axis=0, keepdims=True) + a * dSS  # [1, Kg]
+    row = jnp.arange(C)[:, None]
     db = db + jnp.where(row == C - 1, last, 0.0)
-    dS_prev = jnp.dot(qe.T, do, preferred_element_type=f32) + a * dS
+    dS_prev = jnp.dot(qe.T, do, preferred_element_type=f32) + a.reshape(-1, 1) * dS
     return dq, dk, dv, db, dS_prev
 
 
@@ -252,15 +278,15 @@ def _bwd_kernel(q_ref, k_ref, v_ref, b_ref, r_ref, st_ref, do_ref, dsT_ref,
 
 
 def _pallas_backward(q, k, v, b, r, states, do, dS_T, C, interpret):
-    """Gradients of :func:`_pallas_forward` (scalar gate): ``(dq, dk, dv, db, dS0)``."""
+    """Gradients of :func:`_pallas_forward`: ``(dq, dk, dv, db, dS0)``."""
     N, Tp, K = q.shape
-    V = v.shape[-1]
+    V, Kg = v.shape[-1], b.shape[-1]
     n_chunks = Tp // C
-    shapes = [(Tp, K), (Tp, K), (Tp, V), (Tp, 1), (K, V)]
+    shapes = [(Tp, K), (Tp, K), (Tp, V), (Tp, Kg), (K, V)]
     return pl.pallas_call(
         functools.partial(_bwd_kernel, C=C),
         grid=(N,),
-        in_specs=[_spec(Tp, K), _spec(Tp, K), _spec(Tp, V), _spec(Tp, 1), _spec(Tp, 1),
+        in_specs=[_spec(Tp, K), _spec(Tp, K), _spec(Tp, V), _spec(Tp, Kg), _spec(Tp, Kg),
                   _spec(n_chunks * K, V), _spec(Tp, V), _spec(K, V)],
         out_specs=[_spec(*s) for s in shapes],
         out_shape=[jax.ShapeDtypeStruct((N, *s), jnp.float32) for s in shapes],
@@ -290,20 +316,13 @@ def _gla(q, k, v, b, r, S0, C, interpret):
 
 
 def _gla_fwd(q, k, v, b, r, S0, C, interpret):
-    if b.shape[-1] == 1:  # scalar gate: the Pallas backward needs the chunk start states
-        o, S, states = _pallas_forward(q, k, v, b, r, S0, C, interpret, with_states=True)
-        return (o, S), (q, k, v, b, r, S0, states)
-    return _pallas_forward(q, k, v, b, r, S0, C, interpret), (q, k, v, b, r, S0, None)
+    o, S, states = _pallas_forward(q, k, v, b, r, S0, C, interpret, with_states=True)
+    return (o, S), (q, k, v, b, r, states)
 
 
 def _gla_bwd(C, interpret, res, cts):
-    q, k, v, b, r, S0, states = res
-    if states is not None:  # scalar gate (or none): the Pallas backward kernel
-        dq, dk, dv, db, dS0 = _pallas_backward(q, k, v, b, r, states, *cts, C, interpret)
-        return dq, dk, dv, db, jnp.zeros_like(r), dS0
-    _, vjp = jax.vjp(lambda q, k, v, b, S0: chunk_reference(q, k, v, b, r, S0, C),
-                     q, k, v, b, S0)
-    dq, dk, dv, db, dS0 = vjp(cts)
+    q, k, v, b, r, states = res
+    dq, dk, dv, db, dS0 = _pallas_backward(q, k, v, b, r, states, *cts, C, interpret)
     return dq, dk, dv, db, jnp.zeros_like(r), dS0
 
 

@@ -29,6 +29,7 @@ def _inputs(gate):
         g = g.at[0, 21, 1].set(-jnp.inf)  # a hard reset (packed documents)
     elif gate == "per_key":
         g = jax.nn.log_sigmoid(jax.random.normal(ks[4], (B, T, H, K)) + 1.0)
+        g = g.at[0, 21, 1, 3].set(-jnp.inf)  # a hard reset of one key's row
     return q, k, v, g, S0
 
 
@@ -51,10 +52,10 @@ def test_pallas_linear_attention_matches_recurrent(gate):
     np.testing.assert_allclose(o, o_ref, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(S, S_ref, atol=1e-5, rtol=1e-5)
     names = ["q", "k", "v", "S0"] if g is None else ["q", "k", "v", "g", "S0"]
-    # scalar gate or none: forward and backward are Pallas kernels; per key: forward only
+    # every gate type: forward and backward are Pallas kernels
     grad_fn = jax.grad(lambda q: jnp.sum(pk.linear_attention(
         q, k, v, g=g, initial_state=S0, chunk_size=C, interpret=True)[0]))
-    assert str(jax.make_jaxpr(grad_fn)(q)).count("pallas_call") == (1 if gate == "per_key" else 2)
+    assert str(jax.make_jaxpr(grad_fn)(q)).count("pallas_call") == 2
     for name, a, b in zip(names, grads, grads_ref):
         assert np.isfinite(np.asarray(a)).all(), name
         # float32 sums of up to 40 rank-one terms of size ~10: rounding ~1e-4 relative
@@ -77,9 +78,10 @@ def test_pallas_linear_attention_is_causal_and_dispatched():
         ops.linear_attention(q, k, v, form="pallas", normalize=True)
 
 
-@pytest.mark.parametrize("gated", [True])  # g=None runs the same kernel with b = 0
-def test_pallas_delta_rule_matches_recurrent(gated):
-    q, k, v, g, S0 = _inputs("scalar" if gated else "none")
+@pytest.mark.parametrize("gate", ["scalar", "per_key"])  # g=None: the same kernel, b = 0
+def test_pallas_delta_rule_matches_recurrent(gate):
+    """Gated DeltaNet (scalar gate with a hard reset) and KDA (per-key gate)."""
+    q, k, v, g, S0 = _inputs(gate)
     k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)  # as the layer does
     beta = jax.nn.sigmoid(jax.random.normal(jax.random.PRNGKey(7), (B, T, H)))
 
@@ -99,6 +101,9 @@ def test_pallas_delta_rule_matches_recurrent(gated):
     names = ["q", "k", "v", "beta", "S0"] if g is None else ["q", "k", "v", "beta", "g", "S0"]
     for name, a, b in zip(names, grads, grads_ref):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4, err_msg=f"d{name}")
+    grad_fn = jax.grad(lambda q: jnp.sum(pk_delta.delta_rule(
+        q, k, v, beta, g=g, initial_state=S0, chunk_size=C, interpret=True)[0]))
+    assert str(jax.make_jaxpr(grad_fn)(q)).count("pallas_call") == 2  # forward, backward
     if not pk.available():
         with pytest.raises(ValueError, match=f"backend is '{jax.default_backend()}'"):
             ops.delta_rule(q, k, v, beta, g=g, form="pallas")
