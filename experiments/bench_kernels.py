@@ -8,7 +8,7 @@ the same run (these machines are noisy):
 
 * ``attention``: ``impl="splash"`` (Pallas TPU) vs ``impl="flash"`` (pure JAX);
 * ``linear``: GLA ``form="pallas"`` vs ``form="chunk"`` (scalar and per-key gates),
-  and the gated delta rule likewise;
+  and the delta rule likewise (gated DeltaNet, KDA);
 * ``moe``: dropless MoE with ``jax.lax.ragged_dot`` vs the ``blocks`` grouped matmul.
 
 Where the platform cannot compile a Pallas kernel (CPU) its rows run the same
@@ -79,19 +79,23 @@ def bench_linear(args, dtype, key):
             t_base = median_time(base, q, k, v, g, repeats=args.repeats)
             _row(f"GLA {gate} gate pallas vs chunk (C={C})", T, t_new, t_base,
                  "INTERPRET MODE: not a speed measurement" if interp else "")
-    for T in args.lengths[:1] if interp else args.lengths:
-        ks = jax.random.split(key, 5)
-        q, k, v = (jax.random.normal(kk, (1, T, H, K), dtype) for kk in ks[:3])
-        k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
-        g = jax.nn.log_sigmoid(jax.random.normal(ks[3], (1, T, H)) + 3.0)
-        beta = jax.nn.sigmoid(jax.random.normal(ks[4], (1, T, H)))
-        new = fwd_bwd(lambda q, k, v, g, beta: pallas_delta.delta_rule(
-            q, k, v, beta, g=g, interpret=interp), 5)
-        base = fwd_bwd(lambda q, k, v, g, beta: linear.delta_rule(q, k, v, beta, g=g), 5)
-        t_new = median_time(new, q, k, v, g, beta, repeats=args.repeats)
-        t_base = median_time(base, q, k, v, g, beta, repeats=args.repeats)
-        _row("gated delta rule pallas vs chunk (C=64)", T, t_new, t_base,
-             "INTERPRET MODE: not a speed measurement" if interp else "")
+    for gate in ("scalar", "per_key"):  # gated DeltaNet, KDA
+        C = 64 if gate == "scalar" else 16
+        for T in args.lengths[:1] if interp else args.lengths:
+            ks = jax.random.split(key, 5)
+            q, k, v = (jax.random.normal(kk, (1, T, H, K), dtype) for kk in ks[:3])
+            k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+            shape = (1, T, H) if gate == "scalar" else (1, T, H, K)
+            g = jax.nn.log_sigmoid(jax.random.normal(ks[3], shape) + 3.0)
+            beta = jax.nn.sigmoid(jax.random.normal(ks[4], (1, T, H)))
+            new = fwd_bwd(lambda q, k, v, g, beta: pallas_delta.delta_rule(
+                q, k, v, beta, g=g, chunk_size=C, interpret=interp), 5)
+            base = fwd_bwd(lambda q, k, v, g, beta: linear.delta_rule(
+                q, k, v, beta, g=g, chunk_size=C), 5)
+            t_new = median_time(new, q, k, v, g, beta, repeats=args.repeats)
+            t_base = median_time(base, q, k, v, g, beta, repeats=args.repeats)
+            _row(f"delta rule {gate} gate pallas vs chunk (C={C})", T, t_new, t_base,
+                 "INTERPRET MODE: not a speed measurement" if interp else "")
 
 
 def bench_moe(args, dtype, key):
