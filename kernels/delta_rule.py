@@ -44,7 +44,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from longctx.kernels.linear_attention import (_chunk as _gla_chunk, _chunk_bwd as _gla_chunk_bwd,
-                                             _decays, _exp_if, _prepare, _spec, check_inputs)
+                                             bwd_walk, _decays, _exp_if, _prepare, _spec,
+                                             check_inputs)
 
 
 def wy_factors(k, v, beta, b, r, C):
@@ -99,26 +100,6 @@ def _kernel(q_ref, k_ref, ut_ref, w_ref, b_ref, r_ref, s0_ref, o_ref, s_ref, st_
                                    s0_ref[...].astype(jnp.float32))
 
 
-def _bwd_kernel(q_ref, k_ref, ut_ref, w_ref, b_ref, r_ref, st_ref, do_ref, dsT_ref,
-                dq_ref, dk_ref, dut_ref, dw_ref, db_ref, ds0_ref, *, C):
-    """Backward over the chunks of one (batch row, head), last chunk first."""
-    n_chunks = q_ref.shape[0] // C
-    K = q_ref.shape[1]
-
-    def step(i, dS):
-        n = n_chunks - 1 - i
-        sl = pl.ds(pl.multiple_of(n * C, C), C)
-        S = st_ref[pl.ds(pl.multiple_of(n * K, K), K), :]
-        dq, dk, dut, dw, db, dS = _chunk_bwd(q_ref[sl, :], k_ref[sl, :], ut_ref[sl, :],
-                                             w_ref[sl, :], b_ref[sl, :], r_ref[sl, :], S,
-                                             do_ref[sl, :], dS)
-        for ref, x in ((dq_ref, dq), (dk_ref, dk), (dut_ref, dut), (dw_ref, dw), (db_ref, db)):
-            ref[sl, :] = x
-        return dS
-
-    ds0_ref[...] = jax.lax.fori_loop(0, n_chunks, step, dsT_ref[...].astype(jnp.float32))
-
-
 def _call(kernel, ins, in_shapes, out_shapes, C, interpret):
     """One program per (batch row, head) over whole rows: ``pallas_call`` of ``kernel``."""
     N = ins[0].shape[0]
@@ -149,7 +130,8 @@ def _pallas_backward(q, k, ut, w, b, r, states, do, dS_T, C, interpret):
     in_shapes = [(Tp, K), (Tp, K), (Tp, V), (Tp, K), (Tp, Kg), (Tp, Kg), (Tp // C * K, V),
                  (Tp, V), (K, V)]
     out_shapes = [(Tp, K), (Tp, K), (Tp, V), (Tp, K), (Tp, Kg), (K, V)]
-    return _call(_bwd_kernel, ins, in_shapes, out_shapes, C, interpret)
+    return _call(functools.partial(bwd_walk, _chunk_bwd, 6), ins, in_shapes, out_shapes, C,
+                 interpret)
 
 
 def chunk_reference(q, k, ut, w, b, r, S0, C):

@@ -255,23 +255,26 @@ def _chunk_bwd(q, k, v, b, r, S, do, dS):
     return dq, dk, dv, db, dS_prev
 
 
-def _bwd_kernel(q_ref, k_ref, v_ref, b_ref, r_ref, st_ref, do_ref, dsT_ref,
-                dq_ref, dk_ref, dv_ref, db_ref, ds0_ref, *, C):
-    """Backward over the chunks of one (batch row, head), last chunk first, carrying
-    the state's cotangent ``[K, V]``; the chunk start states come from the forward."""
-    n_chunks = q_ref.shape[0] // C
-    K = q_ref.shape[1]
+def bwd_walk(chunk_bwd, n_in, *refs, C):
+    """A backward kernel body: the chunks of one (batch row, head), last chunk first,
+    carrying the state's cotangent ``[K, V]``.
+
+    ``refs``: ``n_in`` per-token inputs ``[Tp, .]`` (the last one, the reset counts ``r``,
+    gets no gradient), the chunk start states ``[n_chunks * K, V]`` written by the
+    forward kernel, ``do [Tp, V]``, ``dS_T [K, V]``; then the ``n_in - 1`` per-token
+    gradients and ``dS_0``. ``chunk_bwd(*inputs, S, do, dS) -> (*grads, dS_prev)``.
+    """
+    ins, (st_ref, do_ref, dsT_ref) = refs[:n_in], refs[n_in:n_in + 3]
+    grads, ds0_ref = refs[n_in + 3:-1], refs[-1]
+    n_chunks, K = ins[0].shape[0] // C, ins[0].shape[1]
 
     def step(i, dS):
         n = n_chunks - 1 - i
         sl = pl.ds(pl.multiple_of(n * C, C), C)
         S = st_ref[pl.ds(pl.multiple_of(n * K, K), K), :]
-        dq, dk, dv, db, dS = _chunk_bwd(q_ref[sl, :], k_ref[sl, :], v_ref[sl, :],
-                                        b_ref[sl, :], r_ref[sl, :], S, do_ref[sl, :], dS)
-        dq_ref[sl, :] = dq
-        dk_ref[sl, :] = dk
-        dv_ref[sl, :] = dv
-        db_ref[sl, :] = db
+        *gs, dS = chunk_bwd(*(x[sl, :] for x in ins), S, do_ref[sl, :], dS)
+        for ref, x in zip(grads, gs):
+            ref[sl, :] = x
         return dS
 
     ds0_ref[...] = jax.lax.fori_loop(0, n_chunks, step, dsT_ref[...].astype(jnp.float32))
@@ -284,7 +287,7 @@ def _pallas_backward(q, k, v, b, r, states, do, dS_T, C, interpret):
     n_chunks = Tp // C
     shapes = [(Tp, K), (Tp, K), (Tp, V), (Tp, Kg), (K, V)]
     return pl.pallas_call(
-        functools.partial(_bwd_kernel, C=C),
+        functools.partial(bwd_walk, _chunk_bwd, 5, C=C),
         grid=(N,),
         in_specs=[_spec(Tp, K), _spec(Tp, K), _spec(Tp, V), _spec(Tp, Kg), _spec(Tp, Kg),
                   _spec(n_chunks * K, V), _spec(Tp, V), _spec(K, V)],
