@@ -58,8 +58,11 @@ def wy_factors(k, v, beta, b, r, C):
     kc, vc = k.reshape(N, n, C, K), v.reshape(N, n, C, -1)
     bc, rc, betac = b.reshape(N, n, C, Kg), r.reshape(N, n, C, Kg), beta.reshape(N, n, C, 1)
     kb = kc * betac
-    D = jax.vmap(jax.vmap(lambda b, r: _decays(b, r, C, strict=True)))(bc, rc)
-    A = jnp.sum(kb[..., :, None, :] * kc[..., None, :, :] * D, axis=-1)  # [N, n, C, C]
+    D = jax.vmap(jax.vmap(lambda b, r: _decays(b, r, C, strict=True)))(bc, rc)  # [.., C, C, Kg]
+    if Kg == 1:  # scalar gate: one [C, C] decay matrix times a matmul
+        A = jnp.einsum("...ik,...jk->...ij", kb, kc) * D[..., 0]
+    else:  # per-key gate (KDA): the explicit [C, C, K] decays
+        A = jnp.sum(kb[..., :, None, :] * kc[..., None, :, :] * D, axis=-1)  # [N, n, C, C]
     rhs = jnp.concatenate([vc * betac, kb * _exp_if(bc, rc == 0)], axis=-1)
     eye = jnp.eye(C, dtype=A.dtype)
     X = jax.scipy.linalg.solve_triangular(eye + A, rhs, lower=True, unit_diagonal=True)
