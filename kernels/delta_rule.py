@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from longctx.kernels.linear_attention import (_chunk as _gla_chunk, _chunk_bwd as _gla_chunk_bwd,
-                                             bwd_walk, _decays, _exp_if, _prepare, _spec,
+                                             bwd_walk, fwd_walk, _decays, _exp_if, _prepare, _spec,
                                              check_inputs)
 
 
@@ -86,23 +86,6 @@ def _chunk_bwd(q, k, ut, w, b, r, S, do, dS):
     return dq, dk, du, dw, db, dS_prev
 
 
-def _kernel(q_ref, k_ref, ut_ref, w_ref, b_ref, r_ref, s0_ref, o_ref, s_ref, st_ref, *, C):
-    """Forward over the chunks of one (batch row, head); ``st_ref [n_chunks * K, V]``
-    receives each chunk's start state (the backward's residual)."""
-    K = s0_ref.shape[0]
-
-    def step(n, S):
-        sl = pl.ds(pl.multiple_of(n * C, C), C)
-        st_ref[pl.ds(pl.multiple_of(n * K, K), K), :] = S
-        o, S = _chunk(q_ref[sl, :], k_ref[sl, :], ut_ref[sl, :], w_ref[sl, :], b_ref[sl, :],
-                      r_ref[sl, :], S)
-        o_ref[sl, :] = o.astype(o_ref.dtype)
-        return S
-
-    s_ref[...] = jax.lax.fori_loop(0, q_ref.shape[0] // C, step,
-                                   s0_ref[...].astype(jnp.float32))
-
-
 def _call(kernel, ins, in_shapes, out_shapes, C, interpret):
     """One program per (batch row, head) over whole rows: ``pallas_call`` of ``kernel``."""
     N = ins[0].shape[0]
@@ -122,7 +105,8 @@ def _pallas_forward(q, k, ut, w, b, r, S0, C, interpret):
     V, Kg = ut.shape[-1], b.shape[-1]
     ins = (q, k, ut, w, b, r, S0)
     in_shapes = [(Tp, K), (Tp, K), (Tp, V), (Tp, K), (Tp, Kg), (Tp, Kg), (K, V)]
-    return _call(_kernel, ins, in_shapes, [(Tp, V), (K, V), (Tp // C * K, V)], C, interpret)
+    out_shapes = [(Tp, V), (K, V), (Tp // C * K, V)]
+    return _call(functools.partial(fwd_walk, _chunk, 6), ins, in_shapes, out_shapes, C, interpret)
 
 
 def _pallas_backward(q, k, ut, w, b, r, states, do, dS_T, C, interpret):

@@ -142,17 +142,23 @@ def _chunk(q, k, v, b, r, S):
 # ----------------------------------------------------------------------------
 
 
-def _kernel(q_ref, k_ref, v_ref, b_ref, r_ref, s0_ref, o_ref, s_ref, *states_ref, C):
-    """Forward over the chunks of one (batch row, head); ``states_ref`` (optional,
-    ``[n_chunks * K, V]``) receives each chunk's start state for the backward kernel."""
-    n_chunks = q_ref.shape[0] // C
-    K = s0_ref.shape[0]
+def fwd_walk(chunk, n_in, *refs, C):
+    """A forward kernel body: the chunks of one (batch row, head), first to last, carrying
+    the float32 ``[K, V]`` state.
+
+    ``refs``: ``n_in`` per-token inputs ``[Tp, .]``, ``S_0 [K, V]``, then the outputs
+    ``o [Tp, V]``, ``S_T [K, V]`` and optionally every chunk's start state
+    ``[n_chunks * K, V]`` (the backward's residual). ``chunk(*inputs, S) -> (o, S')``.
+    """
+    ins, s0_ref, o_ref, s_ref, states_ref = (refs[:n_in], refs[n_in], refs[n_in + 1],
+                                             refs[n_in + 2], refs[n_in + 3:])
+    n_chunks, K = ins[0].shape[0] // C, s0_ref.shape[0]
 
     def step(n, S):
         sl = pl.ds(pl.multiple_of(n * C, C), C)
         if states_ref:
             states_ref[0][pl.ds(pl.multiple_of(n * K, K), K), :] = S
-        o, S = _chunk(q_ref[sl, :], k_ref[sl, :], v_ref[sl, :], b_ref[sl, :], r_ref[sl, :], S)
+        o, S = chunk(*(x[sl, :] for x in ins), S)
         o_ref[sl, :] = o.astype(o_ref.dtype)
         return S
 
@@ -179,7 +185,7 @@ def _pallas_forward(q, k, v, b, r, S0, C, interpret, with_states=False):
         out_specs.append(_spec(n_chunks * K, V))
         out_shape.append(jax.ShapeDtypeStruct((N, n_chunks * K, V), jnp.float32))
     return pl.pallas_call(
-        functools.partial(_kernel, C=C),
+        functools.partial(fwd_walk, _chunk, 5, C=C),
         grid=(N,),
         in_specs=[_spec(Tp, K), _spec(Tp, K), _spec(Tp, V), _spec(Tp, Kg), _spec(Tp, Kg),
                   _spec(K, V)],
