@@ -30,8 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from longctx import ops
-from longctx.train.metrics import loglog_slope as slope
-from longctx.train.metrics import matmul_rate
+from longctx.train.metrics import loglog_slope as slope, matmul_rate
 
 OPS = ("rwkv6", "rwkv7", "kda")
 # FLOPs per token and head, in units of K*V, that every chunk form does at least: each
@@ -93,7 +92,6 @@ def main(argv=None):
     a = p.parse_args(argv)
     shape = f"B={a.batch} H={a.heads} K=V={a.head_dim} chunk={a.chunk_size}"
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}); {shape}")
-    mm = None
     for op in a.ops:
         if a.ratio_len:
             x = _inputs(op, a.batch, a.ratio_len, a.heads, a.head_dim)
@@ -103,8 +101,7 @@ def main(argv=None):
                   f"{t['chunk'] * 1e3:.1f} ms, chunk_scan {t['chunk_scan'] * 1e3:.1f} ms; "
                   f"recurrent/chunk {t['recurrent'] / t['chunk']:.2f}x, recurrent/chunk_scan "
                   f"{t['recurrent'] / t['chunk_scan']:.2f}x", flush=True)
-            if mm is None:
-                mm = matmul_rate()
+            mm = matmul_rate()  # measured once per process (cached)
             least = CHUNK_MIN_FLOPS * a.batch * a.ratio_len * a.heads * a.head_dim ** 2
             print(f"{op} ceiling of recurrent/chunk here: {t['recurrent'] * mm / least:.1f}x "
                   f"(a chunk form's least {least / 1e9:.2f} GFLOP at the measured matmul rate "
