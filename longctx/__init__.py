@@ -13,11 +13,15 @@
 the function :func:`longctx.inherit.core.inherit` (its package: ``longctx/inherit/``).
 """
 
-from longctx import ops
-from longctx.config import Config, ConfigError, load_config
-from longctx.inherit.core import inherit
-from longctx.model import build_model
-from longctx.generate import generate  # the function (python -m longctx.generate: the CLI)
+from longctx import xla_flags
+
+xla_flags.apply()  # before anything starts a JAX backend (see longctx/xla_flags.py)
+
+from longctx import ops  # noqa: E402
+from longctx.config import Config, ConfigError, load_config  # noqa: E402
+from longctx.inherit.core import inherit  # noqa: E402
+from longctx.model import build_model  # noqa: E402
+from longctx.generate import generate  # noqa: E402  (the function; python -m longctx.generate: the CLI)
 
 __version__ = "0.1.0"
 __all__ = ["Config", "ConfigError", "build_model", "generate", "inherit", "load_config", "ops"]

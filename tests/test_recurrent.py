@@ -337,3 +337,55 @@ def test_config_is_validated():
         _cfg("model.attention.backend=recurrent", REC + "num_memory_tokens=2")
     with pytest.raises(ConfigError, match="knn_topk"):
         _cfg("model.attention.backend=recurrent", REC + "knn_size=4", REC + "knn_topk=8")
+
+
+# -- an empty compressive memory: reads 0, passes no gradient (an XLA:CPU bug found here) ---
+
+
+def test_empty_compressive_memory_passes_no_gradient_run_after_run(monkeypatch):
+    """One segment: the memory is empty, its read is exactly 0 and d(read)/d(query) = 0, so
+    the gradient equals that of a model whose read is replaced by zeros. Run after run of
+    one executable: on jaxlib 0.10 XLA:CPU's YNNPACK reduce fusion returned garbage here
+    (grad norm 1.16 / nan / 1e27 from run to run) until ``longctx.xla_flags`` dropped it."""
+    from longctx.backends.recurrent import mixer
+
+    m = _model("model.attention.backend=recurrent", "model.d_model=64", "model.n_heads=2",
+               "model.n_kv_heads=1", "model.mlp_dim=128", "model.segment_len=256",
+               "model.bptt_segments=2", "model.scan_layers=true", REC + "cache_segments=1",
+               REC + "compressive=delta")
+    tok = _tokens(8, 256, 3)
+    gdef, params, rest = nnx.split(m, nnx.Param, ...)
+
+    def loss(params, tok):
+        logits = nnx.merge(gdef, params, rest)(tok)[0]
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+    grad = jax.jit(jax.grad(loss))
+    runs = [jax.tree.leaves(jax.device_get(grad(params, tok))) for _ in range(4)]
+    monkeypatch.setattr(mixer, "compressive_read",
+                        lambda sq, M, z: jnp.zeros(sq.shape[:-1] + M.shape[-1:], jnp.float32))
+    want = jax.tree.leaves(jax.jit(jax.grad(loss))(params, tok))
+    for got in runs:
+        for g, w in zip(got, want):
+            assert np.all(np.isfinite(g))
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-7)
+
+
+def test_xla_flags_are_added_once_and_a_users_choice_is_kept(monkeypatch):
+    from longctx import xla_flags
+
+    assert "--xla_cpu_experimental_ynn_fusion_type=-reduce" in xla_flags.os.environ["XLA_FLAGS"]
+    monkeypatch.setattr(xla_flags, "_jaxlib_version", lambda: "0.10.2")
+    monkeypatch.setattr("jax._src.xla_bridge.backends_are_initialized", lambda: False)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    assert xla_flags.apply() == ["--xla_cpu_experimental_ynn_fusion_type=-reduce"]
+    assert xla_flags.apply() == []  # already there
+    assert xla_flags.os.environ["XLA_FLAGS"].count("ynn_fusion_type") == 1
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")  # the user's
+    assert xla_flags.apply() == [] and xla_flags.os.environ["XLA_FLAGS"].endswith("type=")
+    monkeypatch.setattr(xla_flags, "_jaxlib_version", lambda: "0.11.0")  # untested jaxlib
+    monkeypatch.setenv("XLA_FLAGS", "")
+    assert xla_flags.apply() == []
+    monkeypatch.setattr(xla_flags, "_jaxlib_version", lambda: "0.10.2")
+    monkeypatch.setattr("jax._src.xla_bridge.backends_are_initialized", lambda: True)
+    assert xla_flags.apply() == [] and xla_flags.os.environ["XLA_FLAGS"] == ""  # too late
