@@ -10,8 +10,8 @@ run to run of the *same executable*: the first-step gradient norm of
 ``results/scaling_length_fwe/recurrent_config.yaml`` at batch 8 or 16 came out
 1.16 / nan / inf / 1e27 across runs, while with this flag (or
 ``--xla_cpu_experimental_ynn_fusion_type=``, no YNNPACK fusion at all, or
-``individual_dot`` only) every run gives 1.1622 (``tests/test_recurrent_backend.py``
-holds the reproduction). Only the reduce fusions are dropped; YNNPACK still runs the dots.
+``individual_dot`` only) every run gives 1.1622 (reproductions: ``tests/test_recurrent.py``,
+``tests/test_determinism.py``). Only the reduce fusions are dropped; YNNPACK still runs the dots.
 
 A flag the user already set (the same name in ``XLA_FLAGS``) is kept as it is: that is
 the way to opt out. If JAX's backends are already running when longctx is imported, the
