@@ -53,10 +53,13 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from longctx import targets
+
 
 def available() -> bool:
-    """Can the compiled (non-interpreted) kernel run on the default backend?"""
-    return jax.default_backend() in ("gpu", "tpu")
+    """Can the compiled (non-interpreted) kernel run on the target (the devices being
+    compiled for, :func:`longctx.targets.platform`)?"""
+    return targets.platform() in ("gpu", "tpu")
 
 
 def check_inputs(fn: str, q, k, v, *, initial_state, chunk_size, interpret: bool):
@@ -68,8 +71,8 @@ def check_inputs(fn: str, q, k, v, *, initial_state, chunk_size, interpret: bool
     """
     if not interpret and not available():
         raise ValueError(
-            f"form='pallas' runs a Pallas GPU/TPU kernel; the default backend is "
-            f"{jax.default_backend()!r}. Use form='chunk', or {fn}(..., interpret=True)")
+            f"form='pallas' runs a Pallas GPU/TPU kernel; the target platform is "
+            f"{targets.platform()!r}. Use form='chunk', or {fn}(..., interpret=True)")
     if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"expects q, k [B, T, H, K] and v [B, T, H, V]; got "
                          f"{q.shape=} {k.shape=} {v.shape=}")

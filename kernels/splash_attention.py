@@ -58,6 +58,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as sa
 from jax.sharding import PartitionSpec as P
 
+from longctx import targets
 from longctx.parallel import sharding as shd
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,9 @@ _PAD_ID = int(jnp.iinfo(jnp.int32).min)  # segment id of padded tokens
 
 
 def available() -> bool:
-    """Can the compiled (non-interpreted) kernels run on the default backend?"""
-    return jax.default_backend() == "tpu"
+    """Can the compiled (non-interpreted) kernels run on the target (the devices being
+    compiled for, :func:`longctx.targets.platform`)?"""
+    return targets.platform() == "tpu"
 
 
 def _round_up(n, m):
@@ -94,18 +96,19 @@ def make_mask(Tp: int, Sp: int, *, offset: int, causal: bool, window: int | None
     return sa.FullMask((Tp, Sp))
 
 
-@functools.lru_cache(maxsize=64)
 def _kernel(Tp, Sp, G, offset, causal, window, bq, bk, interpret):
-    """The MQA kernel for one KV head and its ``G`` query heads (mask info built once)."""
+    """The MQA kernel for one KV head and its ``G`` query heads.
+
+    Built inside the trace that calls it: its mask info (numpy, from the static mask)
+    becomes constants of that program. Nothing runs on a device here, so the kernel
+    builds under a mesh of compile-only devices (an ahead-of-time compile for a TPU
+    from a CPU machine) as on the TPU itself."""
     mask = sa.MultiHeadMask([make_mask(Tp, Sp, offset=offset, causal=causal, window=window)] * G)
     sizes = sa.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk,
                           block_q_dkv=bq, block_kv_dkv=bk, block_kv_dkv_compute=bk,
                           block_q_dq=bq, block_kv_dq=bk)
-    # The kernel object holds its mask info as arrays: build them as constants even when
-    # the first call happens while tracing (else the cache would keep leaked tracers).
-    with jax.ensure_compile_time_eval():
-        return sa.make_splash_mqa(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                                  interpret=interpret)
+    return sa.make_splash_mqa(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                              interpret=interpret)
 
 
 def _check(q, k, v, window, segment_ids):
@@ -163,7 +166,7 @@ def _local(q, k, v, segment_ids, *, causal, scale, window, block_q, block_k, int
 def _specs(q, k):
     """shard_map specs ``(q/o, k/v, segment_ids)`` from the active logical rules."""
     mesh = jax.sharding.get_abstract_mesh()
-    rules = shd._ACTIVE.get("rules", shd.DEFAULT_RULES)  # the trainer's rules, else defaults
+    rules = shd.active_rules()
     q_spec = shd.logical_to_spec(("batch", None, "heads", None), rules, mesh, q.shape)
     kv_spec = shd.logical_to_spec(("batch", None, "kv_heads", None), rules, mesh, k.shape)
     if q_spec[0] != kv_spec[0] or q_spec[2] != kv_spec[2]:
@@ -179,8 +182,8 @@ def splash_attention(q, k, v, *, causal=True, scale=None, window=None, segment_i
     _check(q, k, v, window, segment_ids)
     if not interpret and not available():
         raise ValueError(
-            f"impl='splash' runs Pallas TPU (Mosaic) kernels; the default backend is "
-            f"{jax.default_backend()!r}. Use impl='flash' or 'auto', or "
+            f"impl='splash' runs Pallas TPU (Mosaic) kernels; the target platform is "
+            f"{targets.platform()!r}. Use impl='flash' or 'auto', or "
             f"longctx.kernels.splash_attention.splash_attention(..., interpret=True) to run "
             f"the kernel in the Pallas interpreter")
     body = functools.partial(_local, causal=causal, scale=scale, window=window,

@@ -159,6 +159,9 @@ class TrainConfig:
     eval_batches: int = 4
     run_dir: str = "runs/default"
     tensorboard: bool = True  # also write TensorBoard events to run_dir/tb
+    # a train step compiled ahead of time (python -m longctx.compile --save PATH): loaded
+    # instead of compiling; refused when compiled for other devices, mesh or config
+    compiled_step: str | None = None
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,7 @@ def test_pallas_linear_attention_is_causal_and_dispatched():
     np.testing.assert_array_equal(o[:, :25], o2[:, :25])
     assert not np.allclose(o[:, 25:], o2[:, 25:])
     if not pk.available():
-        with pytest.raises(ValueError, match=f"backend is '{jax.default_backend()}'"):
+        with pytest.raises(ValueError, match=f"target platform is '{jax.default_backend()}'"):
             ops.linear_attention(q, k, v, g=g, form="pallas")
     with pytest.raises(ValueError, match="no normalize"):
         ops.linear_attention(q, k, v, form="pallas", normalize=True)
@@ -105,5 +105,5 @@ def test_pallas_delta_rule_matches_recurrent(gate):
         q, k, v, beta, g=g, initial_state=S0, chunk_size=C, interpret=True)[0]))
     assert str(jax.make_jaxpr(grad_fn)(q)).count("pallas_call") == 2  # forward, backward
     if not pk.available():
-        with pytest.raises(ValueError, match=f"backend is '{jax.default_backend()}'"):
+        with pytest.raises(ValueError, match=f"target platform is '{jax.default_backend()}'"):
             ops.delta_rule(q, k, v, beta, g=g, form="pallas")

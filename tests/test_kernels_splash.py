@@ -97,7 +97,7 @@ def test_splash_under_mesh_is_shard_mapped_and_matches():
 def test_explicit_splash_off_tpu_is_an_error_and_blocks_are_checked():
     q = jnp.zeros((1, 8, 2, 8))
     if jax.default_backend() != "tpu":
-        with pytest.raises(ValueError, match=f"backend is '{jax.default_backend()}'"):
+        with pytest.raises(ValueError, match=f"target platform is '{jax.default_backend()}'"):
             full.attention(q, q, q, impl="splash", block_q=128, block_k=128)
     with pytest.raises(ValueError, match="block_k=96 must be a positive multiple of 128"):
         splash.splash_attention(q, q, q, block_q=128, block_k=96, interpret=True)

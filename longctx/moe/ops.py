@@ -57,6 +57,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from longctx import targets
 from longctx.moe.config import DROPLESS_IMPLS, ROUTERS, MoEConfig
 from longctx.parallel import sharding as shd
 
@@ -258,10 +259,11 @@ def dropless_moe(x, experts, weights, w_gate, w_up, w_down, *, impl: str = "auto
     D = x.shape[-1]
     E = w_gate.shape[0]
     if impl == "auto":
-        impl = "blocks" if jax.default_backend() == "cpu" else "ragged_dot"
+        where = targets.platform()
+        impl = "blocks" if where == "cpu" else "ragged_dot"
         if impl not in _LOGGED:  # every automatic choice is logged once, with its reason
             _LOGGED.add(impl)
-            log.info("dropless MoE impl=auto chose %s on %s (%s)", impl, jax.default_backend(),
+            log.info("dropless MoE impl=auto chose %s on %s (%s)", impl, where,
                      "ragged_dot is a masked dense product over all experts on CPU"
                      if impl == "blocks" else "native grouped matmul")
     flat = experts.reshape(-1)  # [N*k] slot s = (token s // k, choice s % k)
@@ -355,7 +357,7 @@ def expert_parallel_moe(x, experts, weights, w_gate, w_up, w_down, *,
     if E % X:
         raise ValueError(f"expert parallelism: num_experts={E} must be divisible by the "
                          f"expert mesh axis size {X}")
-    rules = shd._ACTIVE.get("rules", shd.DEFAULT_RULES)  # the trainer's rules, else defaults
+    rules = shd.active_rules()
     tok = shd.logical_to_spec(("batch", "length", None), rules, mesh, x.shape)
     token_axes = tuple(a for part in tok[:2] if part is not None
                        for a in ((part,) if isinstance(part, str) else part))

@@ -82,7 +82,7 @@ def logical_to_spec(logical: Sequence[str | None], rules: Mapping[str, Sequence[
     for i, name in enumerate(logical):
         axes = []
         for ax in ([] if name is None else rules.get(name, [])):
-            size = mesh.shape[ax]
+            size = mesh.shape.get(ax, 1)  # an axis this mesh lacks: not split
             if ax in used or size == 1:
                 continue
             dim = None if shape is None else shape[i]
@@ -136,6 +136,12 @@ def activation_rules(mesh: jax.sharding.Mesh, rules: Mapping[str, Sequence[str]]
     finally:
         _ACTIVE.clear()
         _ACTIVE.update(prev)
+
+
+def active_rules() -> Mapping[str, Sequence[str]]:
+    """The logical-axis rules a trainer installed (:func:`activation_rules`), else the
+    defaults: what kernels wrapped in ``shard_map`` split their inputs by."""
+    return _ACTIVE.get("rules", DEFAULT_RULES)
 
 
 def constrain(x, logical: Sequence[str | None]):

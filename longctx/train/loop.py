@@ -24,6 +24,7 @@ import signal
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from flax import nnx
@@ -34,7 +35,7 @@ from longctx.data.pipeline import build_source, make_dataset, restore_iterator
 from longctx.parallel import distributed
 from longctx.parallel import sharding as shd
 from longctx.train import metrics as M
-from longctx.train import distill
+from longctx.train import compiled, distill
 from longctx.train.checkpoint import Checkpointer
 from longctx.train.optimizer import lr_schedule
 from longctx.train.state import TrainState
@@ -71,6 +72,34 @@ def make_input(cfg: Config, *, eval_split: bool = False):
     return make_dataset(source, global_batch_size=cfg.train.batch_size,
                         process_index=jax.process_index(), process_count=jax.process_count(),
                         seed=cfg.data.seed, shuffle=cfg.data.shuffle and not eval_split)
+
+
+BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids")  # what a step receives
+
+
+def batch_spec(cfg: Config, mesh, rules) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch a step receives, as abstract arrays in the trainer's sharding:
+    ``tokens`` / ``targets`` int32, ``loss_mask`` float32, and ``segment_ids`` int32 for
+    file sources (documents packed into rows, ``longctx.data.pipeline``)."""
+    shape = (cfg.train.batch_size, cfg.data.seq_len)
+    dtypes = {"tokens": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.float32}
+    if cfg.data.source != "synthetic":
+        dtypes["segment_ids"] = jnp.int32
+    sharding = shd.batch_sharding(mesh, rules)
+    return {k: jax.ShapeDtypeStruct(shape, d, sharding=sharding) for k, d in dtypes.items()}
+
+
+def jit_train_step(cfg: Config, ts: TrainState, mesh, rules, distiller=None,
+                   parent_shardings=()):
+    """The trainer's update step: one ``jax.jit`` over the mesh with the state's and the
+    batch's ``NamedSharding``s, the old state donated. ``python -m longctx.compile`` lowers
+    this very function for a target."""
+    t = cfg.train
+    return jax.jit(make_train_step(ts.graphdef, t.grad_accum_steps,
+                                   loss_chunk_size=t.loss_chunk_size, distill=distiller),
+                   in_shardings=(ts.sharding, shd.batch_sharding(mesh, rules), *parent_shardings),
+                   out_shardings=(ts.sharding, None),
+                   donate_argnums=0)  # the old state's buffers hold the new one
 
 
 # ----------------------------------------------------------------------------
@@ -162,18 +191,16 @@ def train(cfg: Config, *, progress: bool = True, stop_at_step: int | None = None
                  cfg.inherit.distill_alpha, cfg.inherit.distill_steps)
 
     # -- the update step: one jit over the mesh, state donated ---------------------------
+    train_step = jit_train_step(cfg, ts, mesh, rules, distiller, parent_shardings)
+    if t.compiled_step:  # compiled ahead of time (python -m longctx.compile --save)
+        train_step = compiled.load(t.compiled_step, cfg, mesh, train_step,
+                                   (ts.state, batch_spec(cfg, mesh, rules), *parent_args))
     batch_sharding = shd.batch_sharding(mesh, rules)
-    train_step = jax.jit(make_train_step(graphdef, t.grad_accum_steps,
-                                         loss_chunk_size=t.loss_chunk_size, distill=distiller),
-                         in_shardings=(state_sharding, batch_sharding, *parent_shardings),
-                         out_shardings=(state_sharding, None),
-                         donate_argnums=0)  # the old state's buffers hold the new one
     eval_step = jax.jit(make_eval_step(graphdef, loss_chunk_size=t.loss_chunk_size),
                         in_shardings=(state_sharding, batch_sharding))
 
     def device_batch(b):
-        b = {k: v for k, v in b.items() if k in ("tokens", "targets", "loss_mask", "segment_ids")}
-        return shd.to_global(b, mesh, rules)
+        return shd.to_global({k: v for k, v in b.items() if k in BATCH_KEYS}, mesh, rules)
 
     def evaluate():
         if eval_ds is None:
@@ -219,8 +246,7 @@ def train(cfg: Config, *, progress: bool = True, stop_at_step: int | None = None
             if not memory_logged:
                 mem = M.device_peak_memory()
                 if mem is None:  # CPU: the compiled program's own accounting
-                    compiled = train_step.lower(state, batch, *parent_args).compile()
-                    ma = compiled.memory_analysis()
+                    ma = compiled.memory_analysis_of(train_step, state, batch, *parent_args)
                     mem = ma.temp_size_in_bytes + ma.argument_size_in_bytes + ma.output_size_in_bytes
                 log.info("train step memory: %.1f MiB", mem / 2**20)
                 memory_logged = True

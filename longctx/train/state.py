@@ -2,6 +2,7 @@
 
     ts = TrainState.create(cfg, mesh, rules)                      # model + optimizer
     ts = TrainState.create(cfg, mesh, rules, with_optimizer=False)  # model only (evals)
+    ts = TrainState.create(cfg, mesh, rules, allocate=False)      # shapes + shardings only
     step = ts.restore(checkpointer)                               # None: nothing to restore
 
 Checkpoints hold the pure dict of ``nnx.state((model, optimizer))``; a model-only
@@ -36,8 +37,13 @@ class TrainState:
             self.abstract_model.cfg, nnx.state(self.abstract_model, nnx.Param))
 
     @classmethod
-    def create(cls, cfg: Config, mesh, rules, *, with_optimizer: bool = True) -> "TrainState":
-        """Initialise from ``cfg.train.seed``, each array created in its own shards."""
+    def create(cls, cfg: Config, mesh, rules, *, with_optimizer: bool = True,
+               allocate: bool = True) -> "TrainState":
+        """Initialise from ``cfg.train.seed``, each array created in its own shards.
+
+        ``allocate=False``: allocate nothing; ``state`` holds ``jax.ShapeDtypeStruct``s with the
+        trainer's shardings (ahead-of-time compiles for devices this machine may not have).
+        """
         tx = make_optimizer(cfg.optim, cfg.train.steps) if with_optimizer else None
 
         def build():
@@ -47,6 +53,10 @@ class TrainState:
         abstract = nnx.eval_shape(build)
         graphdef, abstract_state = nnx.split(abstract)
         sharding = shd.state_shardings(abstract_state, mesh, rules)
+        if not allocate:
+            state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                 abstract_state, sharding)
+            return cls(graphdef, state, sharding, abstract, with_optimizer)
         with jax.set_mesh(mesh), shd.activation_rules(mesh, rules):
             state = jax.jit(lambda: nnx.state(build()), out_shardings=sharding)()
         return cls(graphdef, state, sharding, abstract, with_optimizer)

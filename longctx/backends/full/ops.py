@@ -56,6 +56,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from longctx import targets
 from longctx.backends.full.config import IMPLS  # auto | xla | flash | cudnn | splash
 from longctx.kernels import splash_attention as splash
 
@@ -424,9 +425,9 @@ def flash_attention(q, k, v, *, causal=True, scale=None, window=None, segment_id
 def cudnn_attention(q, k, v, *, causal=True, scale=None, window=None, segment_ids=None):
     """``jax.nn.dot_product_attention(implementation="cudnn")``; raises where unsupported."""
     _check(q, k, v, causal, window, segment_ids)
-    if jax.default_backend() != "gpu":
-        raise ValueError(f"impl='cudnn' needs a GPU; the default backend is "
-                         f"{jax.default_backend()!r} (use impl='flash' or 'auto')")
+    if targets.platform() != "gpu":
+        raise ValueError(f"impl='cudnn' needs a GPU; the target platform is "
+                         f"{targets.platform()!r} (use impl='flash' or 'auto')")
     if segment_ids is not None:
         raise ValueError("impl='cudnn' does not take segment_ids here; use impl='flash'")
     if q.shape[1] != k.shape[1]:
@@ -448,7 +449,7 @@ def _log_once(msg):
 
 
 def _cudnn_possible(q, segment_ids):
-    return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+    return (targets.platform() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
             and segment_ids is None)
 
 
@@ -479,7 +480,7 @@ def attention(q, k, v, *, causal=True, scale=None, window=None, segment_ids=None
         except Exception as e:  # noqa: BLE001 -- the reason is logged, not hidden
             _log_once(f"attention impl=auto: cudnn unsupported here ({e}); using flash")
     if k.shape[1] > block_k:
-        _log_once(f"attention impl=auto chose flash on {jax.default_backend()}")
+        _log_once(f"attention impl=auto chose flash on {targets.platform()}")
         return flash_attention(q, k, v, **kw, block_q=block_q, block_k=block_k)
     _log_once(f"attention impl=auto chose xla (keys fit one {block_k=} block)")
     return reference_attention(q, k, v, **kw)

@@ -32,6 +32,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from longctx import targets
+
 # State recurrence of diagonal decays over chunks: "scan" (one elementwise multiply-add
 # per chunk) or "associative" (lax.associative_scan: log2(N) passes over all states).
 # On CPU the scan measured faster (experiments/bench_linear.py); "associative" is the
@@ -137,7 +139,7 @@ def _groups(n_chunks, per_step):
 def chunk(block, xs, S0, chunk_size, chunks_per_step=None):
     """The parallel chunk form (module docstring)."""
     B, T, H = xs[0].shape[:3]
-    per_step = (CHUNKS_PER_STEP.get(jax.default_backend()) if chunks_per_step is None
+    per_step = (CHUNKS_PER_STEP.get(targets.platform()) if chunks_per_step is None
                 else chunks_per_step)
     n_steps, G = _groups(-(-T // max(1, min(chunk_size, T))), per_step)
     C = max(1, min(chunk_size, T))

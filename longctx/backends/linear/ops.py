@@ -87,6 +87,7 @@ import logging
 import jax
 import jax.numpy as jnp
 
+from longctx import targets
 from longctx.backends.linear import blocks, forms
 from longctx.kernels import delta_rule as pallas_delta
 from longctx.kernels import linear_attention as pallas_linear
@@ -192,10 +193,11 @@ def segment_form(form: str) -> str:
     """
     if form != "auto":
         return form
-    chosen = "chunk_scan" if jax.default_backend() == "cpu" else "chunk"
+    where = targets.platform()  # the devices being compiled for decide
+    chosen = "chunk_scan" if where == "cpu" else "chunk"
     if chosen not in _FORM_LOGGED:
         _FORM_LOGGED.add(chosen)
-        log.info("linear attention: form=auto runs %r on %s", chosen, jax.default_backend())
+        log.info("linear attention: form=auto runs %r on %s", chosen, where)
     return chosen
 
 
