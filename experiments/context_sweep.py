@@ -8,6 +8,8 @@
     python -m experiments.context_sweep --task niah_single --backends flash hybrid \
         --run-dir flash=runs/a hybrid=runs/b --lengths 256 4096     # evaluate existing runs
     python -m experiments.context_sweep --mesh sequence=8 --backends flash   # 8 devices
+    python -m experiments.context_sweep --target v5p-8 --compile-only \
+        --config experiments/configs/model_1b.yaml --batch 4 --lengths 8192 32768   # a TPU slice
 
 For each backend x context length it builds the model of ``--config`` (batch
 ``--batch``), compiles one training step (the trainer's own
@@ -47,6 +49,17 @@ asks XLA for as many simulated host devices as the mesh needs
 whose JAX already started with fewer devices gets an error saying so. The simulated
 devices share the host's cores, so step times on them are no speed-up; per-device memory
 is what they show.
+
+Targets (``--target v5p-8 --compile-only``, any name ``python -m longctx.compile`` takes):
+every point is compiled for that hardware from this machine (compile-only TPU / GPU
+devices, ``longctx.compile.compile_step``: the trainer's own step and shardings, the
+target's automatic choices) and never run. Rows gain ``target``, ``device_bytes`` (argument
++ output + temp - alias, per device), ``memory_bytes``, ``fits`` and ``roofline_step_s`` (the
+model's FLOPs at the target's peak: a roofline, labelled so); ``--budget-gb`` defaults to the
+target's memory and ``--time-budget-s`` applies to the roofline. A point *counts* (status
+``compiled``) when it fits and its roofline step is within the time budget; ``oom`` when
+it does not fit (the compiler's refusal included), ``slow`` when its roofline is over.
+The table and the plot are labelled with the target.
 
 Backends: named overlays (``SPECS``) plus every backend registered in
 ``longctx.model.registry.BACKENDS`` that no overlay names yet.
@@ -99,6 +112,8 @@ def _mesh_devices(argv) -> int:
 
 if __name__ == "__main__":  # before JAX starts: simulated CPU devices for --mesh
     _n = _mesh_devices(sys.argv[1:])
+    if any(a == "--target" or a.startswith("--target=") for a in sys.argv[1:]):
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only: claim no accelerator
     if _n > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                    + f" --xla_force_host_platform_device_count={_n}").strip()
@@ -109,6 +124,8 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+from longctx import targets  # noqa: E402
+from longctx.compile import compile_step  # noqa: E402
 from longctx.config import ConfigError, load_config  # noqa: E402
 from longctx.data import synthetic  # noqa: E402
 from longctx.evals.core import load_model  # noqa: E402
@@ -154,7 +171,8 @@ DEFAULT_LENGTHS = [1024, 4096, 16384, 65536, 262144, 1048576]
 # The default run: one row per regime of the roadmap, under 10 minutes on a 2-core CPU.
 # `--backends all` adds every other named spec (gated_deltanet, moe, new registrations).
 DEFAULT_BACKENDS = ["flash", "xla", "linear", "hybrid", "recurrent"]
-FIELDS = ("backend", "mesh", "devices", "length", "status", "message", "compile_s", "step_s",
+FIELDS = ("backend", "target", "mesh", "devices", "length", "status", "message", "compile_s",
+          "step_s", "device_bytes", "memory_bytes", "fits", "roofline_step_s",
           "tokens_per_s", "tflops_per_s", "mfu", "scratch_bytes", "peak_bytes", "task",
           "train_len", "accuracy", "exact_match", "answer_logprob", "device_kind", "jax_version",
           "overrides")
@@ -254,6 +272,22 @@ def measure(cfg, *, batch, repeats, budget_bytes, long_step_s=5.0, mesh_shape=No
             "peak_bytes": M.device_peak_memory()}
 
 
+def compile_for(cfg, target, *, budget_bytes, time_budget_s):
+    """One point compiled for ``target`` (never run): the row fields of the module docstring."""
+    r = compile_step(cfg, target)
+    row = {k: r.get(k) for k in ("compile_s", "device_bytes", "memory_bytes", "fits",
+                                 "roofline_step_s", "device_kind", "devices")}
+    row["scratch_bytes"] = r["temp_bytes"]
+    need = r["device_bytes"]
+    if not r["fits"] or (need is not None and need > budget_bytes):
+        what = r.get("refused") or f"{(need or 0) / 2**30:.1f} GiB per device"
+        return {**row, "status": "oom", "message": f"does not fit: {what}"}
+    if r["roofline_step_s"] > time_budget_s:
+        return {**row, "status": "slow",
+                "message": f"roofline step {r['roofline_step_s']:.0f} s > {time_budget_s} s"}
+    return {**row, "status": "compiled"}
+
+
 def train_run(config, overrides, run_dir, *, steps, seed=0):
     """Train a fresh run of ``config`` + ``overrides`` for ``steps`` into ``run_dir``."""
     cfg = load_config(config, [*overrides, f"train.run_dir={run_dir}", f"train.steps={steps}",
@@ -295,12 +329,17 @@ def write_table(rows, path):
     scratch of one device (the whole step's on one device, one shard's on a mesh)."""
     cols = ["backend", "devices", "length", "status", "step_s", "tokens_per_s", "mfu",
             "scratch_MiB_per_device", "compile_s", "accuracy", "exact_match", "answer_logprob"]
+    if any(r.get("target") for r in rows):  # compiled for a target: memory and roofline
+        cols = ["backend", "target", "devices", "length", "status", "GiB_per_device", "fits",
+                "roofline_step_s", "compile_s"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in sorted(rows, key=lambda r: (r["backend"], r.get("devices") or 1, r["length"])):
         cells = []
         for c in cols:
             v = r.get("scratch_bytes") / 2**20 if c == "scratch_MiB_per_device" \
                 and r.get("scratch_bytes") else r.get(c)
+            if c == "GiB_per_device" and r.get("device_bytes") is not None:
+                v = r["device_bytes"] / 2**30
             if c == "devices":
                 v = _devices_label(r)
             if isinstance(v, float):
@@ -313,7 +352,7 @@ def write_table(rows, path):
 
 def _devices_label(r):
     """``1``, or the mesh: ``8 (sequence=8)``."""
-    return f"{r['devices']} ({r['mesh']})" if r.get("mesh") else "1"
+    return f"{r['devices']} ({r['mesh']})" if r.get("mesh") else str(r.get("devices") or 1)
 
 
 def _series(r):
@@ -330,14 +369,17 @@ def plot(rows, path, budget_bytes):
     has_q = any(r.get("accuracy") is not None for r in rows)
     fig, axes = plt.subplots(1, 3 if has_q else 2, figsize=(15 if has_q else 10, 4.2))
     for name in sorted({_series(r) for r in rows}):
-        ok = sorted((r for r in rows if _series(r) == name and r["status"] == "ok"),
+        ok = sorted((r for r in rows if _series(r) == name and (
+            r["status"] == "ok" or r.get("roofline_step_s") and r.get("fits"))),
                     key=lambda r: r["length"])
         mem = sorted((r for r in rows if _series(r) == name
                       and r["status"] in ("ok", "compiled")), key=lambda r: r["length"])
         if ok:
-            axes[0].plot([r["length"] for r in ok], [r["step_s"] for r in ok], "o-", label=name)
+            axes[0].plot([r["length"] for r in ok],
+                         [r.get("step_s") or r["roofline_step_s"] for r in ok], "o-", label=name)
         if mem:
-            axes[1].plot([r["length"] for r in mem], [r["scratch_bytes"] / 2**20 for r in mem],
+            axes[1].plot([r["length"] for r in mem],
+                         [(r.get("device_bytes") or r["scratch_bytes"]) / 2**20 for r in mem],
                          "o-", label=name)
         if has_q:
             q = [r for r in ok if r.get("accuracy") is not None]
@@ -352,7 +394,11 @@ def plot(rows, path, budget_bytes):
     axes[1].axhline(budget_bytes / 2**20, color="k", ls="--", lw=1, label="memory budget")
     tasks = sorted({r["task"] for r in rows if r.get("task")})
     quality_title = f"quality: {', '.join(tasks)} (trained at the dotted length)"
+    target = next((r["target"] for r in rows if r.get("target")), None)
     titles = ["train step time (s)", "compiled scratch memory per device (MiB)", quality_title]
+    if target:
+        titles[:2] = ["roofline step time (s): model FLOPs at peak",
+                      "memory per device (MiB): argument + output + temp - alias"]
     for ax, title in zip(axes, titles):
         ax.set_xscale("log", base=2)
         if title != quality_title:
@@ -362,7 +408,10 @@ def plot(rows, path, budget_bytes):
         ax.grid(True, which="both", alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    fig.suptitle(f"longctx frontier on {jax.devices()[0].device_kind}")
+    kind = next((r["device_kind"] for r in rows if r.get("device_kind")),
+                jax.devices()[0].device_kind)
+    fig.suptitle(f"longctx frontier on {target} ({kind}), compiled ahead of time, not run"
+                 if target else f"longctx frontier on {kind}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -377,7 +426,10 @@ def main(argv=None):
     p.add_argument("--out", default="runs/context_sweep")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=2, help="timed steps (after one warm-up)")
-    p.add_argument("--budget-gb", type=float, default=8.0,
+    p.add_argument("--target", default=None,
+                   help="compile every point for this hardware (v5p-8, h100x8, ...; needs "
+                        "--compile-only); the rows gain memory per device and a roofline")
+    p.add_argument("--budget-gb", type=float, default=None,
                    help="scratch memory budget (per device with --mesh)")
     p.add_argument("--compile-only", action="store_true",
                    help="record compiled memory only (status 'compiled'): the memory frontier "
@@ -415,7 +467,20 @@ def main(argv=None):
         p.error("--task (the quality axis) needs trained models; drop --compile-only")
     if mesh_shape and args.task:
         p.error("--task (the quality axis) trains and evaluates on one device; drop --mesh")
-    if n_dev > jax.device_count():
+    target = None
+    if args.target:
+        if not args.compile_only:
+            p.error(f"--target {args.target} compiles for hardware this machine may not have: "
+                    f"add --compile-only")
+        try:
+            target = targets.parse(args.target)
+        except ValueError as e:
+            p.error(str(e))
+        if args.budget_gb is None:
+            args.budget_gb = target.chip.memory_bytes / 2**30 if target.chip else 8.0
+    if args.budget_gb is None:
+        args.budget_gb = 8.0
+    if target is None and n_dev > jax.device_count():
         p.error(f"--mesh {args.mesh} needs {n_dev} devices but JAX has {jax.device_count()} "
                 f"({jax.devices()[0].platform}); on CPU set XLA_FLAGS="
                 f"--xla_force_host_platform_device_count={n_dev} before JAX starts "
@@ -429,16 +494,19 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     results_path = os.path.join(args.out, "results.jsonl")
     rows = [json.loads(l) for l in open(results_path)] if os.path.exists(results_path) else []
-    done = {(r["backend"], r.get("mesh") or "", r["length"]) for r in rows}
+    where = target.name if target else ""
+    done = {(r["backend"], r.get("target") or "", r.get("mesh") or "", r["length"]) for r in rows}
     budget = args.budget_gb * 2**30
     lengths = sorted(args.lengths)
-    todo = [(n, L) for n in names for L in lengths if (n, mesh_name, L) not in done]
-    print(f"device: {jax.devices()[0].device_kind}"
+    todo = [(n, L) for n in names for L in lengths if (n, where, mesh_name, L) not in done]
+    print((f"target: {target.name} (compile-only)" if target else
+           f"device: {jax.devices()[0].device_kind}")
           + (f", mesh {mesh_name} ({n_dev} devices)" if mesh_name else "")
           + f"; {len(todo)} points to measure, {len(done)} already in {results_path}")
 
-    def same(r, name):  # earlier rows of this backend on this mesh
-        return r["backend"] == name and (r.get("mesh") or "") == mesh_name
+    def same(r, name):  # earlier rows of this backend on this target and mesh
+        return (r["backend"] == name and (r.get("mesh") or "") == mesh_name
+                and (r.get("target") or "") == where)
 
 
     quality = Quality(args, specs) if args.task else None
@@ -453,17 +521,22 @@ def main(argv=None):
             overrides = [*specs[name], *args.overrides, f"data.seq_len={L}",
                          f"model.max_seq_len={max(L, 1024)}",
                          f"train.run_dir={os.path.join(args.out, 'runs', tag)}"]
+            if target is not None:
+                overrides.append(f"train.batch_size={args.batch}")
             if mesh_shape:
                 overrides.append("mesh.ici={" + ", ".join(f"{a}: {n}" for a, n in
                                                           mesh_shape.items()) + "}")
-            row = {"backend": name, "mesh": mesh_name or None, "devices": n_dev, "length": L,
+            row = {"backend": name, "target": target and target.name, "mesh": mesh_name or None,
+                   "devices": n_dev, "length": L,
                    "device_kind": jax.devices()[0].device_kind,
                    "jax_version": jax.__version__, "overrides": overrides}
             failed_before = [r for r in rows if same(r, name) and r["length"] < L
-                             and r["status"] in ("oom", "oom-predicted", "time-predicted")]
+                             and r["status"] in ("oom", "oom-predicted", "time-predicted", "slow")]
             lens = [r["length"] for r in prev]
-            mem_pred = fit_predict(lens, [r.get("scratch_bytes") for r in prev], L)
-            time_pred = fit_predict(lens, [r.get("step_s") for r in prev], L)
+            mem_pred = fit_predict(lens, [r.get("device_bytes") or r.get("scratch_bytes")
+                                          for r in prev], L)
+            time_pred = fit_predict(lens, [r.get("step_s") or r.get("roofline_step_s")
+                                           for r in prev], L)
             if failed_before:
                 row.update(status=failed_before[-1]["status"],
                            message=f"a shorter length ({failed_before[-1]['length']}) already "
@@ -478,10 +551,14 @@ def main(argv=None):
             else:
                 try:
                     cfg = load_config(args.config, overrides)
-                    row.update(measure(cfg, batch=args.batch, repeats=args.repeats,
-                                       budget_bytes=budget, long_step_s=args.long_step_s,
-                                       mesh_shape=mesh_shape or None,
-                                       compile_only=args.compile_only))
+                    if target is not None:
+                        row.update(compile_for(cfg, target, budget_bytes=budget,
+                                               time_budget_s=args.time_budget_s))
+                    else:
+                        row.update(measure(cfg, batch=args.batch, repeats=args.repeats,
+                                           budget_bytes=budget, long_step_s=args.long_step_s,
+                                           mesh_shape=mesh_shape or None,
+                                           compile_only=args.compile_only))
                     if quality is not None and row["status"] == "ok":
                         row.update(quality(name, L))
                 except Exception as e:  # noqa: BLE001 -- recorded in the row, sweep goes on

@@ -24,6 +24,11 @@ What it does, each step one gcloud command printed as ``+ <command>``:
    processes if it is still READY, and rerun the same command, up to ``--max-retries``
    times. The trainer resumes from the last checkpoint in the run directory by itself.
 
+0. **Preflight** (``--preflight``): before the slice is created or used, compile the job
+   for the slice's topology here (``python -m longctx.compile --target ACCELERATOR
+   --num-slices N``: compile-only TPU devices from libtpu, the trainer's own step and
+   shardings) and stop with the compiler's figures (exit 3) when it does not fit HBM.
+
 ``--dry-run`` prints the whole plan (including the retry branch) and runs nothing.
 Bad arguments stop before any command with an argparse error that names the value.
 """
@@ -159,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="give up waiting for the slice after this many seconds (0: never)")
     r.add_argument("--tmp-dir", default=tempfile.gettempdir(),
                    help="where the local tarball is written")
+    p.add_argument("--preflight", action="store_true",
+                   help="compile the job for the slice's topology here first (libtpu, "
+                        "python -m longctx.compile) and stop if it does not fit HBM")
     p.add_argument("--dry-run", action="store_true",
                    help="print every command (one per line, `+ ` prefix) and run nothing")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="trainer config overrides")
@@ -344,6 +352,24 @@ class TpuPod:
         pre = f"{self.a.setup} && " if self.a.setup else ""
         return f"{pre}cd {self.remote} && {self.a.python} -m pip install -e \".[tpu]\""
 
+    def preflight_cmd(self) -> list[str]:
+        """Compile the job for this slice here (the training overrides, no run directory)."""
+        ov = [o for o in self.a.train_overrides if not o.startswith("train.run_dir=")]
+        return [sys.executable, "-m", "longctx.compile",
+                "--config", os.path.join(REPO_ROOT, self.a.config_rel),
+                "--target", self.a.accelerator_type, "--num-slices", str(self.a.num_slices), *ov]
+
+    def preflight(self) -> int:
+        """0 when the job fits the slice; else the compile's exit status (3: does not fit)."""
+        rc = self.run_cmd(self.preflight_cmd()).rc
+        if rc == 3:
+            self.log(f"# preflight: the job does not fit {self.a.accelerator_type} (figures "
+                     "above); nothing was created or run")
+        elif rc:
+            self.log(f"# preflight: compiling for {self.a.accelerator_type} failed (exit {rc}); "
+                     "nothing was created or run")
+        return rc
+
     def train_argv(self) -> list[str]:
         return ["-m", "longctx.train", "--config", self.a.config_rel, *self.a.train_overrides]
 
@@ -375,8 +401,12 @@ class TpuPod:
         L = ["# dry run: nothing is created or run",
              f"# {kind} {a.name!r} in {a.zone}: {a.accelerator_type} ({a.hosts} host(s) per "
              f"slice){slices}, runtime {a.version}; run dir {a.run_dir}",
-             *a.warnings,
-             f"# 1. the slice: reuse it if {ready}, create it if missing; if {gone}: delete "
+             *a.warnings]
+        if a.preflight:
+            L += [f"# 0. preflight: compile the job for {a.accelerator_type} here; stop (exit 3) "
+                  "if it does not fit",
+                  fmt(self.preflight_cmd())]
+        L += [f"# 1. the slice: reuse it if {ready}, create it if missing; if {gone}: delete "
              "and recreate",
              fmt(self.describe_cmd()),
              fmt(self.create_cmd())]
@@ -487,6 +517,10 @@ class TpuPod:
     def run(self) -> int:
         for w in self.a.warnings:
             self.log(w)
+        if self.a.preflight:
+            rc = self.preflight()
+            if rc:
+                return rc
         self.ensure_ready()
         self.sync_and_install()
         attempt = 0

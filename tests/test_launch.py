@@ -402,3 +402,43 @@ def test_local_launcher_two_processes_agree_with_one(tmp_path):
     train(load_config(TINY, [*ARGS, f"train.run_dir={tmp_path / 'one'}"]), progress=False)
     one = [json.loads(x) for x in open(tmp_path / "one" / "metrics.jsonl")]
     np.testing.assert_allclose(losses_two, [x["loss"] for x in one if "loss" in x], atol=1e-5)
+
+
+class PreflightThenFake(FakeGcloud):
+    """Runs the preflight compile for real (a subprocess on compile-only TPUs), fakes gcloud."""
+
+    def __call__(self, argv, *, capture=False):
+        if argv[:3] == [sys.executable, "-m", "longctx.compile"]:
+            self.calls.append(list(argv))
+            p = subprocess.run(argv, text=True, capture_output=True, cwd=ROOT)
+            self.preflight_out = p.stdout + p.stderr
+            return tpu_pod.Result(p.returncode, p.stdout, p.stderr)
+        return super().__call__(argv, capture=capture)
+
+
+def test_tpu_preflight_in_the_plan(capsys):
+    assert tpu_pod.main([*POD, "--preflight", "--dry-run", "--", "train.steps=10"]) == 0
+    cmds = _commands(capsys.readouterr().out)
+    assert cmds[0][1:] == ["-m", "longctx.compile", "--config", os.path.join(ROOT, TINY),
+                           "--target", "v5p-32", "--num-slices", "1", "train.steps=10"]
+    assert cmds[1][:5] == ["gcloud", "compute", "tpus", "tpu-vm", "describe"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
+def test_tpu_preflight_stops_before_the_slice_when_the_job_does_not_fit(tmp_path, capsys):
+    """Exact attention over 64K tokens on a v5e-16 (15.75 GiB per chip): the TPU compiler
+    refuses the [T, T] scores, and the launcher stops before any gcloud command."""
+    argv = ["--name", "my-v5e", "--zone", "us-west4-a", "--accelerator-type", "v5litepod-16",
+            "--config", TINY, "--run-dir", "gs://bkt/runs/a", "--preflight",
+            "--tmp-dir", str(tmp_path), "--", "train.batch_size=16", "data.seq_len=65536",
+            "model.max_seq_len=65536", "model.attention.impl=xla"]
+    fake = PreflightThenFake(["READY"], [0])
+    assert tpu_pod.main(argv, runner=fake, sleep=lambda s: None) == 3
+    assert [c[1:3] for c in fake.calls] == [["-m", "longctx.compile"]]  # nothing else ran
+    assert "does not fit" in fake.preflight_out and "exceeds available HBM" in fake.preflight_out
+    assert "nothing was created or run" in capsys.readouterr().out
+    # the same job at 4K fits: the launcher goes on to the slice
+    fake = PreflightThenFake(["READY", "READY"], [0])
+    argv[-3:-1] = ["data.seq_len=4096", "model.max_seq_len=4096"]
+    assert tpu_pod.main(argv, runner=fake, sleep=lambda s: None) == 0
+    assert fake.kinds()[:2] == [sys.executable, "describe"]
