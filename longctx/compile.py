@@ -151,8 +151,10 @@ def compile_step(cfg, target, *, save: str | None = None) -> dict:
     flops = M.train_flops_per_step(ts.abstract_model, ts.n_active, batch=B, seq_len=T)
     if target.chip is None:  # this machine: the host's measured rate, shared by its devices
         peak, n_peak, memory = M.peak_flops()[0], 1, _host_memory() // len(devs)
-    else:
-        peak, n_peak, memory = target.chip.peak_flops, mesh.size, target.chip.memory_bytes
+    else:  # a chip's figures over the devices it shows (v4 compile-only: 2 per chip)
+        per_chip = mesh.size / target.chips
+        peak, n_peak = target.chip.peak_flops / per_chip, mesh.size
+        memory = int(target.chip.memory_bytes / per_chip)
     report = {"target": target.name, "platform": targets.GPU_PLATFORMS.get(
                   dev0.platform, dev0.platform),
               "device_kind": dev0.device_kind, "devices": mesh.size,

@@ -57,26 +57,27 @@ GiB = 2**30
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-    """One accelerator generation, per JAX device (what a mesh axis counts)."""
+    """One accelerator generation, per chip (one JAX device on real hardware)."""
 
     name: str  # the name in target strings: v5p, h100, ...
     platform: str  # tpu | gpu
     device_kind: str  # as JAX reports it (prefix)
-    memory_bytes: int  # per device, usable by XLA
-    peak_flops: float  # dense bf16 FLOP/s per device
+    memory_bytes: int  # per chip, usable by XLA
+    peak_flops: float  # dense bf16 FLOP/s per chip
     source: str  # where the two figures come from
 
 
-# TPU memory: the HBM each device's compiler reports as available ("exceeds available HBM
-# (95.74G)", libtpu 0.0.42.1, compile-only devices); peaks: Google Cloud's TPU system
-# architecture pages (bf16 per chip). v4's compile-only topology exposes one device per
-# TensorCore (8 for v4-8, 15.25 GiB each), so its chip peak is split over 2.
+# TPU memory: the HBM the compiler reports as available ("exceeds available HBM (95.74G)",
+# libtpu 0.0.42.1, compile-only devices); peaks: Google Cloud's TPU system architecture
+# pages (bf16 per chip). v4's compile-only topology exposes one device per TensorCore (8
+# for v4-8, 15.25 GiB each) where a v4 host shows one per chip (megacore): compiles divide
+# a chip's figures over the devices it shows (:attr:`Target.chips`).
 # GPU memory: the card's total as CUDA reports it; peaks: NVIDIA's datasheets (dense
 # bf16, SXM). JAX preallocates 75% of it unless XLA_PYTHON_CLIENT_MEM_FRACTION is raised
 # (launch/slurm.py sets 0.95); `fits` compares with the whole card.
 CHIPS: dict[str, Chip] = {c.name: c for c in [
-    Chip("v4", "tpu", "TPU v4", int(15.25 * GiB), 275e12 / 2,
-         "HBM: libtpu compiler (per TensorCore device); peak: Cloud TPU v4 page, 275 TFLOP/s per chip"),
+    Chip("v4", "tpu", "TPU v4", int(2 * 15.25 * GiB), 275e12,
+         "HBM: libtpu compiler (15.25 GiB per TensorCore); peak: Cloud TPU v4 page"),
     Chip("v5e", "tpu", "TPU v5 lite", int(15.75 * GiB), 197e12,
          "HBM: libtpu compiler; peak: Cloud TPU v5e page"),
     Chip("v5p", "tpu", "TPU v5", int(95.74 * GiB), 459e12,
@@ -121,12 +122,29 @@ class Target:
     def devices_expected(self) -> int | None:
         return None if self.chip is None else _expected_devices(self)
 
+    @property
+    def chips(self) -> int | None:
+        """Chips (GPUs) in the target: what :class:`Chip`'s figures are per."""
+        if self.chip is None:
+            return None
+        per_chip = 2 if self.chip.name == "v4" else 1
+        return self.devices_expected // per_chip
+
 
 def _expected_devices(t: Target) -> int:
     if t.platform == "gpu":
         return math.prod(int(x) for x in t.topology.split("x"))
     return math.prod(int(x) for x in t.topology.split(":")[1].split("x")) * t.num_slices * (
         2 if t.chip.name == "v4" else 1)
+
+
+def chip_of_kind(kind: str) -> Chip | None:
+    """The :class:`Chip` whose JAX ``device_kind`` ``kind`` starts with (None: not a listed
+    accelerator). Longest prefix first: ``TPU v5 lite`` is v5e, ``TPU v5`` v5p."""
+    for c in sorted(CHIPS.values(), key=lambda c: -len(c.device_kind)):
+        if kind.startswith(c.device_kind):
+            return c
+    return None
 
 
 def known_targets() -> list[str]:

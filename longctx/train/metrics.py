@@ -21,16 +21,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-# Dense bf16 peak FLOP/s per chip (vendor datasheets).
-PEAK_FLOPS = {
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,  # v5e
-    "TPU v5": 459e12,  # v5p
-    "TPU v6 lite": 918e12,  # v6e / Trillium
-    "NVIDIA H100": 989e12,
-    "NVIDIA H200": 989e12,
-    "NVIDIA A100": 312e12,
-}
+from longctx import targets
 
 
 def median_time(fn, *args, repeats=3, warmup=1):
@@ -77,9 +68,9 @@ def matmul_rate(n: int = 1024, repeats: int = 5) -> float:
 def peak_flops() -> tuple[float, str]:
     """(peak FLOP/s per device, where the number comes from)."""
     kind = jax.devices()[0].device_kind
-    for name, peak in PEAK_FLOPS.items():
-        if kind.startswith(name):
-            return peak, f"datasheet bf16 peak of {kind}"
+    chip = targets.chip_of_kind(kind)  # the one table of peaks (longctx/targets.py)
+    if chip is not None:
+        return chip.peak_flops, f"datasheet bf16 peak of {kind}"
     return matmul_rate(), f"measured float32 1024^3 matmul rate on {kind}"
 
 
