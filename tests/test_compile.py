@@ -93,7 +93,7 @@ def test_choices_follow_the_mesh_devices_not_the_host():
         assert targets.platform() == "tpu" and targets.device_kind().startswith("TPU v5 lite")
         assert splash.available() and pallas_linear.available()
         assert segment_form("auto") == "chunk"
-        assert forms.CHUNKS_PER_STEP.get(targets.platform()) is None  # every chunk in one step
+        assert forms.CHUNKS_PER_STEP.get(targets.platform()) == forms.CHUNKS_PER_STEP["tpu"]
     with jax.set_mesh(cpu):
         assert targets.platform() == "cpu"
         assert not splash.available() and segment_form("auto") == "chunk_scan"

@@ -15,9 +15,9 @@ Inputs ``[B, T, H, ...]`` float32 (None passes through), start state ``S0
   ``[K, K] x [K, V]`` matmul per chunk for the delta rules; unrolled), then the
   inter-chunk output ``q_eff S_n`` of those chunks at once; a ``lax.scan`` over
   the steps carries the state (one checkpoint per step, ``CHECKPOINT_STEPS``).
-  ``CHUNKS_PER_STEP`` is by platform (8 on CPU, where a step's working set must
-  stay in cache); a platform not listed runs every chunk in one step (only the
-  state recurrence sequential). Scratch memory is linear in ``T`` either way.
+  ``CHUNKS_PER_STEP`` is by the platform compiled for (8 on CPU, 16 on GPU / TPU:
+  bounded, so that a step's intermediates never span the sequence); a platform not
+  listed runs every chunk in one step. Scratch memory is linear in ``T`` either way.
 * :func:`chunk_scan`: the previous sequential chunk form: one ``lax.scan`` step
   per chunk running that chunk's block (one checkpoint per step). Same results;
   kept as the benchmark baseline (``experiments/bench_linear.py``) and a second
@@ -39,14 +39,17 @@ from longctx import targets
 # On CPU the scan measured faster (experiments/bench_linear.py); "associative" is the
 # choice for accelerators where N sequential steps dominate.
 DIAGONAL_SCAN = "scan"
-# Chunks per scan step of the chunk form (None: all chunks in one step). On CPU the
-# steps' working set must stay in cache: batched [B*H*G, 64, 64] matmuls ran at 18 GF/s
-# per CPU-second at G*B*H = 1024 but ~50 at 4 (in cache), and all 256 chunks of 16K
-# tokens in one step were ~1.8x slower than 4-8 per step (CPU time, fwd+bwd,
-# experiments/bench_linear.py). Accelerators want one step (all chunks' matmuls in one
-# batch, only the state recurrence sequential): a tuning table by platform, like block
-# sizes; a platform not listed runs every chunk in one step. Unmeasured on GPU/TPU.
-CHUNKS_PER_STEP = {"cpu": 8}
+# Chunks per scan step of the chunk form (None: all chunks in one step), by the platform
+# compiled for. A step materialises its chunks' intermediates (scores, decays, WY / UT
+# factors: several [C, C] and [C, K] per chunk and head) at once, forward and backward;
+# all chunks in one step keeps them for the whole sequence, 6-7x the scratch of 8 chunks
+# per step (delta rule, fwd+bwd; it made gated DeltaNet need 2.6x exact attention's
+# memory on a TPU). Steps are checkpointed, so what lives across steps is only their
+# start states: scratch per token is flat in T and within 5% of 8 per step at 16
+# (tests/test_linear_attention.py). CPU: 8 (a step's working set must stay in cache);
+# GPU / TPU: 16, the most that keeps the scratch of 8 while a step still batches
+# B x H x 16 chunk matmuls. The fused fast path on accelerators is the Pallas kernels.
+CHUNKS_PER_STEP = {"cpu": 8, "gpu": 16, "tpu": 16}
 # Checkpoint each step (the backward recomputes its blocks from the step's inputs and
 # start state) instead of storing the blocks' residuals: faster on CPU (less memory
 # traffic), scratch linear in T either way. A single step is never checkpointed.
