@@ -111,7 +111,7 @@ class ModelConfig:
     norm_eps: float = 1e-6
     init_std: float = 0.02
     dtype: str = "float32"  # compute dtype (params stay float32): float32 | bfloat16
-    remat: str = "none"  # per-block rematerialisation: none | full | dots
+    remat: str = "none"  # per-block rematerialisation: none | full | minimal | dots | offload_dots
     # Layers (pattern groups) stacked [n, ...] and run by lax.scan: compile time flat in
     # depth (longctx/model/layout.py); false: an unrolled list, one compiled copy per layer
     # (debugging, per-layer inspection: `model.blocks[i]`).
@@ -211,7 +211,7 @@ class Config:
 
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
-REMAT_POLICIES = ("none", "full", "dots")
+REMAT_POLICIES = ("none", "full", "minimal", "dots", "offload_dots")  # model/transformer.py
 SCHEDULES = ("cosine", "linear", "constant")
 DATA_SOURCES = ("synthetic", "text", "jsonl", "tokens")
 

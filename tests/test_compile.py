@@ -196,3 +196,25 @@ def test_saved_step_trains_exactly_as_a_compiled_one(tmp_path):
         run("mesh", [f"train.compiled_step={step_dir}", "mesh.ici={data: 4, fsdp: 2}"])
     with pytest.raises(ConfigError, match="expected a directory"):
         run("missing", [f"train.compiled_step={tmp_path / 'nothing'}"])
+
+
+# -- remat policies (model.remat) ---------------------------------------------------------
+
+
+def test_remat_policies_keep_what_they_say():
+    """Compiled scratch of one train step: full (block inputs only) < minimal (+ the mixer's
+    and MLP's outputs) < dots (+ every matmul output) < none (everything)."""
+    temp = {}
+    for policy in ("none", "full", "minimal", "dots"):
+        cfg = build_config(TINY, [f"model.remat={policy}"], mesh={"data": 1}, batch=2,
+                           seq_len=1024)
+        temp[policy] = compile_step(cfg, targets.parse("cpu"))["temp_bytes"]
+    assert temp["full"] < temp["minimal"] < temp["dots"] < temp["none"], temp
+
+
+@needs_libtpu
+def test_offloading_remat_compiles_for_tpu_and_is_an_error_on_cpu():
+    cfg = build_config(TINY, ["model.remat=offload_dots"], mesh={"data": 4}, batch=4, seq_len=256)
+    assert compile_step(cfg, targets.parse("v5e-4"))["fits"]
+    with pytest.raises(ValueError, match="target platform 'cpu' does not have"):
+        compile_step(cfg, targets.parse("cpu"))

@@ -135,7 +135,7 @@ def test_truncated_bptt_cuts_gradients_across_segments():
     np.testing.assert_allclose(far, full_grad, rtol=1e-5)
 
 
-@pytest.mark.parametrize("policy", ["full", "dots"])
+@pytest.mark.parametrize("policy", ["full", "minimal", "dots"])
 def test_remat_gives_the_same_gradients(policy):
     base, _ = _model()
     remat, _ = _model(f"model.remat={policy}")

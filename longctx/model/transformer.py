@@ -34,7 +34,9 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
+from longctx import targets
 from longctx.backends.base import Mixer, MixerDims
 from longctx.config import ModelConfig, validate_model
 from longctx.layers import DTYPES, Embed, RMSNorm, SwiGLU, param
@@ -48,10 +50,24 @@ from longctx.parallel.sharding import constrain
 # `sequence`, the embedding dimension whole (a no-op outside the trainer's mesh).
 ACTIVATION_AXES = ("batch", "length", None)
 
+# model.remat: what a block keeps for the backward pass (its input is always kept: the
+# residual stream between blocks). Each is a jax.checkpoint policy around one block.
 REMAT_POLICIES = {
-    "full": None,  # save nothing inside a block: recompute it all in the backward pass
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+    # recompute the whole block in the backward pass: the least memory, ~1/3 more FLOPs
+    "full": None,
+    # keep the mixer's and the feed-forward's outputs (two [B, T, E] per block, tagged
+    # below): the backward recomputes the block's inside but not its two branches
+    "minimal": jax.checkpoint_policies.save_only_these_names("mixer_out", "mlp_out"),
+    # keep every matmul output without batch dimensions (projections, MLP): recompute
+    # only elementwise work and the attention / chunk math
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # as "dots", but the matmul outputs wait in the host's pinned memory, not on the
+    # device (TPU / GPU; the transfers overlap the compute where the compiler can)
+    "offload_dots": jax.checkpoint_policies.offload_dot_with_no_batch_dims(
+        offload_src="device", offload_dst="pinned_host"),
 }
+# Policies that move data to host memory: the platform compiled for must have it.
+OFFLOADING = ("offload_dots",)
 
 
 def mixer_dims(cfg: ModelConfig) -> MixerDims:
@@ -76,13 +92,13 @@ class Block(nnx.Module):
     def __call__(self, x, *, positions, state=None, segment_ids=None):
         h, new_state = self.mixer(self.attn_norm(x), positions=positions, state=state,
                                   segment_ids=segment_ids)
-        x = x + h.astype(x.dtype)
+        x = x + checkpoint_name(h, "mixer_out").astype(x.dtype)
         aux = {}
         if isinstance(self.mlp, MoE):
             h, aux = self.mlp(self.mlp_norm(x))  # aux: MoE losses and load statistics
         else:
             h = self.mlp(self.mlp_norm(x))
-        x = x + h.astype(x.dtype)
+        x = x + checkpoint_name(h, "mlp_out").astype(x.dtype)
         return x, new_state, aux
 
 
@@ -257,6 +273,10 @@ class Transformer(nnx.Module):
             if self.cfg.remat == "none":
                 x, state, aux = block(x, positions=positions, state=state, segment_ids=segment_ids)
             else:  # inside lax.scan the remat boundary needs no CSE barrier (jax.checkpoint docs)
+                if self.cfg.remat in OFFLOADING and targets.platform() == "cpu":
+                    raise ValueError(f"model.remat={self.cfg.remat!r} offloads to host memory, "
+                                     f"which the target platform 'cpu' does not have; use "
+                                     f"'dots' (or compile for a TPU / GPU target)")
                 graphdef, params = nnx.split(block)
                 f = jax.checkpoint(functools.partial(_apply_block, graphdef),
                                    policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=not in_scan)
