@@ -40,13 +40,13 @@ from longctx.backends.linear.config import LinearConfig
 from longctx.backends.recurrent.config import RecurrentConfig
 from longctx.data import ruler, synthetic
 from longctx.errors import ConfigError, require
-from longctx.inherit.config import InheritConfig
+from longctx.inherit.distill_config import DistillConfig
 from longctx.moe.config import MoEConfig
 from longctx.parallel.axes import DEFAULT_RULES, LOGICAL_AXES, MESH_AXES
 from longctx.rope_config import ROPE_LAYOUTS, RopeScalingConfig
 
 __all__ = ["AttentionConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig",
-           "FullConfig", "InheritConfig", "LinearConfig", "MeshConfig", "ModelConfig", "MoEConfig",
+           "DistillConfig", "FullConfig", "LinearConfig", "MeshConfig", "ModelConfig", "MoEConfig",
            "OptimConfig", "RecurrentConfig", "RopeScalingConfig", "TrainConfig", "load_config",
            "with_overrides"]
 
@@ -105,7 +105,7 @@ class ModelConfig:
     bptt_segments: int = 0  # truncate gradients through carried state every N segments; 0: never
     tie_embeddings: bool = True  # LM head = embedding^T
     rope_theta: float = 10_000.0
-    # RoPE scaling as HF defines it (longctx/rope_config.py); a number f = {type: linear, factor: f}
+    # RoPE scaling as HF defines it (longctx/rope_config.py), e.g. {type: linear, factor: 4}
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     rope_layout: str = "half"  # half (rotate-half: GPT-NeoX, HF) | interleaved (GPT-J, Meta)
     norm_eps: float = 1e-6
@@ -204,7 +204,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    inherit: InheritConfig = field(default_factory=InheritConfig)  # distil from a parent
+    distill: DistillConfig = field(default_factory=DistillConfig)  # distil from a parent run
 
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -255,10 +255,9 @@ def _coerce(value, tp, key: str):
             raise ConfigError(f"{key}={value!r}: expected a list")
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict) and hasattr(tp, "from_scalar"):  # shorthand for a section
-            return tp.from_scalar(value, key)
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping (section), got {value!r}")
+            raise ConfigError(f"{key}={value!r}: expected a mapping (a section with the keys "
+                              f"{', '.join(f.name for f in dataclasses.fields(tp))})")
         return _from_dict(tp, value, prefix=key + ".")
     if tp is bool:
         if isinstance(value, bool):
@@ -459,7 +458,7 @@ def validate(cfg: Config) -> None:
     _require(o.schedule in SCHEDULES, f"optim.schedule={o.schedule!r}; expected one of {SCHEDULES}")
     _require(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
     _require(o.lr > 0, f"optim.lr={o.lr} must be > 0")
-    cfg.inherit.validate()
+    cfg.distill.validate()
 
 
 def validate_mesh(m: MeshConfig) -> None:

@@ -18,9 +18,8 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # LLVM at -O0 for XLA:CPU's generated code: the suite's programs are tiny, so compiling them
-# (not running them) is its cost, and -O0 cut the wall time of its slowest tests by ~30%
-# (e.g. a sharded train step 80 -> 46 s) while the HLO-level optimisations (fusion, layout,
-# YNNPACK dots) still run as in production. No result depends on it: there is no fast-math
+# (not running them) is its cost, and -O0 shortens that compile while the HLO-level
+# optimisations (fusion, layout, YNNPACK dots) still run as in production. No result depends on it: there is no fast-math
 # either way, and every comparison in the suite is made within one process (one setting).
 # A user's own XLA_FLAGS setting of it wins (XLA takes the last occurrence).
 os.environ["XLA_FLAGS"] = ("--xla_backend_optimization_level=0 "

@@ -157,14 +157,15 @@ def test_registry_and_config_sections_name_the_same_backends():
 def test_public_namespaces():
     import longctx
     from longctx import ops
-    from longctx.attention import full, linear  # deprecated aliases, one release
     from longctx.backends.full import ops as full_ops
     from longctx.backends.linear import ops as linear_ops
 
     assert longctx.ops is ops
-    assert ops.attention is full_ops.attention is full.attention
-    assert ops.linear_attention is linear_ops.linear_attention is linear.linear_attention
-    assert ops.delta_rule is linear_ops.delta_rule is linear.delta_rule
+    assert ops.attention is full_ops.attention
+    assert ops.linear_attention is linear_ops.linear_attention
+    assert ops.delta_rule is linear_ops.delta_rule
+    with pytest.raises(ImportError):  # the 0.1.0 aliases of the kernels' old home are gone
+        import longctx.attention  # noqa: F401
 
 
 def test_kernels_install_inside_the_namespace():

@@ -14,8 +14,6 @@ import os
 import jax
 import numpy as np
 import pytest
-import torch
-import transformers
 from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
@@ -24,6 +22,11 @@ from longctx import hf
 from longctx.config import ConfigError
 from longctx.model import build_model, layout
 from longctx.parallel import sharding as shd
+
+# Interop against the real thing: needs the `test` extra (torch, transformers); skipped without.
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.interop
 
 V, E, L = 128, 32, 2
 COMMON = dict(vocab_size=V, hidden_size=E, intermediate_size=48, num_hidden_layers=L,
@@ -203,8 +206,8 @@ def test_bfloat16_checkpoint_loads(tmp_path):
 
 
 def test_convert_cli_round_trip_trains_and_resumes(tmp_path):
-    """--from-hf writes a run the trainer resumes (one step); --to-hf exports what HF loads."""
-    from longctx import convert
+    """python -m longctx.hf (= python -m longctx.convert): --from-hf writes a run the trainer resumes (one step); --to-hf exports what HF loads."""
+    from longctx.hf import cli as convert
     from longctx.config import load_config
     from longctx.train.loop import train
 
@@ -227,12 +230,15 @@ def test_convert_cli_round_trip_trains_and_resumes(tmp_path):
 
 
 def test_rope_scaling_section_and_interleaved_layout_export(tmp_path):
-    """The float ``model.rope_scaling`` still means linear interpolation; a typo fails; a model
-    with interleaved RoPE exports (q/k permuted) to a rotate-half HF model with equal logits."""
+    """``model.rope_scaling`` is a section (a bare number is refused, naming the keys); a typo
+    fails; a model with interleaved RoPE exports (q/k permuted) to a rotate-half HF model with
+    equal logits."""
     from longctx.config import load_config
 
-    s = load_config(None, ["model.rope_scaling=4"]).model.rope_scaling
+    s = load_config(None, ["model.rope_scaling={type: linear, factor: 4}"]).model.rope_scaling
     assert (s.type, s.factor) == ("linear", 4.0)
+    with pytest.raises(ConfigError, match=r"model.rope_scaling=4: expected a mapping .*factor"):
+        load_config(None, ["model.rope_scaling=4"])
     with pytest.raises(ConfigError, match="model.rope_scaling.type='ntk'"):
         load_config(None, ["model.rope_scaling.type=ntk"])
     with pytest.raises(ConfigError, match="original_max_position_embeddings"):

@@ -16,7 +16,7 @@ import pytest
 from longctx.backends.linear import forms
 from longctx.backends.linear.ops import FORMS, delta_rule, linear_attention
 
-# These tests compile many small graphs: LLVM at -O0 compiles them ~2.5x faster.
+# These tests compile many small graphs: LLVM at -O0 compiles them faster.
 # It changes machine code only (no fast-math), not the XLA graph under test.
 jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 

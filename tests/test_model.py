@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 import longctx
-from longctx.layers import rope
+from longctx.rope import rope
+from longctx.rope_config import RopeScalingConfig
 from longctx.model import layout
 
 TINY = "experiments/configs/tiny.yaml"
@@ -162,7 +163,7 @@ def test_rope_is_relative_and_scaling_interpolates():
     dots = lambda off, **kw: jnp.einsum(  # noqa: E731
         "bshd,bthd->bhst", rope(x, pos + off, **kw), rope(y, pos + off, **kw))
     np.testing.assert_allclose(dots(0), dots(1000), atol=1e-3)  # depends on i - j only
-    np.testing.assert_allclose(rope(x, pos * 4, scaling=4.0), rope(x, pos), atol=1e-5)
+    np.testing.assert_allclose(rope(x, pos * 4, scaling=RopeScalingConfig(type="linear", factor=4.0)), rope(x, pos), atol=1e-5)
     np.testing.assert_allclose(rope(x, jnp.zeros_like(pos)), x, atol=1e-6)  # position 0
 
 

@@ -12,6 +12,7 @@ from longctx.config import ConfigError
 from longctx.backends.recurrent.mixer import RecurrentAttention
 from longctx.model import layout
 from longctx.model.transformer import mixer_dims
+from longctx.rope import rope
 
 TINY = "experiments/configs/tiny.yaml"
 REC = "model.attention.recurrent."
@@ -107,8 +108,8 @@ def test_xl_window_equals_a_masked_reference(C):
     T = x.shape[1]
     pos = jnp.arange(T)
     q, k, v = (jnp.asarray(a, jnp.float32) for a in _proj(mixer, x))
-    q = longctx.layers.rope(q, jnp.broadcast_to(pos, (2, T)))
-    k = longctx.layers.rope(k, jnp.broadcast_to(pos, (2, T)))
+    q = rope(q, jnp.broadcast_to(pos, (2, T)))
+    k = rope(k, jnp.broadcast_to(pos, (2, T)))
     mask = (pos[None, :] <= pos[:, None]) & (pos[None, :] >= (pos[:, None] // N - C) * N)
     o = longctx.backends.full.ops.masked_attention(q, k, v, mask)
     np.testing.assert_allclose(y, _out(mixer, np.float64(o)), atol=2e-5)
@@ -246,8 +247,6 @@ def test_gradients_reach_the_past_through_compressive_memory_only_within_bptt():
 def _memory_rows_naive(model, tok):
     """The RMT recurrence written out: no XL cache, no conv, one layer, per segment a plain
     softmax attention over [read ; segment ; write] under the documented visibility."""
-    from longctx.layers import rope
-
     cfg = model.cfg
     N, M = cfg.segment_len, cfg.attention.recurrent.num_memory_tokens
     blk = layout.blocks_of(model)[0]  # one layer: an unstacked module in either layout
