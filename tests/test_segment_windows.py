@@ -8,6 +8,8 @@ import pytest
 from longctx.config import load_config
 
 
+def _segment_case(*overrides, T=40, B=2):
+    import jax
     from flax import nnx
 
     import longctx
