@@ -119,7 +119,7 @@ def test_bad_input_stops_without_meta(tokenizer_dir, tmp_path, capsys):
 
 
 def test_prepare_train_generate_learns(tokenizer_dir, tmp_path, capsys):
-    """The README's three commands: prepare -> train (loss falls) -> generate (streams)."""
+    """The three commands of docs/getting-started.md: prepare -> train (loss falls) -> generate."""
     tdir, tok = tokenizer_dir
     txt = tmp_path / "story.txt"
     txt.write_text("\n\n".join(_docs(200, 3)))
