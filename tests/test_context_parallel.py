@@ -129,6 +129,7 @@ def test_load_balance_equalises_visited_key_blocks():
 LINEAR_CASES = ["gla_per_key", "kda_reset", "rwkv6", "rwkv7"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", LINEAR_CASES)
 def test_sequence_parallel_linear_equals_one_device(case):
     from longctx.backends.linear import ops as linear_ops

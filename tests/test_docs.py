@@ -84,6 +84,7 @@ def test_readme_and_ci_run_the_same_commands():
     assert cmds == ci, (cmds, ci)
 
 
+@pytest.mark.slow  # seconds, and .ci/run builds the site itself
 def test_site_builds_strict(tmp_path):
     pytest.importorskip("mkdocs", reason="the `docs` extra builds the site")
     out = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir",

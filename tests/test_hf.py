@@ -139,6 +139,7 @@ def _tiny_llama(path, **kw):
     return str(path)
 
 
+@pytest.mark.slow
 def test_bad_inputs_name_the_file_tensor_or_field(tmp_path):
     src = _tiny_llama(tmp_path / "ok")
     conf = json.load(open(os.path.join(src, "config.json")))
@@ -194,6 +195,7 @@ def test_bad_inputs_name_the_file_tensor_or_field(tmp_path):
         hf.save(model, cfg, src)
 
 
+@pytest.mark.slow
 def test_bfloat16_checkpoint_loads(tmp_path):
     torch.manual_seed(3)
     cfg = transformers.LlamaConfig(**{**COMMON, "num_hidden_layers": 1})
@@ -205,6 +207,7 @@ def test_bfloat16_checkpoint_loads(tmp_path):
     _close(np.asarray(logits), _torch_logits(ref_f32, PROMPTS[7]))
 
 
+@pytest.mark.slow
 def test_convert_cli_round_trip_trains_and_resumes(tmp_path):
     """python -m longctx.hf (= python -m longctx.convert): --from-hf writes a run the trainer resumes (one step); --to-hf exports what HF loads."""
     from longctx.hf import cli as convert
@@ -229,6 +232,7 @@ def test_convert_cli_round_trip_trains_and_resumes(tmp_path):
     assert not np.allclose(_torch_logits(moved, PROMPTS[7]), _torch_logits(ref, PROMPTS[7]))
 
 
+@pytest.mark.slow
 def test_rope_scaling_section_and_interleaved_layout_export(tmp_path):
     """``model.rope_scaling`` is a section (a bare number is refused, naming the keys); a typo
     fails; a model with interleaved RoPE exports (q/k permuted) to a rotate-half HF model with

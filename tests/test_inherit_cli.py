@@ -31,6 +31,7 @@ def parent_run(tmp_path_factory):
     return path, parent
 
 
+@pytest.mark.slow
 def test_cli_writes_a_run_the_trainer_resumes_and_distils(tmp_path, parent_run):
     ppath, parent = parent_run
     child_yaml = tmp_path / "child.yaml"

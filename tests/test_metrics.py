@@ -33,6 +33,7 @@ def test_active_params_count_k_of_e_experts_and_no_embeddings():
 # -- segment-scanned models: the loss window by window -------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["linear", "recurrent"])
 def test_mfu_counts_the_mixing_flops_of_every_backend(tmp_path, case):
     """The trainer's FLOPs per step = 6 N tokens + 3 x a hand count of the mixing FLOPs

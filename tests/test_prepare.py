@@ -56,6 +56,7 @@ def _spans(out):
     return meta, np.split(ids, ends[:-1] + 1)
 
 
+@pytest.mark.slow
 def test_round_trip_jsonl_and_text_files(tokenizer_dir, tmp_path):
     tdir, tok = tokenizer_dir
     docs = _docs(40) + ["ünïcødé €uro ✓\nnew line", "  leading spaces\tand tabs  "]
@@ -118,6 +119,7 @@ def test_bad_input_stops_without_meta(tokenizer_dir, tmp_path, capsys):
         PreparedTokenSource(tmp_path / "half")
 
 
+@pytest.mark.slow
 def test_prepare_train_generate_learns(tokenizer_dir, tmp_path, capsys):
     """The three commands of docs/getting-started.md: prepare -> train (loss falls) -> generate."""
     tdir, tok = tokenizer_dir

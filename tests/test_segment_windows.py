@@ -52,6 +52,7 @@ def test_segment_windows_equal_the_model_forward(overrides):
         np.testing.assert_allclose(b[...], a[...], atol=2e-6, err_msg=str(path))
 
 
+@pytest.mark.slow
 def test_segment_windows_memory_does_not_grow_with_length():
     """Compiled scratch of a train step's gradients at 8x the length: within 1.3x."""
     from longctx.train import segment_value_and_grad

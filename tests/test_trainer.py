@@ -38,6 +38,7 @@ def _flat(pure):
     return {"/".join(map(str, k)): v for k, v in jax.tree_util.tree_flatten_with_path(pure)[0]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [
     (),
     # hybrids, trained in segments (the windowed path) on the mesh
@@ -78,6 +79,7 @@ def test_sharded_step_equals_single_device_and_params_follow_the_rules(tmp_path,
     assert mu.sharding.spec == P(*lead, "tensor", "fsdp")
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_the_full_batch(tmp_path):
     _, a = train(_cfg(tmp_path / "a", "train.steps=2"), progress=False, return_state=True)
     _, b = train(_cfg(tmp_path / "b", "train.steps=2", "train.grad_accum_steps=2"),
@@ -87,6 +89,7 @@ def test_gradient_accumulation_equals_the_full_batch(tmp_path):
         np.testing.assert_allclose(fa[k], fb[k], atol=2e-6, err_msg=k)
 
 
+@pytest.mark.slow
 def test_resume_is_bitwise_and_restores_onto_another_mesh(tmp_path):
     whole, s_whole = train(_cfg(tmp_path / "whole", "train.steps=6"), progress=False,
                            return_state=True)
@@ -111,6 +114,7 @@ def test_resume_is_bitwise_and_restores_onto_another_mesh(tmp_path):
         None, "fsdp", None, None)  # 2 layers stacked (model.scan_layers, the default)
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_is_skipped(tmp_path, caplog):
     cfg = _cfg(tmp_path, "train.steps=4", "checkpoint.every_steps=2")
     train(cfg, progress=False)
@@ -130,6 +134,7 @@ def test_corrupt_latest_checkpoint_is_skipped(tmp_path, caplog):
     assert final["status"] == "done"
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
     cmd = [sys.executable, "-m", "longctx.train", "--config", TINY, "--no-progress",
            f"train.run_dir={tmp_path}", "train.steps=100000", "train.log_every=1",
@@ -165,6 +170,7 @@ def test_corrupt_data_file_and_out_of_vocab_tokens_fail_clearly(tmp_path):
               progress=False)
 
 
+@pytest.mark.slow
 def test_training_on_packed_text_files(tmp_path):
     docs = tmp_path / "docs.jsonl"
     docs.write_text("\n".join(json.dumps({"text": "hello world " * (i + 1)}) for i in range(40)))
@@ -192,6 +198,7 @@ def test_packed_documents_never_attend_to_each_other(impl):
 # -- a run from the command line ------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_short_run_learns_and_writes_the_run_dir(tmp_path):
     cfg = load_config(TINY, [f"train.run_dir={tmp_path}", "train.steps=60", "train.batch_size=16",
                              "train.log_every=10", "train.eval_every=0", "train.eval_batches=1",
@@ -208,6 +215,7 @@ def test_short_run_learns_and_writes_the_run_dir(tmp_path):
     assert saved["train"]["steps"] == 60 and saved["data"]["task"] == "copy"
 
 
+@pytest.mark.slow
 def test_cli_reports_config_errors():
     r = subprocess.run([sys.executable, "-m", "longctx.train", "--config", TINY,
                         "model.n_kv_heads=3"], capture_output=True, text=True,
@@ -216,6 +224,7 @@ def test_cli_reports_config_errors():
     assert "model.n_heads=4 must be divisible by model.n_kv_heads=3" in r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("missing", ["no_such.yaml"])
 def test_cli_missing_config(missing):
     r = subprocess.run([sys.executable, "-m", "longctx.train", "--config", missing],
