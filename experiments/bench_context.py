@@ -15,17 +15,10 @@ same run. Goal: per-device memory ~ 1/N (8 devices <= 0.2x one device).
 ``--frontier``: the longest context (doubling from ``--budget-length``) whose
 per-device scratch stays within the scratch of one device at ``--budget-length``
 (``--slack``, default 0.1%, for allocator bookkeeping: more loops in the N-device
-program mean a few more loop-tuple tables, 1.4 KB of 80 MiB for the ring at 128K on 8
-devices): the longest trainable context at a fixed per-device budget, which should grow
+program mean a few more loop-tuple tables): the longest trainable context at a fixed per-device budget, which should grow
 ~N; ``N*L / L`` is the per-device scratch at ``N x --budget-length`` on ``N`` devices over
 that budget (1.0: the ring holds N times the tokens in the same per-device memory).
-
-What fixed the ring's scaling (8 devices at 128K: 88.4 -> 80.3 MiB, the 1-device scratch
-at 16K being 80.3 MiB): its backward used to carry zero-initialised dK/dV accumulators
-(and dK/dV partials stacked block by block) in its ring loop; XLA allocates a loop's
-initial carry early, so 16 MiB of zeros stayed live through the whole forward. The
-backward now does the local chunk first, outside the loop, accumulating in place. Block
-positions are derived from chunk starts, not ``[T/N]`` position vectors.
+Results: ``docs/results/context_parallel.md``.
 """
 
 from __future__ import annotations

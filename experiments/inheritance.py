@@ -49,7 +49,7 @@ from flax import nnx
 import longctx
 from longctx.config import task_kwargs
 from longctx.data import synthetic
-from longctx.inherit.config import InheritConfig
+from longctx.inherit.distill_config import DistillConfig
 from longctx.inherit.core import inherited_layers
 from longctx.train.distill import Distiller
 from longctx.train.optimizer import make_optimizer
@@ -97,7 +97,7 @@ class Runner:
         self.cache = {}
 
     def steps(self, cfg, steps: int, distiller):
-        key = (cfg.model, steps, None if distiller is None else distiller.icfg)  # alpha static
+        key = (cfg.model, steps, None if distiller is None else distiller.dcfg)  # alpha static
         if key not in self.cache:
             graphdef = nnx.split(nnx.eval_shape(lambda: self._build(cfg, steps)))[0]
             self.cache[key] = (jax.jit(make_train_step(graphdef, 1, distill=distiller)),
@@ -257,9 +257,8 @@ def main(argv=None):
                     if method in ("distill", "fresh"):
                         child = longctx.build_model(cfg.model, rngs=rngs)
                         if method == "distill":
-                            distiller = Distiller(pdef, InheritConfig(
-                                parent="(in memory)", distill_alpha=ratio,
-                                distill_steps=a.steps))
+                            distiller = Distiller(pdef, DistillConfig(
+                                parent="(in memory)", alpha=ratio, steps=a.steps))
                     else:
                         child = longctx.inherit(parent, cfg.model, ratio=ratio, method=method,
                                                 rngs=rngs)

@@ -40,13 +40,13 @@ from longctx.backends.linear.config import LinearConfig
 from longctx.backends.recurrent.config import RecurrentConfig
 from longctx.data import ruler, synthetic
 from longctx.errors import ConfigError, require
-from longctx.inherit.config import InheritConfig
+from longctx.inherit.distill_config import DistillConfig
 from longctx.moe.config import MoEConfig
 from longctx.parallel.axes import DEFAULT_RULES, LOGICAL_AXES, MESH_AXES
 from longctx.rope_config import ROPE_LAYOUTS, RopeScalingConfig
 
 __all__ = ["AttentionConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig",
-           "FullConfig", "InheritConfig", "LinearConfig", "MeshConfig", "ModelConfig", "MoEConfig",
+           "DistillConfig", "FullConfig", "LinearConfig", "MeshConfig", "ModelConfig", "MoEConfig",
            "OptimConfig", "RecurrentConfig", "RopeScalingConfig", "TrainConfig", "load_config",
            "with_overrides"]
 
@@ -70,8 +70,10 @@ BACKENDS = tuple(SECTIONS)
 
 @dataclass(frozen=True)
 class AttentionConfig(FullConfig):
-    # Inherits FullConfig's keys (impl, block_q, block_k, window, conv_size): exact attention
-    # of the `full` layers and of the `recurrent` layers' local attention.
+    """The token mixers: FullConfig's keys (``impl``, ``block_q``, ``block_k``, ``window``,
+    ``conv_size``, ...: exact attention of the `full` layers and of the `recurrent` layers'
+    local attention), the backend of every layer or a hybrid pattern, each backend's section."""
+
     backend: str = "full"  # every layer's token mixer when `pattern` is empty (see BACKENDS)
     # Hybrid models: backend names repeated over the layers, e.g. [linear, linear, linear,
     # full] (3:1 as Qwen3-Next / Kimi Linear); n_layers must be a multiple of its length.
@@ -93,10 +95,10 @@ class AttentionConfig(FullConfig):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    vocab_size: int = 256
-    d_model: int = 128
-    n_layers: int = 2
-    n_heads: int = 4
+    vocab_size: int = 256  # token ids 0 .. vocab_size - 1 (embedding and LM head rows)
+    d_model: int = 128  # model (residual stream) width
+    n_layers: int = 2  # blocks: token mixer + feed-forward each
+    n_heads: int = 4  # query heads of every mixer
     n_kv_heads: int = 4  # < n_heads: GQA; 1: MQA
     head_dim: int | None = None  # None: d_model // n_heads
     mlp_dim: int = 512  # SwiGLU hidden width
@@ -104,12 +106,12 @@ class ModelConfig:
     segment_len: int = 0  # 0: one pass over the sequence; N: scan over N-token segments
     bptt_segments: int = 0  # truncate gradients through carried state every N segments; 0: never
     tie_embeddings: bool = True  # LM head = embedding^T
-    rope_theta: float = 10_000.0
-    # RoPE scaling as HF defines it (longctx/rope_config.py); a number f = {type: linear, factor: f}
+    rope_theta: float = 10_000.0  # RoPE base (Su et al. 2021)
+    # RoPE scaling as HF defines it (longctx/rope_config.py), e.g. {type: linear, factor: 4}
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     rope_layout: str = "half"  # half (rotate-half: GPT-NeoX, HF) | interleaved (GPT-J, Meta)
-    norm_eps: float = 1e-6
-    init_std: float = 0.02
+    norm_eps: float = 1e-6  # RMSNorm epsilon
+    init_std: float = 0.02  # std of the normal init of the weight matrices
     dtype: str = "float32"  # compute dtype (params stay float32): float32 | bfloat16
     remat: str = "none"  # per-block rematerialisation: none | full | minimal | dots | offload_dots
     # Layers (pattern groups) stacked [n, ...] and run by lax.scan: compile time flat in
@@ -136,11 +138,11 @@ class DataConfig:
     eos_id: int | None = None  # tokens: document separator id in the .bin stream
     text_field: str = "text"  # jsonl: the field holding the text
     task: str = "mqar"  # synthetic: mqar | passkey | copy | selective_copy | RULER (data/ruler.py)
-    seq_len: int = 64
+    seq_len: int = 64  # tokens per training row (the trained context length)
     seed: int = 0  # example i of the stream is a function of (seed, i) only
     shuffle: bool = True  # file sources: shuffle rows (deterministic from seed)
-    num_kv_pairs: int = 4  # mqar
-    passkey_len: int = 5  # passkey
+    num_kv_pairs: int = 4  # mqar: key-value pairs per example
+    passkey_len: int = 5  # passkey: digits of the passkey
     passkey_depth_min: float = 0.0  # passkey, RULER: needle depth drawn uniformly in [min, max]
     passkey_depth_max: float = 1.0  #   (0: start of the haystack, 1: just before the query)
     eval_seed: int = 1  # held-out synthetic stream for evaluation
@@ -149,15 +151,15 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 1000
+    steps: int = 1000  # optimizer steps of the run
     batch_size: int = 32  # global batch (all processes together)
     grad_accum_steps: int = 1  # microbatches per step; batch_size must divide by it
     loss_chunk_size: int = 0  # >0: head + cross entropy this many tokens at a time (no [B,T,V])
     seed: int = 0  # parameter init
-    log_every: int = 50
-    eval_every: int = 250  # 0: only at the end
-    eval_batches: int = 4
-    run_dir: str = "runs/default"
+    log_every: int = 50  # metrics row (metrics.jsonl, TensorBoard, progress bar) every N steps
+    eval_every: int = 250  # held-out evaluation every N steps; 0: only at the end
+    eval_batches: int = 4  # held-out batches per evaluation
+    run_dir: str = "runs/default"  # output: config.yaml, checkpoints/, metrics.jsonl, tb/
     tensorboard: bool = True  # also write TensorBoard events to run_dir/tb
     # a train step compiled ahead of time (python -m longctx.compile --save PATH): loaded
     # instead of compiling; refused when compiled for other devices, mesh or config
@@ -168,11 +170,11 @@ class TrainConfig:
 class OptimConfig:
     lr: float = 1e-3  # peak learning rate
     schedule: str = "cosine"  # after warmup: cosine | linear | constant
-    warmup_steps: int = 100
+    warmup_steps: int = 100  # linear warmup from 0 to lr
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio (cosine, linear)
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
+    b1: float = 0.9  # AdamW first-moment decay
+    b2: float = 0.95  # AdamW second-moment decay
+    eps: float = 1e-8  # AdamW denominator epsilon
     weight_decay: float = 0.1  # AdamW; not applied to norms, biases or embeddings' scale
     grad_clip: float = 1.0  # global-norm clipping; 0: off
 
@@ -207,7 +209,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    inherit: InheritConfig = field(default_factory=InheritConfig)  # distil from a parent
+    distill: DistillConfig = field(default_factory=DistillConfig)  # distil from a parent run
 
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -258,10 +260,9 @@ def _coerce(value, tp, key: str):
             raise ConfigError(f"{key}={value!r}: expected a list")
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict) and hasattr(tp, "from_scalar"):  # shorthand for a section
-            return tp.from_scalar(value, key)
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping (section), got {value!r}")
+            raise ConfigError(f"{key}={value!r}: expected a mapping (a section with the keys "
+                              f"{', '.join(f.name for f in dataclasses.fields(tp))})")
         return _from_dict(tp, value, prefix=key + ".")
     if tp is bool:
         if isinstance(value, bool):
@@ -462,7 +463,7 @@ def validate(cfg: Config) -> None:
     _require(o.schedule in SCHEDULES, f"optim.schedule={o.schedule!r}; expected one of {SCHEDULES}")
     _require(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
     _require(o.lr > 0, f"optim.lr={o.lr} must be > 0")
-    cfg.inherit.validate()
+    cfg.distill.validate()
 
 
 def validate_mesh(m: MeshConfig) -> None:

@@ -201,7 +201,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eos", default=None, help="stop at this token (default: data.eos_id, or "
                    "the eos_id in meta.json of a prepared data.path; else no stop)")
-    p.add_argument("overrides", nargs="*", help="config overrides, e.g. model.rope_scaling=4")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. 'model.rope_scaling={type: linear, factor: 4}'")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, force=True)
     try:

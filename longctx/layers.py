@@ -1,4 +1,6 @@
-"""Building blocks: parameters with logical axes, RMSNorm, SwiGLU, RoPE, embedding.
+"""Building blocks: parameters with logical axes, RMSNorm, SwiGLU, embedding, short conv.
+
+RoPE is :mod:`longctx.rope`.
 
 Every parameter is float32 and carries logical axis names in its ``out_sharding``
 metadata (``batch, length, embed, heads, kv_heads, head_dim, mlp, vocab,
@@ -12,8 +14,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
-
-from longctx.rope import rope  # noqa: F401 (re-exported: RoPE lives in longctx.rope)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 

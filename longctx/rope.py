@@ -20,10 +20,13 @@ import numpy as np
 from longctx.rope_config import RopeScalingConfig
 
 
-def _as_section(scaling) -> RopeScalingConfig:
-    if isinstance(scaling, RopeScalingConfig):
-        return scaling
-    return RopeScalingConfig.from_scalar(scaling, "rope scaling")
+def _as_section(scaling: RopeScalingConfig | None) -> RopeScalingConfig:
+    if scaling is None:
+        return RopeScalingConfig()
+    if not isinstance(scaling, RopeScalingConfig):
+        raise TypeError(f"rope scaling={scaling!r}: expected a RopeScalingConfig or None "
+                        "(position interpolation by f: RopeScalingConfig(type='linear', factor=f))")
+    return scaling
 
 
 def _yarn_mscale(scale: float, m: float = 1.0) -> float:
@@ -82,12 +85,13 @@ def _inv_freq(head_dim: int, theta: float, s: RopeScalingConfig, positions):
     return 1.0 / base ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D), 1.0
 
 
-def rope(x, positions, *, theta: float = 10_000.0, scaling=1.0, layout: str = "half"):
+def rope(x, positions, *, theta: float = 10_000.0, scaling: RopeScalingConfig | None = None,
+         layout: str = "half"):
     """Rotary position embedding on ``x [B, S, H, D]`` at ``positions [B, S]``.
 
     ``positions`` are absolute token positions (they continue across segments and
     decode steps). ``scaling``: a :class:`~longctx.rope_config.RopeScalingConfig`
-    or a number (linear position interpolation, the former float key).
+    (None: plain RoPE).
     ``dynamic`` reads the length from the largest position of the call, as HF
     does from ``position_ids``. ``layout``: ``half`` rotates the pairs
     ``(x_i, x_{i+D/2})`` (GPT-NeoX / HF Llama: rotate_half), ``interleaved`` the

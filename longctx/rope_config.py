@@ -18,16 +18,14 @@ same parameter names and defaults, so that a checkpoint's ``rope_parameters``
   ``L / low_freq_factor`` divided by ``factor``, below ``L / high_freq_factor``
   kept, smoothly interpolated in between.
 
-The section replaces the float ``model.rope_scaling`` of earlier configs: a
-number ``f`` there still works and means ``{type: linear, factor: f}`` (``1``:
-``none``), which is what the float did.
+Position interpolation by ``f`` is ``{type: linear, factor: f}``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from longctx.errors import ConfigError, require
+from longctx.errors import require
 
 ROPE_TYPES = ("none", "linear", "dynamic", "yarn", "llama3")
 ROPE_LAYOUTS = ("half", "interleaved")  # rotate-half (GPT-NeoX, HF Llama) | pairs (GPT-J, Meta)
@@ -48,14 +46,6 @@ class RopeScalingConfig:
     mscale: float | None = None  # yarn (DeepSeek): attention_factor = m(factor, mscale) / ...
     mscale_all_dim: float | None = None  # ... m(factor, mscale_all_dim), m = 0.1 m ln(s) + 1
     truncate: bool = True  # yarn: floor / ceil the correction range
-
-    @classmethod
-    def from_scalar(cls, value, key: str) -> "RopeScalingConfig":
-        """A bare number (the former float key): position interpolation by that factor."""
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}={value!r}: expected a mapping with `type` "
-                              f"(one of {ROPE_TYPES}) or a number (linear factor)")
-        return cls(type="none" if value == 1 else "linear", factor=float(value))
 
     def validate(self, prefix: str = "model.rope_scaling") -> None:
         require(self.type in ROPE_TYPES,

@@ -6,12 +6,12 @@ reductions, and the elementwise and dot ops around them, to YNNPACK as "reduce"
 fusions. In the backward pass of the recurrent backend's compressive-memory read
 (``num / (den + eps)`` with ``num = s(Q) M``, ``den = s(Q) z``, fused with the dots
 around it into one YNNPACK subgraph) such a fusion returns garbage that changes from
-run to run of the *same executable*: the first-step gradient norm of
-``results/scaling_length_fwe/recurrent_config.yaml`` at batch 8 or 16 came out
-1.16 / nan / inf / 1e27 across runs, while with this flag (or
-``--xla_cpu_experimental_ynn_fusion_type=``, no YNNPACK fusion at all, or
-``individual_dot`` only) every run gives 1.1622 (reproductions: ``tests/test_recurrent.py``,
-``tests/test_determinism.py``). Only the reduce fusions are dropped; YNNPACK still runs the dots.
+run to run of the *same executable* (a finite, nan or inf first-step gradient norm for
+identical inputs), while with this flag (or ``--xla_cpu_experimental_ynn_fusion_type=``, no
+YNNPACK fusion at all, or ``individual_dot`` only) every run gives the same value
+(reproductions: ``tests/test_recurrent.py``, ``tests/test_determinism.py``; the
+investigation: ``docs/results/scaling_length_fwe.md``). Only the reduce fusions are dropped;
+YNNPACK still runs the dots.
 
 A flag the user already set (the same name in ``XLA_FLAGS``) is kept as it is: that is
 the way to opt out. If JAX's backends are already running when longctx is imported, the

@@ -116,6 +116,7 @@ def test_one_step_for_cpu_and_for_tpu_finds_the_right_kernels():
     assert tpu["platform"] == "tpu" and tpu["memory_bytes"] == targets.CHIPS["v5e"].memory_bytes
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_two_slices():
     r = _compile("full", "v5e-4", num_slices=2, batch=8)
@@ -123,6 +124,7 @@ def test_two_slices():
     assert "tpu_custom_call:splash_mqa_fwd_residuals" in r["custom_calls"]
 
 
+@pytest.mark.slow
 @needs_libtpu
 @pytest.mark.parametrize("backend", ["gated_deltanet", "hybrid", "recurrent", "moe"])
 def test_backends_compile_for_tpu(backend):
@@ -135,6 +137,7 @@ def test_backends_compile_for_tpu(backend):
     assert any("ragged-dot" in k for k in kernels) == (backend == "moe")
 
 
+@pytest.mark.slow
 def test_moe_on_cpu_picks_blocks():
     r = _compile("moe", "cpu")
     assert r["fits"] and not any("ragged" in k for k in r["custom_calls"])
@@ -150,6 +153,7 @@ def test_gpu_target_picks_cudnn():
 # -- the command line ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_exit_statuses(tmp_path, capsys):
     base = ["--config", TINY, "--batch", "4", "--seq-len", "256"]
@@ -169,6 +173,7 @@ def test_exit_statuses(tmp_path, capsys):
 # -- save / train.compiled_step -----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_saved_step_trains_exactly_as_a_compiled_one(tmp_path):
     """Compile for `cpu` with --save, then train with train.compiled_step: the same losses
     and parameters as a run that compiles its own step; a mismatched run is refused."""
@@ -201,6 +206,7 @@ def test_saved_step_trains_exactly_as_a_compiled_one(tmp_path):
 # -- remat policies (model.remat) ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_remat_policies_keep_what_they_say():
     """Compiled scratch of one train step: full (block inputs only) < minimal (+ the mixer's
     and MLP's outputs) < dots (+ every matmul output) < none (everything)."""
@@ -212,6 +218,7 @@ def test_remat_policies_keep_what_they_say():
     assert temp["full"] < temp["minimal"] < temp["dots"] < temp["none"], temp
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_offloading_remat_compiles_for_tpu_and_is_an_error_on_cpu():
     cfg = build_config(TINY, ["model.remat=offload_dots"], mesh={"data": 4}, batch=4, seq_len=256)

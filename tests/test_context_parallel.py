@@ -97,6 +97,12 @@ def test_unsplittable_length_names_T_and_N():
             context.attention(q, k, v)
         with pytest.raises(ValueError, match="unknown context-parallel"):
             context.attention(q, k, v, strategy="tree", load_balance=False)
+        # The single-device op's own checks and messages (GQA heads, window).
+        with pytest.raises(ValueError, match=r"multiple of kv heads.*Hq=3 Hkv=2"):
+            context.attention(jnp.zeros((1, 32, 3, 8)), jnp.zeros((1, 32, 2, 8)),
+                              jnp.zeros((1, 32, 2, 8)))
+        with pytest.raises(ValueError, match="window=0"):
+            context.attention(q, k, v, window=0)
 
 
 def test_load_balance_equalises_visited_key_blocks():
@@ -123,6 +129,7 @@ def test_load_balance_equalises_visited_key_blocks():
 LINEAR_CASES = ["gla_per_key", "kda_reset", "rwkv6", "rwkv7"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", LINEAR_CASES)
 def test_sequence_parallel_linear_equals_one_device(case):
     from longctx.backends.linear import ops as linear_ops

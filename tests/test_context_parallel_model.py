@@ -31,6 +31,7 @@ def _grads(model, batch):
     return f, params
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra,collective", [
     (("model.attention.conv_size=0", "model.attention.context_parallel=ring",
       "model.n_layers=1"),

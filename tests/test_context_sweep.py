@@ -15,6 +15,7 @@ def _rows(out):
     return [json.loads(l) for l in open(os.path.join(out, "results.jsonl"))]
 
 
+@pytest.mark.slow
 def test_two_lengths_write_every_output(tmp_path):
     out = str(tmp_path / "sweep")
     # xla runs in the resume / budget tests below; here flash, then flash on a mesh
@@ -99,6 +100,7 @@ def test_over_budget_is_skipped_not_run(tmp_path, monkeypatch):
     assert rows[1024]["status"] == "oom-predicted" and rows[1024]["compile_s"] is None
 
 
+@pytest.mark.slow
 def test_quality_axis_trains_once_at_the_short_length_and_evaluates_every_length(
         tmp_path, monkeypatch):
     # speed / memory are tested above; here only the quality axis runs for real

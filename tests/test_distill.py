@@ -11,7 +11,7 @@ from flax import nnx
 
 import longctx
 from longctx.config import ConfigError
-from longctx.inherit.config import InheritConfig
+from longctx.inherit.distill_config import DistillConfig
 from longctx.train.distill import Distiller, distill_terms
 from longctx.train.step import make_train_step
 
@@ -49,16 +49,18 @@ def test_terms_match_naive_formula_and_gradient(temp):
 
 
 def test_schedule_and_section():
-    ic = InheritConfig(parent="runs/p", distill_alpha=0.5, distill_steps=10)
-    assert [ic.alpha(s) for s in (0, 5, 10, 20)] == [0.5, 0.25, 0.0, 0.0]
-    assert InheritConfig(parent="p", distill_alpha=0.2).alpha(100) == 0.2
+    dc = DistillConfig(parent="runs/p", alpha=0.5, steps=10)
+    assert [dc.alpha_at(s) for s in (0, 5, 10, 20)] == [0.5, 0.25, 0.0, 0.0]
+    assert DistillConfig(parent="p", alpha=0.2).alpha_at(100) == 0.2
     cfg = longctx.load_config("experiments/configs/tiny.yaml",
-                              ["inherit.parent=runs/p", "inherit.distill_alpha=0.2"])
-    assert cfg.inherit.distill_alpha == 0.2
-    with pytest.raises(ConfigError, match="inherit.distill_alpha=0.3 needs inherit.parent"):
-        longctx.load_config("experiments/configs/tiny.yaml", ["inherit.distill_alpha=0.3"])
-    with pytest.raises(ConfigError, match="inherit.temperature=0.0 must be > 0"):
-        longctx.load_config("experiments/configs/tiny.yaml", ["inherit.temperature=0"])
+                              ["distill.parent=runs/p", "distill.alpha=0.2"])
+    assert cfg.distill.alpha == 0.2
+    with pytest.raises(ConfigError, match="distill.alpha=0.3 needs distill.parent"):
+        longctx.load_config("experiments/configs/tiny.yaml", ["distill.alpha=0.3"])
+    with pytest.raises(ConfigError, match="distill.temperature=0.0 must be > 0"):
+        longctx.load_config("experiments/configs/tiny.yaml", ["distill.temperature=0"])
+    with pytest.raises(ConfigError, match="unknown config key 'inherit'"):  # the section's name
+        longctx.load_config("experiments/configs/tiny.yaml", ["inherit.parent=runs/p"])
 
 
 def test_alpha_zero_is_plain_training():
@@ -76,8 +78,8 @@ def test_alpha_zero_is_plain_training():
     batch = {"tokens": tok[:, :-1], "targets": tok[:, 1:], "loss_mask": jnp.ones((4, 16))}
     plain = jax.jit(make_train_step(gdef, 1))
     # alpha = 0 with 2 microbatches (they slice the parent's logits with the tokens)
-    zero = jax.jit(make_train_step(gdef, 2, distill=Distiller(pdef, InheritConfig(
-        parent="p", distill_alpha=0.0))))
+    zero = jax.jit(make_train_step(gdef, 2, distill=Distiller(pdef, DistillConfig(
+        parent="p", alpha=0.0))))
     (sa, ma), (sb, mb) = plain(s0, batch), zero(s0, batch, pstate)
     np.testing.assert_allclose(ma["loss"], mb["loss"], rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),

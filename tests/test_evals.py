@@ -10,6 +10,7 @@ from longctx.evals import core
 from longctx.train import train
 
 
+@pytest.mark.slow
 def test_evaluates_a_checkpoint_at_longer_lengths(tmp_path):
     run_dir = tmp_path / "run"
     train(load_config("experiments/configs/tiny.yaml", [

@@ -102,6 +102,7 @@ def test_ruler_eval_counts_what_a_naive_argmax_counts(tiny):
         ruler_eval(model, cfg, lengths=[40], tasks=["niah"])
 
 
+@pytest.mark.slow
 def test_cli_ruler_and_perplexity_on_a_checkpoint(tmp_path, capsys):
     run_dir = tmp_path / "run"
     held = tmp_path / "held.bin"

@@ -36,6 +36,7 @@ def _prompt(B=2, T=13, seed=0):
     return jax.random.randint(jax.random.PRNGKey(seed), (B, T), 0, 256, jnp.int32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(MODELS))
 def test_greedy_equals_the_teacher_forced_argmax(name):
     model = _model(name)
@@ -50,6 +51,7 @@ def test_greedy_equals_the_teacher_forced_argmax(name):
             longctx.generate(model, prompt, max_new_tokens=7, prefill_chunk=5), out)
 
 
+@pytest.mark.slow
 def test_sampling_is_seeded_stays_in_the_top_k_and_stops_at_eos():
     model = _model("full")
     prompt = _prompt(3, 9, 1)
@@ -71,6 +73,7 @@ def test_sampling_is_seeded_stays_in_the_top_k_and_stops_at_eos():
             np.testing.assert_array_equal(stopped[r], greedy[r])
 
 
+@pytest.mark.slow
 def test_sample_logits_top_k_1_is_greedy_and_top_p_keeps_the_smallest_nucleus():
     """The decode loop's sampler (generate calls exactly this on each step's logits)."""
     keys = jax.random.PRNGKey(0)

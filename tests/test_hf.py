@@ -14,8 +14,6 @@ import os
 import jax
 import numpy as np
 import pytest
-import torch
-import transformers
 from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
@@ -24,6 +22,11 @@ from longctx import hf
 from longctx.config import ConfigError
 from longctx.model import build_model, layout
 from longctx.parallel import sharding as shd
+
+# Interop against the real thing: needs the `test` extra (torch, transformers); skipped without.
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.interop
 
 V, E, L = 128, 32, 2
 COMMON = dict(vocab_size=V, hidden_size=E, intermediate_size=48, num_hidden_layers=L,
@@ -136,6 +139,7 @@ def _tiny_llama(path, **kw):
     return str(path)
 
 
+@pytest.mark.slow
 def test_bad_inputs_name_the_file_tensor_or_field(tmp_path):
     src = _tiny_llama(tmp_path / "ok")
     conf = json.load(open(os.path.join(src, "config.json")))
@@ -191,6 +195,7 @@ def test_bad_inputs_name_the_file_tensor_or_field(tmp_path):
         hf.save(model, cfg, src)
 
 
+@pytest.mark.slow
 def test_bfloat16_checkpoint_loads(tmp_path):
     torch.manual_seed(3)
     cfg = transformers.LlamaConfig(**{**COMMON, "num_hidden_layers": 1})
@@ -202,9 +207,10 @@ def test_bfloat16_checkpoint_loads(tmp_path):
     _close(np.asarray(logits), _torch_logits(ref_f32, PROMPTS[7]))
 
 
+@pytest.mark.slow
 def test_convert_cli_round_trip_trains_and_resumes(tmp_path):
-    """--from-hf writes a run the trainer resumes (one step); --to-hf exports what HF loads."""
-    from longctx import convert
+    """python -m longctx.hf (= python -m longctx.convert): --from-hf writes a run the trainer resumes (one step); --to-hf exports what HF loads."""
+    from longctx.hf import cli as convert
     from longctx.config import load_config
     from longctx.train.loop import train
 
@@ -226,13 +232,17 @@ def test_convert_cli_round_trip_trains_and_resumes(tmp_path):
     assert not np.allclose(_torch_logits(moved, PROMPTS[7]), _torch_logits(ref, PROMPTS[7]))
 
 
+@pytest.mark.slow
 def test_rope_scaling_section_and_interleaved_layout_export(tmp_path):
-    """The float ``model.rope_scaling`` still means linear interpolation; a typo fails; a model
-    with interleaved RoPE exports (q/k permuted) to a rotate-half HF model with equal logits."""
+    """``model.rope_scaling`` is a section (a bare number is refused, naming the keys); a typo
+    fails; a model with interleaved RoPE exports (q/k permuted) to a rotate-half HF model with
+    equal logits."""
     from longctx.config import load_config
 
-    s = load_config(None, ["model.rope_scaling=4"]).model.rope_scaling
+    s = load_config(None, ["model.rope_scaling={type: linear, factor: 4}"]).model.rope_scaling
     assert (s.type, s.factor) == ("linear", 4.0)
+    with pytest.raises(ConfigError, match=r"model.rope_scaling=4: expected a mapping .*factor"):
+        load_config(None, ["model.rope_scaling=4"])
     with pytest.raises(ConfigError, match="model.rope_scaling.type='ntk'"):
         load_config(None, ["model.rope_scaling.type=ntk"])
     with pytest.raises(ConfigError, match="original_max_position_embeddings"):

@@ -41,6 +41,7 @@ def _tokens(B, T, seed=0):
     return jax.random.randint(jax.random.PRNGKey(seed), (B, T), 0, 256, jnp.int32)
 
 
+@pytest.mark.slow
 def test_pattern_builds_each_layer_with_its_backend():
     m, cfg = _model("recurrent-linear", "model.n_layers=4", "model.segment_len=16")
     assert [type(b.mixer) for b in layout.blocks_of(m)] == [RecurrentAttention,
@@ -53,6 +54,7 @@ def test_pattern_builds_each_layer_with_its_backend():
     assert [type(b.mixer) for b in layout.blocks_of(m)] == [LinearAttention, FullAttention]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(PATTERNS))
 def test_no_logit_depends_on_a_later_token(name):
     model, _ = _model(name, "model.segment_len=16")
@@ -64,6 +66,7 @@ def test_no_logit_depends_on_a_later_token(name):
     assert not np.allclose(a[:, t:], b[:, t:])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(PATTERNS))
 def test_decoding_token_by_token_reproduces_the_forward(name):
     model, _ = _model(name, "model.segment_len=16")
@@ -77,6 +80,7 @@ def test_decoding_token_by_token_reproduces_the_forward(name):
     np.testing.assert_allclose(jnp.concatenate(outs, 1), ref, atol=3e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(PATTERNS))
 def test_segment_scan_equals_one_pass_outputs_and_gradients(name):
     """T = 50 with 16-token segments: the last one padded. Same weights (segment_len does

@@ -46,6 +46,7 @@ def parent():
 _logits = nnx.jit(lambda m, t: m(t)[0])
 
 
+@pytest.mark.slow
 def test_endpoints_and_exact_interpolation(parent):
     cfg = parent.cfg
     tok = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
@@ -64,6 +65,7 @@ def test_endpoints_and_exact_interpolation(parent):
             np.testing.assert_array_equal(got[k], want, err_msg=k)
 
 
+@pytest.mark.slow
 def test_full_to_linear_hybrid_recurrent_table(parent):
     par = _flat(parent)
     total = sum(v.size for v in par.values())
@@ -136,6 +138,7 @@ def test_layers_growth_and_shrink(parent):
         np.testing.assert_array_equal(zero[k], fresh[k], err_msg=k)
 
 
+@pytest.mark.slow
 def test_dense_to_moe_same_function_and_split(parent):
     moe = _cfg("model.moe.num_experts=4", "model.moe.num_experts_per_tok=2",
                "model.moe.norm_topk_prob=true")
@@ -154,6 +157,7 @@ def test_dense_to_moe_same_function_and_split(parent):
                                       par["blocks/1/mlp/w_down"][s])
 
 
+@pytest.mark.slow
 def test_errors_name_the_values(parent):
     cfg = parent.cfg
     with pytest.raises(ValueError, match=r"ratio=1.5 must be a number in \[0, 1\]"):

@@ -31,6 +31,7 @@ def parent_run(tmp_path_factory):
     return path, parent
 
 
+@pytest.mark.slow
 def test_cli_writes_a_run_the_trainer_resumes_and_distils(tmp_path, parent_run):
     ppath, parent = parent_run
     child_yaml = tmp_path / "child.yaml"
@@ -44,7 +45,7 @@ def test_cli_writes_a_run_the_trainer_resumes_and_distils(tmp_path, parent_run):
     assert info["mapped"]["repeat_kv"] == 4 and info["mapped"]["liger"] == 1  # wk wv conv_k/v
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]  # renamed when complete
     cfg, child, step = load_model(str(out))
-    assert step == 0 and cfg.inherit.distill_alpha == 0.5
+    assert step == 0 and cfg.distill.alpha == 0.5
     np.testing.assert_array_equal(child.embed.embedding[...], parent.embed.embedding[...])
     final, state = train(cfg, progress=False, return_state=True)
     # resumed from the inherited step 0 (lr ~ 0: the weights stay the parent's), and the

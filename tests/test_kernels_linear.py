@@ -42,6 +42,7 @@ def _value_and_grads(fn, q, k, v, g, S0, **kw):
     return jax.jit(jax.value_and_grad(loss, argnums=argnums, has_aux=True))(q, k, v, g, S0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gate", ["none", "scalar", "per_key"])
 def test_pallas_linear_attention_matches_recurrent(gate):
     q, k, v, g, S0 = _inputs(gate)

@@ -51,6 +51,7 @@ def _out_and_grads(f, q, k, v, w):
     return run(q, k, v, w)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=_id)
 def test_splash_interpret_matches_reference(case):
     B, T, S, Hq, Hkv, D, causal, window, seg = case

@@ -110,6 +110,7 @@ def test_tpu_dry_run_queued_single_slice(capsys):
     assert "mesh.dcn" not in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_tpu_dry_run_multislice_via_wrapper():
     """--num-slices: queued resources with a node count, mesh.dcn={data: N}; through the .sh."""
     env = {**os.environ, "PYTHON": sys.executable}
@@ -265,6 +266,7 @@ def test_tpu_queued_resource_waits_in_the_queue(tmp_path):
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_slurm_dry_run_renders_directives_and_srun(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(LAUNCH, "slurm.py"), "--nodes", "2",
                         "--gpus-per-node", "8", "--partition", "gpu", "--time", "2-00:00:00",
@@ -382,6 +384,8 @@ ARGS = ["train.steps=3", "train.batch_size=16", "train.log_every=1", "train.eval
         "train.tensorboard=false"]
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_local_launcher_two_processes_agree_with_one(tmp_path):
     """launch/local.sh -n 2 -d 4: two processes (4 CPU devices each) train together; their
     losses match one process over the same 8 simulated devices (this test's process)."""
@@ -424,6 +428,7 @@ def test_tpu_preflight_in_the_plan(capsys):
     assert cmds[1][:5] == ["gcloud", "compute", "tpus", "tpu-vm", "describe"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
 def test_tpu_preflight_stops_before_the_slice_when_the_job_does_not_fit(tmp_path, capsys):
     """Exact attention over 64K tokens on a v5e-16 (15.75 GiB per chip): the TPU compiler

@@ -16,7 +16,7 @@ import pytest
 from longctx.backends.linear import forms
 from longctx.backends.linear.ops import FORMS, delta_rule, linear_attention
 
-# These tests compile many small graphs: LLVM at -O0 compiles them ~2.5x faster.
+# These tests compile many small graphs: LLVM at -O0 compiles them faster.
 # It changes machine code only (no fast-math), not the XLA graph under test.
 jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
@@ -100,6 +100,7 @@ def naive(q, k, v, *, g=None, beta=None, initial_state=None, normalize=False, ep
     return o, S
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=_id)
 def test_ladder_parallel_recurrent_chunk_outputs_states_and_all_gradients(case, monkeypatch):
     """Gated cases include hard resets (g = -inf), which every form must take exactly.
@@ -136,6 +137,7 @@ def test_ladder_parallel_recurrent_chunk_outputs_states_and_all_gradients(case, 
             assert float(jnp.abs(grads[n]).max()) > 0, n  # every input gets gradient
 
 
+@pytest.mark.slow
 def test_normalize_matches_the_naive_loop():
     B, T, H, K, V, C = 2, 45, 2, 16, 8, 32
     op = "per_key_gate"
@@ -149,6 +151,7 @@ def test_normalize_matches_the_naive_loop():
         np.testing.assert_allclose(S, S_ref, rtol=1e-4, atol=1e-4, err_msg=form)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("op", ["scalar_gate", "per_key_gate", "gated_deltanet"])
 def test_strong_decay_over_4k_tokens_stays_finite_and_exact(op):
     """g = -8 every step: cumulated over 4K tokens exp(-G) would be exp(32800) = inf.
@@ -171,6 +174,7 @@ def test_strong_decay_over_4k_tokens_stays_finite_and_exact(op):
     np.testing.assert_allclose(S_c, S_r, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_bfloat16_inputs_keep_a_float32_state():
     """The same float32 math on bfloat16 inputs: the state is float32 and equals the
     float32 run on the same (rounded) inputs; o comes back in bfloat16."""
@@ -234,6 +238,7 @@ def _chunk_fwd_bwd_scratch(T, per_step, monkeypatch, B=1, H=4, K=64):
     return jax.jit(f).lower(*x).compile().memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow
 def test_chunk_form_memory_does_not_keep_the_whole_sequence_of_chunk_intermediates(monkeypatch):
     """The accelerator setting (forms.CHUNKS_PER_STEP["tpu"]) keeps no per-chunk
     intermediates across the sequence: its fwd+bwd scratch is within 10% of 8 chunks per

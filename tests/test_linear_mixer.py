@@ -53,6 +53,7 @@ forward = jit(lambda m, t: m(t)[0])
 step = jit(lambda m, t, s: m.step(t, s))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_causal_decoding_and_segments_match_the_one_pass_forward(variant):
     """Three checks on one model (one compile of the forward):
@@ -90,6 +91,7 @@ forward_ids = jit(lambda m, t, s: m(t, segment_ids=s)[0])
 step_ids = jit(lambda m, t, s, ids: m.step(t, s, segment_ids=ids))
 
 
+@pytest.mark.slow
 def test_packed_documents_do_not_see_each_other(variant="gated_deltanet"):
     """Row 0 packs documents A (20 tokens) | B (30), row 1 packs B | C: B's logits are
     the same in both rows (the state resets and the conv stops at the boundary), and
@@ -142,6 +144,7 @@ def test_parameters_carry_logical_axes():
     assert specs["stages/0/blocks/0/mixer/a_log"] == ("layers", "heads")
 
 
+@pytest.mark.slow
 def test_gla_with_retnet_bias_and_no_data_gate_is_retnet():
     """gate_bias_init=retnet and W1 = 0: logsigmoid(b) / 16 is RetNet's log-decay
     (closed form), and the GLA model computes the RetNet model's logits."""

@@ -79,6 +79,7 @@ def naive(op, x):
     return o, S
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("op", ["kda", "rwkv6", "rwkv7"])
 def test_ladder_outputs_states_and_every_gradient(op):
     """rwkv6 with hard resets (w = -inf) at step 7 and on every other key at step 30."""
@@ -110,6 +111,7 @@ def test_ladder_outputs_states_and_every_gradient(op):
                                        err_msg=f"{op} d{n}: {form} vs parallel")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("op", ["kda", "rwkv6", "rwkv7"])
 def test_strong_decay_over_4k_tokens_stays_finite(op):
     """w = -8 every step over 4100 tokens: chunk form outputs, state and every gradient
@@ -138,6 +140,7 @@ def test_bad_shapes_name_their_values():
         rwkv7(x["q"], x["w"], x["k"], x["v"], x["w"][..., :4], x["w"])
 
 
+@pytest.mark.slow
 def test_factored_scores_condition():
     """The chunk forms take the factored per-key scores only where they are exact: with
     chunks of 8 the first half is steps 1..5, so a constant gate -c is fine up to 5c = 60;

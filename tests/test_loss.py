@@ -4,6 +4,7 @@ plain loss on the full logits, and the compiled step never holds [B, T, vocab]."
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 import longctx
@@ -36,6 +37,7 @@ def test_chunked_loss_in_segments_equals_the_plain_windowed_loss():
         np.testing.assert_allclose(b, a, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_chunked_loss_and_gradients_equal_the_plain_loss_without_the_full_logits():
     """Untied head (its own weight; the segment test above covers the tied one)."""
     V, B, T = 8192, 2, 500  # 500: chunks of 8 leave a padded tail of 4

@@ -118,6 +118,7 @@ def _layer(**kw):
     return MoE(16, MoEConfig(**{**base, **kw}), mlp_dim=32, rngs=nnx.Rngs(0))
 
 
+@pytest.mark.slow
 def test_dropless_equals_capacity_with_unbounded_capacity_and_shared_experts_add():
     x = _normal((3, 20, 16), 1)
     call = nnx.jit(lambda m, x: m(x))
@@ -158,6 +159,7 @@ def test_one_expert_with_k1_equals_a_dense_swiglu(dispatch):
 # -- 2. losses ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_uniform_routing_gives_a_load_balance_loss_of_k():
     layer = _layer(num_experts_per_tok=2)  # load_balance_loss_weight=1
     layer.router[...] = jnp.zeros_like(layer.router[...])  # every expert probability 1/E
@@ -170,6 +172,7 @@ def test_uniform_routing_gives_a_load_balance_loss_of_k():
             np.testing.assert_allclose(moe.load_balance_loss(r.probs, r.experts), k, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_losses_match_their_closed_forms():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(50, 6)).astype(np.float32)
@@ -187,6 +190,7 @@ def test_losses_match_their_closed_forms():
 # -- 3. routers -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_routers():
     logits = _normal((5, 8), 4)
     p = jax.nn.softmax(logits)
@@ -222,6 +226,7 @@ def test_jitter_only_in_training_mode():
 # -- 4. capacity drops later tokens ------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_capacity_drops_the_later_tokens():
     assert moe.expert_capacity(4, 2, 3, 0.75) == 2  # ceil(0.75 * 4 * 2 / 3)
     assert moe.expert_capacity(10, 2, 4, 1.25) == 7 and moe.expert_capacity(10, 2, 4, 0) == 10
@@ -265,6 +270,7 @@ CAUSAL = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CAUSAL))
 def test_no_logit_depends_on_a_later_token(name):
     model, cfg = _lm(*CAUSAL[name])
@@ -280,6 +286,7 @@ def test_no_logit_depends_on_a_later_token(name):
     assert not np.allclose(a[0, t:], b[0, t:])
 
 
+@pytest.mark.slow
 def test_expert_choice_is_refused_unless_its_leak_is_acknowledged():
     with pytest.raises(ConfigError, match="leaks the future"):
         _lm("model.moe.expert_choice=true", "model.moe.capacity_factor=1.0")
@@ -294,6 +301,7 @@ def test_expert_choice_is_refused_unless_its_leak_is_acknowledged():
 # -- 6. expert parallelism = one device ----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_expert_parallel_dispatch_on_8_devices_equals_the_per_expert_loop():
     problem = _problem(G=8, S=12, seed=5)  # 8 sequences: one per device; 4 experts: 1 per device
     experts = problem[1]
@@ -307,6 +315,7 @@ def test_expert_parallel_dispatch_on_8_devices_equals_the_per_expert_loop():
         np.testing.assert_allclose(g, r, atol=1e-4, rtol=1e-5, err_msg=name)
 
 
+@pytest.mark.slow
 def test_expert_parallel_layer_on_8_devices_equals_one_device():
     # Capacity dispatch with drops: per-sequence capacity makes the drops identical too.
     layer = _layer(expert_parallel=True, capacity_factor=1.0, router_z_loss_weight=1.0)
@@ -342,6 +351,7 @@ def test_expert_parallel_layer_on_8_devices_equals_one_device():
 # -- 7. auxiliary-loss-free balancing --------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_router_bias_update_moves_the_load_toward_balance():
     model, cfg = _lm("model.n_layers=1", "model.moe.router=sigmoid",
                      "model.moe.routed_bias_update_rate=0.05",
@@ -393,6 +403,7 @@ def test_placement_and_config_errors():
     assert longctx.load_config(TINY).model.moe.num_experts == 0  # dense by default
 
 
+@pytest.mark.slow
 def test_upcycled_model_computes_the_dense_function():
     dense_cfg = longctx.load_config(TINY, ["model.n_layers=1"]).model
     dense = longctx.build_model(dense_cfg, rngs=nnx.Rngs(0))

@@ -56,6 +56,7 @@ def _spans(out):
     return meta, np.split(ids, ends[:-1] + 1)
 
 
+@pytest.mark.slow
 def test_round_trip_jsonl_and_text_files(tokenizer_dir, tmp_path):
     tdir, tok = tokenizer_dir
     docs = _docs(40) + ["ünïcødé €uro ✓\nnew line", "  leading spaces\tand tabs  "]
@@ -118,8 +119,9 @@ def test_bad_input_stops_without_meta(tokenizer_dir, tmp_path, capsys):
         PreparedTokenSource(tmp_path / "half")
 
 
+@pytest.mark.slow
 def test_prepare_train_generate_learns(tokenizer_dir, tmp_path, capsys):
-    """The README's three commands: prepare -> train (loss falls) -> generate (streams)."""
+    """The three commands of docs/getting-started.md: prepare -> train (loss falls) -> generate."""
     tdir, tok = tokenizer_dir
     txt = tmp_path / "story.txt"
     txt.write_text("\n\n".join(_docs(200, 3)))

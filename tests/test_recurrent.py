@@ -12,6 +12,7 @@ from longctx.config import ConfigError
 from longctx.backends.recurrent.mixer import RecurrentAttention
 from longctx.model import layout
 from longctx.model.transformer import mixer_dims
+from longctx.rope import rope
 
 TINY = "experiments/configs/tiny.yaml"
 REC = "model.attention.recurrent."
@@ -39,6 +40,7 @@ def _flat(model):
 # -- the model against `full` ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_one_segment_without_memory_is_full_exactly():
     full = _model("model.attention.backend=full")
     rec = _model("model.attention.backend=recurrent", "model.segment_len=128")
@@ -50,6 +52,7 @@ def test_one_segment_without_memory_is_full_exactly():
     np.testing.assert_array_equal(_forward(full, tok, None), _forward(rec, tok, None))
 
 
+@pytest.mark.slow
 def test_xl_cache_covering_the_sequence_is_full_causal_attention():
     """T=70 (5 segments of 16, the last padded); a 5-segment cache keeps every key."""
     full = _model("model.attention.backend=full", "model.attention.impl=xla")
@@ -107,8 +110,8 @@ def test_xl_window_equals_a_masked_reference(C):
     T = x.shape[1]
     pos = jnp.arange(T)
     q, k, v = (jnp.asarray(a, jnp.float32) for a in _proj(mixer, x))
-    q = longctx.layers.rope(q, jnp.broadcast_to(pos, (2, T)))
-    k = longctx.layers.rope(k, jnp.broadcast_to(pos, (2, T)))
+    q = rope(q, jnp.broadcast_to(pos, (2, T)))
+    k = rope(k, jnp.broadcast_to(pos, (2, T)))
     mask = (pos[None, :] <= pos[:, None]) & (pos[None, :] >= (pos[:, None] // N - C) * N)
     o = longctx.backends.full.ops.masked_attention(q, k, v, mask)
     np.testing.assert_allclose(y, _out(mixer, np.float64(o)), atol=2e-5)
@@ -191,6 +194,7 @@ ALL = ("model.attention.backend=recurrent", "model.segment_len=16", REC + "cache
        REC + "num_memory_tokens=3")
 
 
+@pytest.mark.slow
 def test_no_logit_depends_on_a_later_token_with_every_memory_on():
     """Across segments of 16 and a document boundary at 40 (T=70: the last segment padded)."""
     model = _model(*ALL)
@@ -205,6 +209,7 @@ def test_no_logit_depends_on_a_later_token_with_every_memory_on():
         assert not np.allclose(a[:, t:], b[:, t:])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,overrides", [
     ("xl", ("model.attention.backend=recurrent", "model.segment_len=8", REC + "cache_segments=1")),
     ("all", ALL[:1] + ("model.segment_len=8",) + ALL[2:]),
@@ -224,6 +229,7 @@ def test_decoding_token_by_token_reproduces_the_forward(name, overrides):
     np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=3e-5)
 
 
+@pytest.mark.slow
 def test_gradients_reach_the_past_through_compressive_memory_only_within_bptt():
     """Loss on segment 2 only, no XL cache: segment 0's tokens matter through M only."""
     T, S = 48, 16
@@ -246,8 +252,6 @@ def test_gradients_reach_the_past_through_compressive_memory_only_within_bptt():
 def _memory_rows_naive(model, tok):
     """The RMT recurrence written out: no XL cache, no conv, one layer, per segment a plain
     softmax attention over [read ; segment ; write] under the documented visibility."""
-    from longctx.layers import rope
-
     cfg = model.cfg
     N, M = cfg.segment_len, cfg.attention.recurrent.num_memory_tokens
     blk = layout.blocks_of(model)[0]  # one layer: an unstacked module in either layout
@@ -286,6 +290,7 @@ def _memory_rows_naive(model, tok):
     return jnp.concatenate(out, axis=1)
 
 
+@pytest.mark.slow
 def test_memory_tokens_equal_a_naive_recurrence():
     model = _model("model.attention.backend=recurrent", "model.segment_len=8", "model.n_layers=1",
                    "model.attention.conv_size=0", REC + "cache_segments=0",
@@ -295,6 +300,7 @@ def test_memory_tokens_equal_a_naive_recurrence():
                                atol=2e-5)
 
 
+@pytest.mark.slow
 def test_memory_tokens_carry_information_and_gradient_across_segments():
     """Without XL cache, segment 0 reaches segment 3 only through the memory tokens: its
     tokens change later logits, and the loss of segment 3 has a gradient on them, cut by
@@ -318,6 +324,7 @@ def test_memory_tokens_carry_information_and_gradient_across_segments():
     assert grads("model.bptt_segments=2") == (0, 0)
 
 
+@pytest.mark.slow
 def test_documents_do_not_share_memory_tokens():
     """A document starting at a segment boundary reads the initial memory, not its
     predecessor's; one starting mid-segment reads none until its next segment."""
@@ -342,6 +349,7 @@ def test_config_is_validated():
 # -- an empty compressive memory: reads 0, passes no gradient (an XLA:CPU bug found here) ---
 
 
+@pytest.mark.slow
 def test_empty_compressive_memory_passes_no_gradient_run_after_run(monkeypatch):
     """One segment: the memory is empty, its read is exactly 0 and d(read)/d(query) = 0, so
     the gradient equals that of a model whose read is replaced by zeros. Run after run of

@@ -39,6 +39,7 @@ forward = jit(lambda m, t: m(t)[0])
 step = jit(lambda m, t, s: m.step(t, s))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["rwkv6", "rwkv7"])
 def test_causal_decoding_and_segments_match_the_forward(variant):
     model, cfg = _model(variant)

@@ -11,6 +11,7 @@ SMALL = ["model.d_model=32", "model.mlp_dim=32", "model.n_layers=1", "model.n_he
          "model.n_kv_heads=2", "train.batch_size=8"]
 
 
+@pytest.mark.slow
 def test_length_knob_trains_once_evaluates_every_length_fits_and_plots(tmp_path):
     out = str(tmp_path / "scaling")
     rows, fit_rows = exp.main(["--knob", "length", "--values", "32", "48", "64", "--seeds", "1",

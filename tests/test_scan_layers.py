@@ -82,6 +82,7 @@ def _close(a, b, tol, what=""):
     assert jax.tree.structure(a) == jax.tree.structure(b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_scanned_equals_unrolled_logits_loss_grads(name):
     cfg = CASES[name]
@@ -122,6 +123,7 @@ def test_stages_parameters_and_state_are_stacked_per_group():
         longctx.load_config("experiments/configs/tiny.yaml", ["model.scan_layers=3"])
 
 
+@pytest.mark.slow
 def test_decoding_steps_equal_the_forward_and_the_unrolled_steps():
     cfg = _model_cfg(n_layers=4, attention=dict(pattern=("linear", "full")))
     scanned, unrolled = _pair(cfg)
@@ -141,6 +143,7 @@ def test_decoding_steps_equal_the_forward_and_the_unrolled_steps():
             _close(final, state["layers"], 1e-5, "state")
 
 
+@pytest.mark.slow
 def test_train_step_with_router_bias_hook_equals_unrolled():
     cfg = CASES["hybrid-moe-remainder"]
     optim = load_config("experiments/configs/tiny.yaml").optim
@@ -166,6 +169,7 @@ def _trainer_cfg(run_dir, *extra):
         "model.n_layers=3", *extra])
 
 
+@pytest.mark.slow
 def test_sharded_scanned_step_equals_single_device(tmp_path):
     cfg = _trainer_cfg(tmp_path, "train.steps=1", "model.scan_layers=true",
                        "mesh.ici={data: 2, fsdp: 2, tensor: 2}")
@@ -184,6 +188,7 @@ def test_sharded_scanned_step_equals_single_device(tmp_path):
     assert wq.shape[0] == 3 and wq.sharding.spec == P(None, "fsdp", "tensor", None)
 
 
+@pytest.mark.slow
 def test_checkpoint_unscanned_resumes_scanned_and_back(tmp_path):
     whole, s_whole = train(_trainer_cfg(tmp_path / "whole", "train.steps=4",
                                         "model.scan_layers=false"), progress=False,
@@ -202,6 +207,7 @@ def test_checkpoint_unscanned_resumes_scanned_and_back(tmp_path):
            {k: v for k, v in s_whole[0].items()}, 1e-5, "evals")
 
 
+@pytest.mark.slow
 def test_upcycle_matches_layers_across_stage_plans():
     dense_cfg = _model_cfg(n_layers=3)  # one scanned stage of 3 layers
     moe_cfg = dataclasses.replace(dense_cfg, moe=MoEConfig(  # layer 0 unrolled, scan of 2

@@ -1,5 +1,6 @@
-"""The sharded trainer on 8 simulated CPU devices: sharding = single device, resume,
-re-shard on restore, corrupt checkpoints, SIGTERM, bad data, packed documents."""
+"""The trainer (python -m longctx.train) on 8 simulated CPU devices: a short run learns and
+writes its run directory, CLI errors, sharding = single device, gradient accumulation,
+resume, re-shard on restore, corrupt checkpoints, SIGTERM, bad data, packed documents."""
 
 import json
 import os
@@ -12,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import yaml
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -36,6 +38,7 @@ def _flat(pure):
     return {"/".join(map(str, k)): v for k, v in jax.tree_util.tree_flatten_with_path(pure)[0]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [
     (),
     # hybrids, trained in segments (the windowed path) on the mesh
@@ -76,6 +79,7 @@ def test_sharded_step_equals_single_device_and_params_follow_the_rules(tmp_path,
     assert mu.sharding.spec == P(*lead, "tensor", "fsdp")
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_the_full_batch(tmp_path):
     _, a = train(_cfg(tmp_path / "a", "train.steps=2"), progress=False, return_state=True)
     _, b = train(_cfg(tmp_path / "b", "train.steps=2", "train.grad_accum_steps=2"),
@@ -85,6 +89,7 @@ def test_gradient_accumulation_equals_the_full_batch(tmp_path):
         np.testing.assert_allclose(fa[k], fb[k], atol=2e-6, err_msg=k)
 
 
+@pytest.mark.slow
 def test_resume_is_bitwise_and_restores_onto_another_mesh(tmp_path):
     whole, s_whole = train(_cfg(tmp_path / "whole", "train.steps=6"), progress=False,
                            return_state=True)
@@ -109,6 +114,7 @@ def test_resume_is_bitwise_and_restores_onto_another_mesh(tmp_path):
         None, "fsdp", None, None)  # 2 layers stacked (model.scan_layers, the default)
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_is_skipped(tmp_path, caplog):
     cfg = _cfg(tmp_path, "train.steps=4", "checkpoint.every_steps=2")
     train(cfg, progress=False)
@@ -128,6 +134,7 @@ def test_corrupt_latest_checkpoint_is_skipped(tmp_path, caplog):
     assert final["status"] == "done"
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
     cmd = [sys.executable, "-m", "longctx.train", "--config", TINY, "--no-progress",
            f"train.run_dir={tmp_path}", "train.steps=100000", "train.log_every=1",
@@ -163,6 +170,7 @@ def test_corrupt_data_file_and_out_of_vocab_tokens_fail_clearly(tmp_path):
               progress=False)
 
 
+@pytest.mark.slow
 def test_training_on_packed_text_files(tmp_path):
     docs = tmp_path / "docs.jsonl"
     docs.write_text("\n".join(json.dumps({"text": "hello world " * (i + 1)}) for i in range(40)))
@@ -185,3 +193,40 @@ def test_packed_documents_never_attend_to_each_other(impl):
     later = np.asarray(seg) > 1
     np.testing.assert_allclose(np.asarray(a)[later], np.asarray(b)[later], atol=1e-5)
     assert not np.allclose(np.asarray(a)[~later], np.asarray(b)[~later])
+
+
+# -- a run from the command line ------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_short_run_learns_and_writes_the_run_dir(tmp_path):
+    cfg = load_config(TINY, [f"train.run_dir={tmp_path}", "train.steps=60", "train.batch_size=16",
+                             "train.log_every=10", "train.eval_every=0", "train.eval_batches=1",
+                             "optim.warmup_steps=10", "data.task=copy", "data.seq_len=32"])
+    final = train(cfg, progress=False)
+    rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [10, 20, 30, 40, 50, 60]
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"] - 0.3  # the loss goes down
+    for key in ("accuracy", "grad_norm", "lr", "tokens_per_s", "step_time_s"):
+        assert np.isfinite(train_rows[-1][key]), key
+    assert "eval_accuracy" in final and 0.0 <= final["eval_accuracy"] <= 1.0
+    saved = yaml.safe_load(open(tmp_path / "config.yaml"))
+    assert saved["train"]["steps"] == 60 and saved["data"]["task"] == "copy"
+
+
+@pytest.mark.slow
+def test_cli_reports_config_errors():
+    r = subprocess.run([sys.executable, "-m", "longctx.train", "--config", TINY,
+                        "model.n_kv_heads=3"], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode != 0
+    assert "model.n_heads=4 must be divisible by model.n_kv_heads=3" in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("missing", ["no_such.yaml"])
+def test_cli_missing_config(missing):
+    r = subprocess.run([sys.executable, "-m", "longctx.train", "--config", missing],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "config file not found" in r.stderr

@@ -92,7 +92,9 @@ def _check(task: str, vocab_size: int, **positive) -> None:
             raise ValueError(f"{task}: {name}={v} must be >= 1")
 
 
-def _depth(task: str, rng, depth) -> float:
+def draw_depth(task: str, rng, depth) -> float:
+    """The needle depth of one example: ``depth`` (a number), uniform in ``(lo, hi)``, or
+    uniform in [0, 1] when None (shared with the text template, ``ruler_text``)."""
     if depth is None:
         return float(rng.uniform(0.0, 1.0))
     lo, hi = (tuple(map(float, depth)) if isinstance(depth, (tuple, list))
@@ -109,7 +111,7 @@ def _words(rng, vocab_size: int, n: int, *, distinct: bool = False) -> np.ndarra
     return rng.integers(WORD0, vocab_size, size=n)
 
 
-def _finish(task, seq_len, parts, depth) -> dict[str, np.ndarray]:
+def finish_example(task, seq_len, parts, depth) -> dict[str, np.ndarray]:
     """``parts``: (token array, is_answer) in order -> the example dict.
 
     Answer tokens are teacher forced: position ``t`` is scored iff ``tokens[t + 1]``
@@ -180,7 +182,7 @@ def _niah(task, seed, index, *, seq_len, vocab_size, num_keys, num_values, queri
     if num_keys > vocab_size - WORD0:
         raise ValueError(f"{task}: {vocab_size=} too small for {num_keys} distinct keys")
     rng = _rng(task, seed, index)
-    d = _depth(task, rng, depth)
+    d = draw_depth(task, rng, depth)
     keys = _words(rng, vocab_size, num_keys, distinct=True)  # random order: key 0 is random
     needles, owner = [], []
     for j, k in enumerate(keys):
@@ -199,7 +201,8 @@ def _niah(task, seed, index, *, seq_len, vocab_size, num_keys, num_values, queri
     for j in range(queried):
         parts.append((np.asarray([QUERY, keys[j]]), False))
         parts.append((np.concatenate([needles[i][2:] for i in order if owner[i] == j]), True))
-    return _finish(task, seq_len, parts, _needle_depth(H - sum(map(len, needles)), d))
+    return finish_example(task, seq_len, parts,
+                          _needle_depth(H - sum(map(len, needles)), d))
 
 
 def niah_single(seed, index, *, seq_len, vocab_size, value_len=4, depth=None):
@@ -244,7 +247,7 @@ def vt(seed, index, *, seq_len, vocab_size, num_chains=2, num_hops=4, depth=None
         raise ValueError(f"vt: {vocab_size=} too small for {num_chains=} x ({num_hops=} + 1) "
                          f"distinct ids")
     rng = _rng(task, seed, index)
-    d = _depth(task, rng, depth)
+    d = draw_depth(task, rng, depth)
     ids = _words(rng, vocab_size, n_ids, distinct=True).reshape(num_chains, num_hops + 1)
     needles, ranks, chain_of = [], [], []
     for c in range(num_chains):
@@ -274,8 +277,9 @@ def vt(seed, index, *, seq_len, vocab_size, num_chains=2, num_hops=4, depth=None
         parts.append(needles[i])
     parts.append(filler[prev:])
     hay = np.concatenate(parts)
-    return _finish(task, seq_len, [(hay, False), ([QUERY, ids[0, 0]], False), (ids[0, 1:], True)],
-                   _needle_depth(F, d))
+    return finish_example(task, seq_len,
+                          [(hay, False), ([QUERY, ids[0, 0]], False), (ids[0, 1:], True)],
+                          _needle_depth(F, d))
 
 
 # ----------------------------------------------------------------------------
@@ -307,7 +311,8 @@ def cwe(seed, index, *, seq_len, vocab_size, num_common=4, depth=None):
     hay = rng.permutation(bag)
     first = {w: i for i, w in reversed(list(enumerate(hay)))}
     answer = np.asarray(sorted(common, key=lambda w: first[w]))
-    return _finish(task, seq_len, [(hay, False), ([COMMON], False), (answer, True)], -1.0)
+    return finish_example(task, seq_len, [(hay, False), ([COMMON], False), (answer, True)],
+                          -1.0)
 
 
 def fwe(seed, index, *, seq_len, vocab_size, num_frequent=3, alpha=2.0, depth=None):
@@ -334,7 +339,8 @@ def fwe(seed, index, *, seq_len, vocab_size, num_frequent=3, alpha=2.0, depth=No
     counts[0] += H - counts.sum()  # the remainder to the most frequent keeps the order strict
     words = _words(rng, vocab_size, P, distinct=True)  # words[i] has rank i
     hay = rng.permutation(np.repeat(words, counts))
-    return _finish(task, seq_len, [(hay, False), ([FREQUENT], False), (words[:k], True)], -1.0)
+    return finish_example(task, seq_len,
+                          [(hay, False), ([FREQUENT], False), (words[:k], True)], -1.0)
 
 
 # ----------------------------------------------------------------------------

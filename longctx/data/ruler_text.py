@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from longctx.data.ruler import _depth, _finish
+from longctx.data.ruler import draw_depth, finish_example
 
 __all__ = ["HEAD", "NOISE", "NEEDLE", "QUESTION", "KEYS", "niah_text", "tokenizer_encoder"]
 
@@ -83,7 +83,7 @@ def niah_text(seed, index, *, seq_len, vocab_size, depth=None, encode=None):
         raise ValueError(f"niah_text: {seed=} and {index=} must be non-negative")
     encode = encode_bytes if encode is None else encode
     rng = np.random.default_rng([int(seed), int(index), 1000])  # 1000: apart from ruler.py's
-    d = _depth("niah_text", rng, depth)
+    d = draw_depth("niah_text", rng, depth)
     key = KEYS[int(rng.integers(len(KEYS)))]
     value = str(int(rng.integers(1_000_000, 10_000_000)))
     head = _ids(encode, HEAD, vocab_size)
@@ -101,6 +101,6 @@ def niah_text(seed, index, *, seq_len, vocab_size, depth=None, encode=None):
     bounds = bounds[bounds <= F]  # sentence starts inside the haystack (and F itself)
     at = int(bounds[np.argmin(np.abs(bounds - d * F))])
     hay = np.concatenate([stream[:at], needle, stream[at:]])
-    return _finish("niah_text", seq_len,
-                   [(head, False), (hay, False), (question, False), (answer, True)],
-                   at / F if F else 0.0)
+    return finish_example("niah_text", seq_len,
+                          [(head, False), (hay, False), (question, False), (answer, True)],
+                          at / F if F else 0.0)

@@ -32,7 +32,7 @@ def main(argv=None):
                    help="perplexity: held-out .bin file(s) or prepared directory "
                         "(default: the run's data.eval_path)")
     p.add_argument("--out", default=None, help="JSONL (default: RUN_DIR/eval_TASK.jsonl)")
-    p.add_argument("overrides", nargs="*", help="config overrides, e.g. model.rope_scaling=4")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. 'model.rope_scaling={type: linear, factor: 4}'")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, force=True)
     rows = run(args.run_dir, task=args.task, lengths=args.lengths, depths=args.depths,

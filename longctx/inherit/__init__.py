@@ -2,8 +2,8 @@
 
 * ``core.py``: :func:`~longctx.inherit.core.inherit` (exported as ``longctx.inherit``), the
   parameter correspondence table, and :func:`~longctx.inherit.core.upcycle` (dense -> MoE);
-* ``config.py``: the ``inherit`` config section (distillation from a parent in the trainer;
-  no jax);
+* ``distill_config.py``: the ``distill`` config section (distillation from a parent in the
+  trainer; no jax);
 * ``__main__.py``: ``python -m longctx.inherit --parent RUN --config CHILD.yaml --ratio R
   --method M --run-dir OUT``.
 

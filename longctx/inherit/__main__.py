@@ -3,7 +3,7 @@
 Writes a run directory that ``python -m longctx.train --config OUT/config.yaml`` continues:
 
 * ``config.yaml``: the child's resolved config (``CHILD.yaml``, then the ``key=value``
-  overrides, then ``train.run_dir=OUT`` and, for distillation, the ``inherit`` section);
+  overrides, then ``train.run_dir=OUT`` and, for distillation, the ``distill`` section);
 * ``checkpoints/0``: step 0 in the trainer's own format (model + fresh optimizer state +
   the input iterator's start), so the trainer resumes from it instead of initialising;
 * ``inheritance.json``: the parent, ratio, method and what was mapped (rule -> count).
@@ -11,14 +11,15 @@ Writes a run directory that ``python -m longctx.train --config OUT/config.yaml``
 ``--method interpolate | layers`` inherits weights (:func:`longctx.inherit.core.inherit`;
 the fresh part is ``build_model(child, rngs=nnx.Rngs(train.seed))``, the trainer's own
 init). ``--method distill``: fresh weights, and the trainer distils from the parent with
-``inherit.distill_alpha = R`` (decayed over ``inherit.distill_steps``, an override).
+``distill.alpha = R`` (decayed over ``distill.steps``, an override).
 ``--distill-alpha A`` adds distillation to a weight method.
 
 ``--parent`` is a longctx run directory (``config.yaml`` + ``checkpoints/``) or a Hugging
 Face model directory (``config.json`` + safetensors, read by :func:`longctx.hf.load`).
 Distillation needs a run directory parent (the trainer restores it on its mesh): convert
-a Hugging Face parent first (``python -m longctx.convert --from-hf DIR --run-dir RUN``). The output is written to a temporary directory
-beside ``OUT`` and renamed when complete; an existing non-empty ``OUT`` is refused.
+a Hugging Face parent first (``python -m longctx.hf --from-hf DIR --run-dir RUN``). The
+output is written to a temporary directory beside ``OUT`` and renamed when complete; an
+existing non-empty ``OUT`` is refused.
 """
 
 from __future__ import annotations
@@ -73,9 +74,9 @@ def write_run(parent, child_cfg, run_dir: str, *, ratio: float, method: str,
         if not (parent_dir and os.path.exists(os.path.join(parent_dir, "config.yaml"))):
             raise ConfigError(f"distillation needs a longctx run directory as --parent; got "
                               f"{parent_dir!r} (convert a Hugging Face model first: python -m "
-                              "longctx.convert --from-hf DIR --run-dir RUN)")
-        over += [f"inherit.parent={os.path.abspath(parent_dir)}",
-                 f"inherit.distill_alpha={distill_alpha}"]
+                              "longctx.hf --from-hf DIR --run-dir RUN)")
+        over += [f"distill.parent={os.path.abspath(parent_dir)}",
+                 f"distill.alpha={distill_alpha}"]
     cfg = with_overrides(child_cfg, over)
     if not cfg.checkpoint.resume:
         raise ConfigError("checkpoint.resume=false: the trainer would start from a fresh init "

@@ -24,10 +24,9 @@ Strategies (``N`` devices on ``axis``, ``Tl = T / N`` local tokens):
   ``o`` and the log-sum-exp are saved. Peak extra memory: the K/V (and, backward,
   dK/dV) chunk in flight. The backward attends to the local chunk first, outside the
   ring loop, and every chunk's gradients accumulate in place into the travelling
-  dK/dV (no zero-initialised loop carry: XLA allocates a loop's initial carry early,
-  and 4 such ``[T/N]`` buffers used to stay live through the whole forward, 10% of
-  the per-device scratch at 128K on 8 devices); block positions come from the chunks'
-  start positions (:func:`local_chunk_starts`), never ``[T/N]`` position vectors.
+  dK/dV (no zero-initialised loop carry: XLA allocates a loop's initial carry early, so
+  such ``[T/N]`` buffers would stay live through the whole forward); block positions come
+  from the chunks' start positions (:func:`local_chunk_starts`), never ``[T/N]`` position vectors.
 * ``"all_gather"``: K/V (and segment ids) all-gathered once, local queries
   attend to all of it; the backward pass reduce-scatters dK/dV (the transpose
   of the all-gather). Simpler and fewer, larger messages: better for short
@@ -65,7 +64,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from longctx.backends.full.ops import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, _check, visible
+from longctx.backends.full.ops import (DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, reference_attention,
+                                       visible)
 
 STRATEGIES = ("ring", "all_gather")
 log = logging.getLogger(__name__)
@@ -502,6 +502,13 @@ def _all_gather_local(c: _Static, q, k, v, qpos, qseg, kseg):
 # ----------------------------------------------------------------------------
 
 
+def _check_args(q, k, v, *, causal, window, segment_ids):
+    """The single-device op's own argument checks (its errors and messages), on shapes only:
+    its public reference traced abstractly by ``jax.eval_shape``, nothing computed."""
+    jax.eval_shape(functools.partial(reference_attention, causal=causal, window=window),
+                   q, k, v, segment_ids=segment_ids)
+
+
 def attention(q, k, v, *, causal=True, scale=None, window=None, segment_ids=None,
               strategy="ring", load_balance=True, axis="sequence", inputs_permuted=False,
               block_q=DEFAULT_BLOCK_Q, block_k=DEFAULT_BLOCK_K):
@@ -512,7 +519,7 @@ def attention(q, k, v, *, causal=True, scale=None, window=None, segment_ids=None
     ``inputs_permuted=True`` (with ``load_balance``): the arrays are already in zigzag
     order and the result stays in it (the model permutes once per forward).
     """
-    _check(q, k, v, causal, window, segment_ids)
+    _check_args(q, k, v, causal=causal, window=window, segment_ids=segment_ids)
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown context-parallel {strategy=!r}; expected one of {STRATEGIES}")
     B, T, Hq, D = q.shape

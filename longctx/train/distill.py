@@ -5,12 +5,12 @@ Knowledge inheritance (Qin et al. 2022): the child's loss is ::
     (1 - a_t) CE(child, targets) + a_t T^2 KL(softmax(parent / T) || softmax(child / T))
 
 per scored token (``loss_mask``), averaged like the plain cross entropy, with
-``a_t = inherit.distill_alpha`` decayed linearly to 0 over ``inherit.distill_steps``
-(:class:`longctx.inherit.config.InheritConfig`); ``T^2`` keeps the KL's gradient on the
+``a_t = distill.alpha`` decayed linearly to 0 over ``distill.steps``
+(:class:`longctx.inherit.distill_config.DistillConfig`); ``T^2`` keeps the KL's gradient on the
 scale of the CE's as ``T`` changes (Hinton et al. 2015). With ``a = 0`` it is exactly
 :func:`longctx.train.step.loss_fn`.
 
-In the trainer (``inherit.distill_alpha > 0``): the parent run directory's config and
+In the trainer (``distill.alpha > 0``): the parent run directory's config and
 newest checkpoint are restored model-only onto the trainer's mesh with the same rules
 (sharded like the child), frozen, and passed to the one jitted step, which runs the
 parent's forward first and puts its logits ``[B, T, vocab]`` into the batch
@@ -28,7 +28,7 @@ from etils import epath
 from flax import nnx
 
 from longctx.config import Config, ConfigError, load_config
-from longctx.inherit.config import InheritConfig
+from longctx.inherit.distill_config import DistillConfig
 from longctx.train.checkpoint import Checkpointer
 from longctx.train.state import TrainState
 from longctx.train.step import _aux_loss
@@ -69,8 +69,8 @@ def distill_loss_fn(model, batch, denom=None, *, alpha, temperature: float = 1.0
 class Distiller:
     """What :func:`longctx.train.step.make_train_step` needs to distil from a parent."""
 
-    def __init__(self, parent_graphdef, icfg: InheritConfig):
-        self.parent_graphdef, self.icfg = parent_graphdef, icfg
+    def __init__(self, parent_graphdef, dcfg: DistillConfig):
+        self.parent_graphdef, self.dcfg = parent_graphdef, dcfg
 
     def parent_logits(self, parent_state, batch):
         """The frozen parent's logits ``[B, T, vocab]`` on the batch (no gradient)."""
@@ -80,21 +80,21 @@ class Distiller:
 
     def loss(self, step):
         """``(model, batch, denom) -> (loss, metrics)`` at optimizer step ``step``."""
-        alpha = self.icfg.alpha(step)
+        alpha = self.dcfg.alpha_at(step)
         return lambda m, b, d: distill_loss_fn(m, b, d, alpha=alpha,
-                                               temperature=self.icfg.temperature)
+                                               temperature=self.dcfg.temperature)
 
 
 def load_parent(cfg: Config, mesh, rules):
-    """``(Distiller, parent_state, parent_sharding)`` for ``cfg.inherit``, on ``mesh``."""
-    icfg = cfg.inherit
-    path = epath.Path(icfg.parent) / "config.yaml"
+    """``(Distiller, parent_state, parent_sharding)`` for ``cfg.distill``, on ``mesh``."""
+    dcfg = cfg.distill
+    path = epath.Path(dcfg.parent) / "config.yaml"
     if not path.exists():
-        raise ConfigError(f"inherit.parent={icfg.parent!r}: no config.yaml there (expected "
+        raise ConfigError(f"distill.parent={dcfg.parent!r}: no config.yaml there (expected "
                           "a longctx run directory)")
     pcfg = load_config(str(path))
     if pcfg.model.vocab_size != cfg.model.vocab_size:
-        raise ConfigError(f"inherit.parent has vocab_size={pcfg.model.vocab_size}; the "
+        raise ConfigError(f"distill.parent has vocab_size={pcfg.model.vocab_size}; the "
                           f"child has model.vocab_size={cfg.model.vocab_size}")
     for name, m in (("parent", pcfg.model), ("child", cfg.model)):
         if m.segment_len and cfg.data.seq_len > m.segment_len:
@@ -104,11 +104,11 @@ def load_parent(cfg: Config, mesh, rules):
     if cfg.train.loss_chunk_size:
         raise ConfigError(f"distillation compares full logits; train.loss_chunk_size="
                           f"{cfg.train.loss_chunk_size} (chunked cross entropy) cannot be "
-                          "combined with inherit.distill_alpha > 0: set it to 0")
+                          "combined with distill.alpha > 0: set it to 0")
     ts = TrainState.create(pcfg, mesh, rules, with_optimizer=False)
-    ckpt = Checkpointer(str(epath.Path(icfg.parent) / "checkpoints"), async_save=False)
+    ckpt = Checkpointer(str(epath.Path(dcfg.parent) / "checkpoints"), async_save=False)
     restored = ts.restore(ckpt)
     ckpt.close()
     if restored is None:
-        raise ConfigError(f"inherit.parent={icfg.parent!r}: no readable checkpoint")
-    return Distiller(ts.graphdef, icfg), ts.state, ts.sharding
+        raise ConfigError(f"distill.parent={dcfg.parent!r}: no readable checkpoint")
+    return Distiller(ts.graphdef, dcfg), ts.state, ts.sharding

@@ -182,13 +182,13 @@ def train(cfg: Config, *, progress: bool = True, stop_at_step: int | None = None
         ckpt.save(step, nnx.to_pure_dict(state), {"input": train_it.get_state(), "step": step},
                   wait=wait)
 
-    # -- distillation: a frozen parent, sharded like the child (inherit section) -----
+    # -- distillation: a frozen parent, sharded like the child (distill section) -----
     distiller, parent_args, parent_shardings = None, (), ()
-    if cfg.inherit.distill_alpha > 0:
+    if cfg.distill.enabled:
         distiller, parent_state, parent_sharding = distill.load_parent(cfg, mesh, rules)
         parent_args, parent_shardings = (parent_state,), (parent_sharding,)
-        log.info("distilling from %s (alpha %.3g over %d steps)", cfg.inherit.parent,
-                 cfg.inherit.distill_alpha, cfg.inherit.distill_steps)
+        log.info("distilling from %s (alpha %.3g over %d steps)", cfg.distill.parent,
+                 cfg.distill.alpha, cfg.distill.steps)
 
     # -- the update step: one jit over the mesh, state donated ---------------------------
     train_step = jit_train_step(cfg, ts, mesh, rules, distiller, parent_shardings)

@@ -33,12 +33,9 @@ class FullConfig:
     # device the same. Used only when every layer is `full` with conv_size 0 (recurrences and
     # convolutions need natural order); otherwise the split is contiguous.
     cp_load_balance: bool = True
-    # Pretrained architectures (longctx.hf): biases of the q/k/v projections (Qwen2; Llama's
-    # attention_bias sets both), of the output projection, and an RMSNorm over head_dim on q and
-    # k before RoPE (Qwen3, eps model.norm_eps). Every layer of exact attention has them.
-    qkv_bias: bool = False
-    out_bias: bool = False
-    qk_norm: bool = False
+    qkv_bias: bool = False  # biases of the q/k/v projections of every full layer (Qwen2; Llama)
+    out_bias: bool = False  # bias of the output projection (Llama's attention_bias)
+    qk_norm: bool = False  # RMSNorm over head_dim on q and k before RoPE (Qwen3; model.norm_eps)
 
     def validate(self, prefix: str = "model.attention") -> None:
         require(self.impl in IMPLS, f"{prefix}.impl={self.impl!r}; expected one of {IMPLS}")

@@ -35,8 +35,9 @@ from flax import nnx
 from longctx.backends.base import Mixer, MixerDims, causal_pairs
 from longctx.backends.full import ops as full_attention
 from longctx.backends.full.config import FullConfig
-from longctx.layers import DTYPES, RMSNorm, causal_conv, param, rope
+from longctx.layers import DTYPES, RMSNorm, causal_conv, param
 from longctx.parallel import context
+from longctx.rope import rope
 
 
 class FullAttention(Mixer):

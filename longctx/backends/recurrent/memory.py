@@ -10,10 +10,10 @@ them is :mod:`longctx.backends.recurrent.mixer`.
 
 from __future__ import annotations
 
+import einops
 import jax
 import jax.numpy as jnp
 
-from longctx.backends.full import ops as full_ops
 
 EPS = 1e-6  # guards s(Q) z = 0 (an empty memory reads as 0)
 
@@ -60,7 +60,7 @@ def knn_read(q0, knn, seg_start, ids, rec):
     reads 0. Returns ``[B, S, H, D]`` float32.
     """
     K, D = knn["k"].shape[2], q0.shape[-1]
-    qg = full_ops._grouped(q0, K)  # [B, K, G, S, D]
+    qg = einops.rearrange(q0, "b s (k g) d -> b k g s d", k=K)  # GQA groups per kv head
     s = jnp.einsum("bkgsd,blkd->bkgsl", qg, knn["k"].astype(q0.dtype),
                    preferred_element_type=jnp.float32) * D**-0.5
     k_pos = knn["pos"][:, None, None, None, :]
@@ -73,11 +73,12 @@ def knn_read(q0, knn, seg_start, ids, rec):
     else:
         top, idx = jax.lax.top_k(s, rec.knn_topk)  # [B, K, G, S, k]
     vals = gather_rows(knn["v"].astype(jnp.float32), idx)  # [B, K, G, S, k, D]
-    p = jnp.exp(top - full_ops._safe_softmax_stats(top)[..., None])
+    m = jnp.max(top, axis=-1, keepdims=True)
+    p = jnp.exp(top - jnp.where(jnp.isfinite(m), m, 0.0))  # a row with nothing visible: 0
     l = jnp.sum(p, axis=-1, keepdims=True)
     p = p / jnp.where(l == 0, 1.0, l)
     o = jnp.einsum("bkgsn,bkgsnd->bkgsd", p, vals)
-    return full_ops._ungrouped(o)
+    return einops.rearrange(o, "b k g s d -> b s (k g) d")
 
 
 def with_memory_tokens(q, k_ring, v_ring, mask, ids, mem, ring_mask, positions, seg_start):
