@@ -2,7 +2,7 @@
 
     y = rope(x, positions, theta=1e4, scaling=RopeScalingConfig(type="yarn", ...))
 
-The frequencies of the static types (``none``, ``linear``, ``yarn``, ``llama3``)
+The frequencies of the static types (``none``, ``linear``, ``ntk``, ``yarn``, ``llama3``)
 are computed once in float64 numpy from the formulas of
 ``transformers.modeling_rope_utils`` (see :mod:`longctx.rope_config`);
 ``dynamic`` depends on the length of the call and is computed in the graph.
@@ -17,7 +17,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from longctx.rope_config import RopeScalingConfig
+from longctx.rope_config import RopeScalingConfig, ntk_theta
 
 
 def _as_section(scaling: RopeScalingConfig | None) -> RopeScalingConfig:
@@ -43,6 +43,8 @@ def rope_frequencies(head_dim: int, theta: float, scaling) -> tuple[np.ndarray, 
         return inv, 1.0
     if s.type == "linear":
         return inv / s.factor, 1.0
+    if s.type == "ntk":
+        return 1.0 / ntk_theta(theta, s.factor, D) ** exponents, 1.0
     L, f = s.original_max_position_embeddings, s.factor
     if s.type == "llama3":
         low_wl, high_wl = L / s.low_freq_factor, L / s.high_freq_factor

@@ -2,10 +2,16 @@
 
 The types are Hugging Face's (``transformers.modeling_rope_utils``), with the
 same parameter names and defaults, so that a checkpoint's ``rope_parameters``
-(``rope_scaling`` before transformers 5) map one to one:
+(``rope_scaling`` before transformers 5) map one to one; ``ntk`` is the one type
+Hugging Face does not have:
 
 * ``none``: plain RoPE, ``inv_freq_i = theta^(-2i/D)``.
 * ``linear``: position interpolation (Chen et al. 2023), ``inv_freq / factor``.
+* ``ntk``: NTK-aware scaling (bloc97 2023; eq. 16 of the YaRN paper): a fixed base
+  change, ``theta`` becomes ``theta * factor ^ (D / (D - 2))`` (``D`` the head dimension),
+  which keeps the fastest frequency and divides the slowest by ``factor``. Hugging Face
+  has no such type (it is the static form of ``dynamic``); a model exports as plain RoPE
+  with that ``rope_theta`` (:func:`ntk_theta`).
 * ``dynamic``: dynamic NTK (bloc97 / emozilla): when the sequence (max position
   + 1 of the call) exceeds ``original_max_position_embeddings = L``, ``theta``
   becomes ``theta * (factor * T / L - (factor - 1)) ^ (D / (D - 2))``.
@@ -27,14 +33,14 @@ from dataclasses import dataclass
 
 from longctx.errors import require
 
-ROPE_TYPES = ("none", "linear", "dynamic", "yarn", "llama3")
+ROPE_TYPES = ("none", "linear", "ntk", "dynamic", "yarn", "llama3")
 ROPE_LAYOUTS = ("half", "interleaved")  # rotate-half (GPT-NeoX, HF Llama) | pairs (GPT-J, Meta)
 
 
 @dataclass(frozen=True)
 class RopeScalingConfig:
-    type: str = "none"  # none | linear | dynamic | yarn | llama3 (Hugging Face's definitions)
-    factor: float = 1.0  # context extension factor (linear, dynamic, yarn, llama3)
+    type: str = "none"  # none | linear | ntk | dynamic | yarn | llama3 (module docstring)
+    factor: float = 1.0  # context extension factor (linear, ntk, dynamic, yarn, llama3)
     # Pre-training length L (dynamic, yarn, llama3); HF: original_max_position_embeddings
     # (dynamic: the model's max_position_embeddings).
     original_max_position_embeddings: int | None = None
@@ -51,6 +57,10 @@ class RopeScalingConfig:
         require(self.type in ROPE_TYPES,
                 f"{prefix}.type={self.type!r}; expected one of {ROPE_TYPES}")
         require(self.factor > 0, f"{prefix}.factor={self.factor} must be > 0")
+        # a base change by factor < 1 would shorten the wavelengths: not an extension
+        require(self.type != "ntk" or self.factor >= 1,
+                f"{prefix}.factor={self.factor} with type 'ntk' must be >= 1 (the context "
+                "extension factor)")
         if self.type in ("dynamic", "yarn", "llama3"):
             L = self.original_max_position_embeddings
             require(L is not None and L >= 1,
@@ -63,3 +73,14 @@ class RopeScalingConfig:
         if self.type == "yarn":
             require(self.beta_fast > 0 and self.beta_slow > 0,
                     f"{prefix}.beta_fast={self.beta_fast}, beta_slow={self.beta_slow} must be > 0")
+
+
+def ntk_theta(theta: float, factor: float, head_dim: int) -> float:
+    """NTK-aware RoPE base: ``theta * factor ^ (D / (D - 2))`` (YaRN paper, eq. 16).
+
+    The exponent makes the slowest frequency ``theta^(-(D - 2) / D)`` exactly ``factor``
+    times slower (interpolated) while the fastest, ``1``, is kept (extrapolated).
+    """
+    if head_dim < 4 or head_dim % 2:
+        raise ValueError(f"ntk_theta: {head_dim=} must be even and >= 4")
+    return float(theta) * float(factor) ** (head_dim / (head_dim - 2))

@@ -243,8 +243,8 @@ def test_rope_scaling_section_and_interleaved_layout_export(tmp_path):
     assert (s.type, s.factor) == ("linear", 4.0)
     with pytest.raises(ConfigError, match=r"model.rope_scaling=4: expected a mapping .*factor"):
         load_config(None, ["model.rope_scaling=4"])
-    with pytest.raises(ConfigError, match="model.rope_scaling.type='ntk'"):
-        load_config(None, ["model.rope_scaling.type=ntk"])
+    with pytest.raises(ConfigError, match="model.rope_scaling.type='ntk_by_parts'"):
+        load_config(None, ["model.rope_scaling.type=ntk_by_parts"])
     with pytest.raises(ConfigError, match="original_max_position_embeddings"):
         load_config(None, ["model.rope_scaling.type=yarn"])
     m = load_config(None, ["model.vocab_size=128", "model.d_model=32", "model.n_layers=1",

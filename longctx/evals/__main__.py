@@ -1,4 +1,4 @@
-"""python -m longctx.evals --run-dir DIR --task passkey|mqar|ruler|perplexity --lengths L [L ...]"""
+"""python -m longctx.evals --run-dir DIR --task passkey|mqar|ruler|perplexity|passkey_text --lengths L [L ...]"""
 
 import argparse
 import logging
@@ -30,14 +30,16 @@ def main(argv=None):
                    help="ruler: a subset of the suite (default: all)")
     p.add_argument("--data", default=None,
                    help="perplexity: held-out .bin file(s) or prepared directory "
-                        "(default: the run's data.eval_path)")
+                        "(default: the run's data.eval_path); passkey_text: the haystack")
+    p.add_argument("--tokenizer", default=None,
+                   help="passkey_text: tokenizer.json or Hugging Face directory (default: bytes)")
     p.add_argument("--out", default=None, help="JSONL (default: RUN_DIR/eval_TASK.jsonl)")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. 'model.rope_scaling={type: linear, factor: 4}'")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, force=True)
     rows = run(args.run_dir, task=args.task, lengths=args.lengths, depths=args.depths,
                examples=args.examples, overrides=args.overrides, out=args.out,
-               ruler_tasks=args.ruler_tasks, data=args.data)
+               ruler_tasks=args.ruler_tasks, data=args.data, tokenizer=args.tokenizer)
     if args.task == "ruler":
         print(_table(rows, ["subtask", "length", "depth", "exact_match", "accuracy",
                             "answer_logprob"]))
@@ -47,7 +49,8 @@ def main(argv=None):
     elif args.task == "perplexity":
         print(_table(rows, ["length", "pos_lo", "pos_hi", "loss", "ppl", "beyond_trained"]))
     else:
-        keys = [k for k in ("length", "depth", "accuracy", "exact_match") if k in rows[0]]
+        keys = [k for k in ("length", "depth", "accuracy", "exact_match", "answer_logprob")
+                if k in rows[0]]
         print(_table(rows, keys))
     return rows
 

@@ -1,11 +1,13 @@
 """Long-context evaluations of a trained checkpoint: passkey by depth and length, MQAR,
 the RULER-style suite (``longctx/evals/ruler.py``), perplexity by position
-(``longctx/evals/perplexity.py``).
+(``longctx/evals/perplexity.py``), passkey retrieval in held-out text
+(``longctx/evals/passkey_text.py``).
 
     python -m longctx.evals --run-dir runs/tiny --task mqar --lengths 64 128
     python -m longctx.evals --run-dir runs/passkey --task passkey --lengths 256 1024 4096
     python -m longctx.evals --run-dir runs/ruler --task ruler --lengths 256 1024 --depths 0 0.5 1
     python -m longctx.evals --run-dir runs/text --task perplexity --lengths 1024 --data DIR
+    python -m longctx.evals --run-dir runs/text --task passkey_text --lengths 1024 --tokenizer TOK
 
 The run directory is the trainer's: its ``config.yaml`` rebuilds the model and the
 newest readable checkpoint in ``checkpoints/`` supplies the parameters (the model's
@@ -20,6 +22,8 @@ trained at.
   the needle in the haystack), ``--examples`` sequences; reports the accuracy of
   the passkey digits (per digit) and the exact-match rate (all digits right).
 * mqar: accuracy at the query positions, per length.
+* passkey_text: the passkey phrases written out in held-out text (``--data`` or
+  ``data.eval_path``), encoded by ``--tokenizer`` (default: UTF-8 bytes), by length and depth.
 """
 
 from __future__ import annotations
@@ -34,7 +38,9 @@ from etils import epath
 
 from longctx.config import load_config, with_overrides
 from longctx.data import synthetic
-from longctx.evals.perplexity import perplexity_eval
+from longctx.data.ruler_text import tokenizer_encoder
+from longctx.evals.passkey_text import passkey_text_eval
+from longctx.evals.perplexity import load_tokens, perplexity_eval
 from longctx.evals.ruler import ruler_eval
 from longctx.parallel import sharding as shd
 from longctx.train.checkpoint import Checkpointer
@@ -109,16 +115,18 @@ def mqar_eval(model, cfg, *, lengths, examples, batch_size=8):
     return rows
 
 
-TASKS = ("passkey", "mqar", "ruler", "perplexity")
+TASKS = ("passkey", "mqar", "ruler", "perplexity", "passkey_text")
 
 
 def run(run_dir, *, task, lengths, depths=(0.0, 0.25, 0.5, 0.75, 1.0), examples=32,
-        overrides=(), out=None, ruler_tasks=None, data=None):
+        overrides=(), out=None, ruler_tasks=None, data=None, tokenizer=None):
     """Evaluate ``run_dir``'s newest checkpoint on ``task`` at every length; rows, also
     appended to ``out`` (default ``RUN_DIR/eval_TASK.jsonl``).
 
     ``ruler_tasks``: a subset of the RULER suite (default all); ``data``: held-out
-    tokens for ``perplexity`` (default the run's ``data.eval_path``).
+    tokens for ``perplexity`` and ``passkey_text`` (default the run's ``data.eval_path``);
+    ``tokenizer``: ``passkey_text``'s (a ``tokenizer.json`` or Hugging Face directory;
+    default UTF-8 bytes).
     """
     if task not in TASKS:
         raise ValueError(f"unknown eval task {task!r}; expected one of {TASKS}")
@@ -132,8 +140,16 @@ def run(run_dir, *, task, lengths, depths=(0.0, 0.25, 0.5, 0.75, 1.0), examples=
     elif task == "ruler":
         rows = ruler_eval(model, cfg, lengths=lengths, depths=depths, examples=examples,
                           tasks=ruler_tasks)
-    else:
+    elif task == "perplexity":
         rows = perplexity_eval(model, cfg, lengths=lengths, examples=examples, path=data)
+    else:
+        path = data or cfg.data.eval_path
+        if path is None:
+            raise ValueError("passkey_text: no held-out text: set data.eval_path (or --data)")
+        rows = passkey_text_eval(
+            model, load_tokens(path, dtype=cfg.data.token_dtype, vocab_size=cfg.model.vocab_size),
+            lengths=lengths, depths=depths, examples=examples, vocab_size=cfg.model.vocab_size,
+            seed=cfg.data.eval_seed, encode=tokenizer and tokenizer_encoder(tokenizer))
     for r in rows:
         r.update(step=step, trained_seq_len=cfg.data.seq_len)
     out = out or os.path.join(run_dir, f"eval_{task}.jsonl")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from longctx.config import AttentionConfig, ModelConfig, MoEConfig, validate_model
 from longctx.errors import ConfigError
-from longctx.rope_config import RopeScalingConfig
+from longctx.rope_config import RopeScalingConfig, ntk_theta
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                  "Qwen3ForCausalLM", "MixtralForCausalLM", "Qwen3MoeForCausalLM")
@@ -184,6 +184,9 @@ def _check_expressible(m: ModelConfig, arch: str) -> None:
 
 def _rope_to_hf(m: ModelConfig) -> dict:
     s = m.rope_scaling
+    if s.type == "ntk":  # no HF type: the same frequencies are plain RoPE of a larger base
+        return {"rope_type": "default",
+                "rope_theta": ntk_theta(m.rope_theta, s.factor, m.resolved_head_dim)}
     out = {"rope_type": "default" if s.type == "none" else s.type, "rope_theta": m.rope_theta}
     if s.type == "none":
         return out
