@@ -127,8 +127,9 @@ def compile_step(cfg, target, *, save: str | None = None) -> dict:
     from longctx.train.loop import batch_spec, jit_train_step
     from longctx.train.state import TrainState
 
-    if cfg.inherit.distill_alpha > 0:
-        raise BadInput("compile does not take a distillation parent (inherit.distill_alpha > 0)")
+    if cfg.distill.enabled:
+        raise BadInput(f"compile does not take a distillation parent (distill.alpha="
+                       f"{cfg.distill.alpha} > 0); compile the child's config without it")
     devs = targets.devices(target)
     fixed = math.prod(n for n in {**cfg.mesh.ici}.values()) * math.prod(cfg.mesh.dcn.values())
     if target.platform == "cpu" and 0 < fixed < len(devs):  # this machine: the first ones
