@@ -231,7 +231,6 @@ def plot(rows, path):
             ax.axvline(l0, color="k", ls=":", lw=0.9, label=f"trained length {l0}")
             ax.axvline(s * l0, color="grey", ls="--", lw=0.7, label=f"s·l0 = {int(s * l0)}")
             ax.set_xscale("log", base=2)
-            ax.set_ylim(top=min(ax.get_ylim()[1], 8.0 / key_unit[1]))
             ax.set(title=f"s = {s:g}, {ph.replace('_', ' ')} (evaluated at {L})",
                    xlabel="position", ylabel=f"loss ({key_unit[0]})")
             ax.grid(True, which="both", alpha=0.3)
