@@ -77,24 +77,13 @@ import time
 import traceback
 
 
-MESH_AXES = ("data", "fsdp", "tensor", "expert", "sequence")  # longctx.parallel.axes (no jax yet)
+# jax is imported by these but no backend starts before the XLA_FLAGS below are set
+from longctx.compile import parse_mesh as compile_parse_mesh  # noqa: E402
 
 
 def parse_mesh(spec: str | None) -> dict[str, int]:
     """``"sequence=8"`` / ``"data=2,sequence=4"`` -> ``{axis: size}`` (``{}`` for None)."""
-    out = {}
-    for part in (spec or "").split(","):
-        if not part.strip():
-            continue
-        axis, _, size = part.partition("=")
-        axis = axis.strip()
-        if axis not in MESH_AXES or not size.strip().isdigit() or int(size) < 1:
-            raise ValueError(f"--mesh {spec!r}: {part!r} is not AXIS=N with AXIS one of "
-                             f"{MESH_AXES} and N >= 1")
-        if axis in out:
-            raise ValueError(f"--mesh {spec!r}: axis {axis!r} given twice")
-        out[axis] = int(size)
-    return out
+    return compile_parse_mesh(spec, allow_rest=False)
 
 
 def _mesh_devices(argv) -> int:
@@ -136,9 +125,6 @@ from longctx.parallel import sharding as shd  # noqa: E402
 from longctx.train import make_optimizer, make_train_step, train  # noqa: E402
 from longctx.train import metrics as M  # noqa: E402
 from longctx.train.state import TrainState  # noqa: E402
-from longctx.parallel.axes import MESH_AXES as _AXES  # noqa: E402
-
-assert MESH_AXES == _AXES, "context_sweep.MESH_AXES must follow longctx.parallel.axes"
 
 # Named backend overlays: what each row of the frontier means.
 SPECS = {

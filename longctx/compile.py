@@ -39,10 +39,11 @@ import re
 import sys
 import time
 
+from longctx.parallel.axes import MESH_AXES
+
 KEYS = ("target", "platform", "device_kind", "devices", "mesh", "argument_bytes",
         "output_bytes", "temp_bytes", "alias_bytes", "device_bytes", "memory_bytes", "fits",
         "compile_s", "model_flops", "roofline_step_s", "custom_calls")
-MESH_AXES = ("data", "fsdp", "tensor", "expert", "sequence")  # longctx.parallel.axes
 
 log = logging.getLogger(__name__)
 
@@ -51,16 +52,19 @@ class BadInput(ValueError):
     """Input that cannot describe a compile (exit status 2)."""
 
 
-def parse_mesh(spec: str | None) -> dict[str, int]:
-    """``"fsdp=4"`` / ``"data=-1,tensor=2"`` -> ``{axis: size}`` (``{}`` for None)."""
+def parse_mesh(spec: str | None, *, allow_rest: bool = True) -> dict[str, int]:
+    """``"fsdp=4"`` / ``"data=-1,tensor=2"`` -> ``{axis: size}`` (``{}`` for None);
+    ``allow_rest``: one size may be -1 (the devices left over)."""
     out = {}
     for part in (spec or "").split(","):
         if not part.strip():
             continue
         axis, _, size = (x.strip() for x in part.partition("="))
-        if axis not in MESH_AXES or not re.fullmatch(r"-1|[1-9]\d*", size):
+        ok = re.fullmatch(r"-1|[1-9]\d*" if allow_rest else r"[1-9]\d*", size)
+        if axis not in MESH_AXES or not ok:
             raise BadInput(f"--mesh {spec!r}: {part!r} is not AXIS=N with AXIS one of "
-                           f"{MESH_AXES} and N >= 1 (or -1: the devices left over)")
+                           f"{MESH_AXES} and N >= 1" + (" (or -1: the devices left over)"
+                                                        if allow_rest else ""))
         if axis in out:
             raise BadInput(f"--mesh {spec!r}: axis {axis!r} given twice")
         out[axis] = int(size)

@@ -1,7 +1,7 @@
 """Compile-only NVIDIA GPUs: XLA's ``GpuTargetConfigProto`` for each GPU longctx targets.
 
 XLA compiles for a GPU it cannot see when given that GPU's description (a
-``GpuTargetConfigProto`` in protobuf text form) through
+``GpuTargetConfigProto`` in protobuf text form; :func:`longctx.targets.devices` passes it) through
 ``jax.experimental.topologies.get_topology_desc(platform="cuda", target_config=TEXT,
 topology="SLICESxHOSTSxGPUS")``; it needs the CUDA plugin (``pip install -e '.[gpu]'``,
 ``jax[cuda12]`` of the pinned jax) but no GPU. Triton / Pallas kernels are compiled
@@ -64,19 +64,3 @@ def target_config(chip: str) -> str:
             f"platform_name: \"CUDA\"\n"
             f"dnn_version_info {{\n  major: 9\n  minor: 8\n  patch: 0\n}}\n"
             f"device_description_str: \"{s.name}\"\n")
-
-
-def devices(target) -> list:
-    """Compile-only devices of ``target`` (a :class:`longctx.targets.Target` on ``gpu``)."""
-    from jax.experimental import topologies
-
-    try:
-        topo = topologies.get_topology_desc(platform="cuda", topology_name=target.chip.name,
-                                            target_config=target_config(target.chip.name),
-                                            topology=target.topology)
-    except Exception as e:  # noqa: BLE001 -- re-raised with what to do
-        raise RuntimeError(
-            f"cannot make compile-only GPU devices for {target.name!r}: {type(e).__name__}: "
-            f"{str(e).splitlines()[0][:300]}. Install the CUDA plugin with "
-            f"pip install -e '.[gpu]' (jax[cuda12] of the pinned jax)") from e
-    return list(topo.devices)

@@ -26,6 +26,8 @@ import re
 
 import jax
 
+from longctx import gpu_targets
+
 GPU_PLATFORMS = {"cuda": "gpu", "rocm": "gpu", "gpu": "gpu"}
 
 
@@ -210,15 +212,16 @@ def devices(target: Target) -> list:
         return list(jax.devices("cpu"))
     if target.platform == "tpu":
         _tpu_env()
-        try:
-            topo = topologies.get_topology_desc(platform="tpu", topology_name=target.topology,
-                                                num_slices=target.num_slices)
-        except Exception as e:  # noqa: BLE001 -- re-raised with what to do
-            raise RuntimeError(
-                f"cannot make compile-only TPU devices for {target.name!r} ({target.topology}): "
-                f"{type(e).__name__}: {str(e).splitlines()[0][:300]}. Install libtpu with "
-                f"pip install -e '.[tpu]' (jax[tpu] of the pinned jax)") from e
-        return list(topo.devices)
-    from longctx import gpu_targets
-
-    return gpu_targets.devices(target)
+        extra, kw = "tpu", dict(platform="tpu", topology_name=target.topology,
+                                num_slices=target.num_slices)
+    else:
+        extra, kw = "gpu", dict(platform="cuda", topology_name=target.chip.name,
+                                target_config=gpu_targets.target_config(target.chip.name),
+                                topology=target.topology)
+    try:
+        return list(topologies.get_topology_desc(**kw).devices)
+    except Exception as e:  # noqa: BLE001 -- re-raised with what to do
+        raise RuntimeError(
+            f"cannot make compile-only {target.platform.upper()} devices for {target.name!r} "
+            f"({target.topology}): {type(e).__name__}: {str(e).splitlines()[0][:300]}. "
+            f"Install the compiler with pip install -e '.[{extra}]' (of the pinned jax)") from e
