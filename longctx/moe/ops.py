@@ -21,10 +21,9 @@ Token choice (every token picks its k experts):
     ``jax.lax.ragged_dot`` (native grouped GEMM on TPU / GPU) or ``blocks`` (the
     sorted slots padded per expert to blocks of ``m`` rows, each block one
     batched matmul with its expert's weights). On CPU ``ragged_dot`` lowers to
-    a masked dense product over all E experts (E x the FLOPs) and measured
-    about 4x slower than ``blocks`` (E=8, k=2, 2048-4096 tokens, d=128, f=256,
-    fwd+bwd; ``python -m experiments.bench_moe``), so ``impl="auto"`` picks
-    ``blocks`` on CPU and ``ragged_dot`` on GPU / TPU.
+    a masked dense product over all E experts (E x the FLOPs), several times slower
+    than ``blocks`` (``python -m experiments.bench_moe``), so ``impl="auto"`` picks
+    ``blocks`` when compiling for CPU and ``ragged_dot`` for GPU / TPU.
   - ``expert_parallel_moe``: experts sharded over the ``expert`` mesh axis and
     token buffers exchanged by ``jax.lax.all_to_all`` inside ``jax.shard_map``,
     with fixed-capacity buffers per destination (ragged all-to-all does not run
@@ -253,7 +252,7 @@ def dropless_moe(x, experts, weights, w_gate, w_up, w_down, *, impl: str = "auto
     slots, ``jax.lax.ragged_dot`` with the group sizes), ``blocks`` (each
     expert's rows padded to a multiple of ``block_size``; block b is a batched
     matmul with the weights of its expert), ``auto`` (``blocks`` on CPU where it
-    is about 4x faster, ``ragged_dot`` on GPU / TPU).
+    is faster, ``ragged_dot`` on GPU / TPU; by the platform compiled for).
     """
     N, k = experts.shape
     D = x.shape[-1]

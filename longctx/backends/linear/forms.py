@@ -42,13 +42,13 @@ DIAGONAL_SCAN = "scan"
 # Chunks per scan step of the chunk form (None: all chunks in one step), by the platform
 # compiled for. A step materialises its chunks' intermediates (scores, decays, WY / UT
 # factors: several [C, C] and [C, K] per chunk and head) at once, forward and backward;
-# all chunks in one step keeps them for the whole sequence, 6-7x the scratch of 8 chunks
-# per step (delta rule, fwd+bwd; it made gated DeltaNet need 2.6x exact attention's
-# memory on a TPU). Steps are checkpointed, so what lives across steps is only their
-# start states: scratch per token is flat in T and within 5% of 8 per step at 16
-# (tests/test_linear_attention.py). CPU: 8 (a step's working set must stay in cache);
-# GPU / TPU: 16, the most that keeps the scratch of 8 while a step still batches
-# B x H x 16 chunk matmuls. The fused fast path on accelerators is the Pallas kernels.
+# all chunks in one step keeps them for the whole sequence, several times the scratch of 8
+# chunks per step (it made gated DeltaNet need far more memory than exact attention on a
+# TPU). Steps are checkpointed, so what lives across steps is only their start states:
+# scratch per token is flat in T and close to 8 per step at 16 (tests/test_linear_attention.py
+# checks both). CPU: 8 (a step's working set must stay in cache); GPU / TPU: 16, the most
+# that keeps the scratch of 8 while a step still batches B x H x 16 chunk matmuls. The
+# fused fast path on accelerators is the Pallas kernels.
 CHUNKS_PER_STEP = {"cpu": 8, "gpu": 16, "tpu": 16}
 # Checkpoint each step (the backward recomputes its blocks from the step's inputs and
 # start state) instead of storing the blocks' residuals: faster on CPU (less memory

@@ -184,12 +184,11 @@ _FORM_LOGGED: set = set()
 def segment_form(form: str) -> str:
     """``model.attention.linear.form`` -> the form the mixers run a multi-token segment with.
 
-    ``auto``: ``chunk_scan`` (chunks one after another) on CPU, where the parallel
-    ``chunk`` form (8 chunks per step on CPU) measured no clear win: 1.1-1.5x faster by
-    wall time at 16K-64K but 0.84-0.91x by CPU time, and 0.74x at 256K, on a shared
-    2-core machine (``python -m experiments.bench_linear``; README, *Linear family*);
-    ``chunk`` on GPU / TPU (every chunk in one step),
-    where all chunks' matmuls in one batch is the point. Logged once per choice.
+    ``auto``, by the platform compiled for (:func:`longctx.targets.platform`):
+    ``chunk_scan`` (chunks one after another) on CPU, where the parallel ``chunk`` form
+    showed no clear win by CPU time (``python -m experiments.bench_linear``;
+    docs/results/linear_forms.md); ``chunk`` on GPU / TPU, where many chunks' matmuls in
+    one batch is the point. Logged once per choice.
     """
     if form != "auto":
         return form
