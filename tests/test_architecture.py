@@ -54,8 +54,6 @@ PRIVATE_READS_TO_FIX = {
     # and helpers (to become that module's public kernel-building API)
     *(("longctx.kernels.delta_rule", f"longctx.kernels.linear_attention.{n}")
       for n in ("_chunk", "_chunk_bwd", "_decays", "_exp_if", "_prepare", "_spec")),
-    # train/step.py's lane: the distillation loss adds the model's aux losses as loss_fn does
-    ("longctx.train.distill", "longctx.train.step._aux_loss"),
 }
 
 

@@ -31,7 +31,7 @@ from longctx.config import Config, ConfigError, load_config
 from longctx.inherit.distill_config import DistillConfig
 from longctx.train.checkpoint import Checkpointer
 from longctx.train.state import TrainState
-from longctx.train.step import _aux_loss
+from longctx.train.step import aux_loss
 
 
 def distill_terms(logits, parent_logits, targets, mask, *, temperature: float = 1.0):
@@ -61,7 +61,7 @@ def distill_loss_fn(model, batch, denom=None, *, alpha, temperature: float = 1.0
     ce, kl = distill_terms(logits, batch["parent_logits"], batch["targets"], mask,
                            temperature=temperature)
     correct = ((jnp.argmax(logits, -1) == batch["targets"]) * mask).sum()
-    loss = ((1.0 - alpha) * ce + alpha * kl) / denom + _aux_loss(aux)
+    loss = ((1.0 - alpha) * ce + alpha * kl) / denom + aux_loss(aux)
     return loss, {"loss": loss, "accuracy": correct / denom, "ce": ce / denom,
                   "kl": kl / denom, "distill_alpha": jnp.asarray(alpha, jnp.float32), **aux}
 

@@ -31,7 +31,7 @@ def _metrics_of(model, x, batch, mask, chunk_size):
     return chunked_cross_entropy(head, x, batch["targets"], mask, chunk_size=chunk_size)
 
 
-def _aux_loss(aux) -> jax.Array:
+def aux_loss(aux) -> jax.Array:
     """The sum of the ``*_loss`` terms a model reports in ``aux`` (already weighted)."""
     return sum(v for k, v in aux.items() if k.endswith("_loss"))
 
@@ -48,7 +48,7 @@ def loss_fn(model, batch, denom=None, *, chunk_size: int = 0):
     mask = batch["loss_mask"].astype(jnp.float32)
     denom = jnp.maximum(mask.sum(), 1.0) if denom is None else denom
     ce, correct = _metrics_of(model, x, batch, mask, chunk_size)
-    loss = ce / denom + _aux_loss(aux)
+    loss = ce / denom + aux_loss(aux)
     return loss, {"loss": loss, "accuracy": correct / denom, **aux}
 
 
@@ -97,7 +97,7 @@ def segment_value_and_grad(model_def, model_state, batch, denom, *, grads: bool 
             segment, ps, state, data, w * k + jnp.arange(k, dtype=jnp.int32),
             segment_len=N, bptt=cfg.bptt_segments)
         aux = jax.tree.map(lambda a: jnp.sum(a, axis=0), aux)  # this window's share of the mean
-        loss = ce.sum() / denom + _aux_loss(aux)
+        loss = ce.sum() / denom + aux_loss(aux)
         return loss, (state, correct.sum(), aux)
 
     window = jax.value_and_grad(window_loss, has_aux=True) if grads else None
