@@ -140,7 +140,7 @@ def compile_step(cfg, target, *, save: str | None = None) -> dict:
         devs = devs[:fixed]
     try:
         mesh = shd.make_mesh(cfg.mesh.ici, cfg.mesh.dcn, devices=devs)
-    except ValueError as e:
+    except (ValueError, NotImplementedError) as e:  # (the latter: no torus assignment)
         raise BadInput(f"mesh {dict(cfg.mesh.ici)} (dcn {dict(cfg.mesh.dcn)}) does not fit "
                        f"the {len(devs)} devices of {target.name!r}: {e}") from e
     rules = {**shd.DEFAULT_RULES, **cfg.mesh.rules}
