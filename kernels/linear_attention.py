@@ -146,25 +146,49 @@ def _exp_if(x, ok):
 
 
 def gate_views(gates, C):
-    """``(b, r [C, Kg], D)``: the column gates and the in-chunk decays
-    ``D_ij(d) = exp(b_i(d) - b_j(d)) [j <= i, r_i == r_j]``: ``[C, C]`` for a scalar gate
-    (from the packed ``[2, C]`` block), ``[C, C, K]`` per key (masked before the exp)."""
-    causal = iota((C, C), 0) >= iota((C, C), 1)
+    """``(b, r [C, Kg], D)``: the column gates and, for a scalar gate (packed ``[2, C]``
+    block), the in-chunk decays ``D_ij = exp(b_i - b_j) [j <= i, r_i == r_j]`` ``[C, C]``
+    (masked before the exp); per key (``b, r [C, K]``) ``D`` is None: see :func:`_key_rows`."""
     if len(gates) == 1:  # packed scalar gate: rows b, r
         (gp,) = gates
         b_row, r_row = gp[0:1, :], gp[1:2, :]
         b, r = to_col(b_row), to_col(r_row)
+        causal = iota((C, C), 0) >= iota((C, C), 1)
         return b, r, _exp_if(b - b_row, causal & (r == r_row))
     b, r = gates
-    ok = causal[:, :, None] & (r[:, None, :] == r[None, :, :])
-    return b, r, _exp_if(b[:, None, :] - b[None, :, :], ok)
+    return b, r, None
 
 
-def scores(q, k, D):
-    """``A_ij = sum_d q_id k_jd D_ij(d)``."""
-    if D.ndim == 2:
-        return dot_nt(q, k) * D
-    return jnp.sum(q[:, None, :] * k[None, :, :] * D, axis=-1)
+def _pick_row(x, i):
+    """Row ``i`` of ``x [C, K]`` as ``[1, K]`` (a masked sublane reduction: Mosaic-safe)."""
+    return jnp.sum(jnp.where(iota(x.shape, 0) == i, x, 0.0), axis=0, keepdims=True)
+
+
+def _pick_col(x, i):
+    """Column ``i`` of ``x [C, C]`` as ``[C, 1]``."""
+    return jnp.sum(jnp.where(iota(x.shape, 1) == i, x, 0.0), axis=1, keepdims=True)
+
+
+def _key_rows(q, b, r):
+    """Per-key decays one query row at a time: yields ``(i, q_i [1, K], M_i [C, K])`` with
+    ``M_i[j, d] = exp(b_id - b_jd) [j <= i, r_id == r_jd]``. The ``[C, C, K]`` decays
+    are never formed as one array (Mosaic has no ``(C, K) -> (C, 1, K)`` reshape); the
+    work is the same ``C^2 K`` elementwise, unrolled over the ``C`` rows."""
+    C = q.shape[0]
+    for i in range(C):
+        b_i, r_i = _pick_row(b, i), _pick_row(r, i)
+        ok = (iota(b.shape, 0) <= i) & (r == r_i)
+        yield i, _pick_row(q, i), _exp_if(b_i - b, ok)
+
+
+def key_scores_t(q, k, b, r):
+    """Per-key gate: ``A^T`` (``[C(j), C(i)]``), ``A_ij = sum_d q_id k_jd M_i[j, d]``."""
+    C = q.shape[0]
+    AT = jnp.zeros((C, C), jnp.float32)
+    for i, q_i, M_i in _key_rows(q, b, r):
+        AT = AT + jnp.where(iota((C, C), 1) == i,
+                            jnp.sum(q_i * k * M_i, axis=1, keepdims=True), 0.0)
+    return AT
 
 
 def _chunk(q, k, v, *gates_and_S):
@@ -173,9 +197,9 @@ def _chunk(q, k, v, *gates_and_S):
     *gates, S = gates_and_S
     C = q.shape[0]
     b, r, D = gate_views(gates, C)
-    A = scores(q, k, D)
+    A_v = dot(dot_nt(q, k) * D, v) if D is not None else dot_tn(key_scores_t(q, k, b, r), v)
     b_last, r_last = b[C - 1:C], r[C - 1:C]  # [1, Kg]
-    o = dot(A, v) + dot(q * _exp_if(b, r == 0), S)
+    o = A_v + dot(q * _exp_if(b, r == 0), S)
     k_out = k * _exp_if(b_last - b, r == r_last)
     across = to_col(_exp_if(b_last, r_last == 0))  # [Kg, 1]: S rows decay
     return o, across * S + dot_tn(k_out, v)
@@ -206,31 +230,41 @@ def _chunk_bwd(q, k, v, *rest):
     *gates, S, do, dS = rest
     C = q.shape[0]
     b, r, D = gate_views(gates, C)
-    scalar = D.ndim == 2
+    scalar = D is not None
     e = _exp_if(b, r == 0)  # [C, Kg]
     f = _exp_if(b[C - 1:C] - b, r == r[C - 1:C])  # [C, Kg]
     a = _exp_if(b[C - 1:C], r[C - 1:C] == 0)  # [1, Kg]
     qe, kf = q * e, k * f
-    dA = dot_nt(do, v)
     dqe = dot_nt(do, S)  # [C, K]
     dkf = dot_nt(v, dS)  # [C, K]
     if scalar:  # [C, C] matrices and matmuls
+        dA = dot_nt(do, v)
         A = dot_nt(q, k) * D
+        dv = dot_tn(A, do)
         dP = dA * D
         dq, dk = dot(dP, k), dot_tn(dP, q)
         Z = dA * A
         dZ = (jnp.sum(Z, axis=1, keepdims=True)
               - to_col(jnp.sum(Z, axis=0, keepdims=True)))
-    else:  # per-key gate: the explicit [C, C, K] decays, as in the forward
-        A = scores(q, k, D)
-        dPD = dA[:, :, None] * D
-        dq = jnp.sum(dPD * k[None, :, :], axis=1)
-        dk = jnp.sum(dPD * q[:, None, :], axis=0)
-        Z = dPD * q[:, None, :] * k[None, :, :]
-        dZ = jnp.sum(Z, axis=1) - jnp.sum(Z, axis=0)
+    else:  # per-key gate: the decays one query row i at a time, as in the forward
+        dAT = dot_nt(v, do)  # [C(j), C(i)]
+        AT = jnp.zeros((C, C), jnp.float32)
+        dq = jnp.zeros_like(q)
+        dk = jnp.zeros_like(k)
+        dZ_out = jnp.zeros_like(k)  # sum_i Z_ijd, at row j
+        for i, q_i, M_i in _key_rows(q, b, r):
+            at_i = iota((C, C), 1) == i
+            AT = AT + jnp.where(at_i, jnp.sum(q_i * k * M_i, axis=1, keepdims=True), 0.0)
+            P_i = _pick_col(dAT, i) * M_i  # [C(j), K]: dA_ij M_i[j, d]
+            dq_i = jnp.sum(P_i * k, axis=0, keepdims=True)  # [1, K]
+            dq = dq + jnp.where(iota(q.shape, 0) == i, dq_i, 0.0)
+            dk = dk + P_i * q_i
+            dZ_out = dZ_out + P_i * q_i * k
+        dZ = q * dq - dZ_out  # sum_j Z_ijd = q_id dq_id (before the state term)
+        dv = dot(AT, do)
     dq = dq + dqe * e
     dk = dk + dkf * f
-    dv = dot_tn(A, do) + dot(kf, dS)
+    dv = dv + dot(kf, dS)
     dF, dE = kf * dkf, qe * dqe  # [C, K]
     dSS = jnp.sum(dS * S, axis=1, keepdims=True)  # [K, 1]: per row of S
     if scalar:
@@ -247,7 +281,7 @@ def _chunk_bwd(q, k, v, *rest):
 
 def temporaries(C, K, V, Kg):
     """The chunk math's larger temporaries, for the VMEM accounting (block shapes)."""
-    per_key = [(C, C, K)] * 6 if Kg > 1 else []
+    per_key = [(C, K)] * 8 if Kg > 1 else []
     return [(C, C)] * 8 + [(C, K)] * 8 + [(C, V)] * 4 + [(K, V)] * 2 + per_key
 
 
