@@ -169,26 +169,29 @@ def _pick_col(x, i):
     return jnp.sum(jnp.where(iota(x.shape, 1) == i, x, 0.0), axis=1, keepdims=True)
 
 
-def _key_rows(q, b, r):
-    """Per-key decays one query row at a time: yields ``(i, q_i [1, K], M_i [C, K])`` with
-    ``M_i[j, d] = exp(b_id - b_jd) [j <= i, r_id == r_jd]``. The ``[C, C, K]`` decays
-    are never formed as one array (Mosaic has no ``(C, K) -> (C, 1, K)`` reshape); the
-    work is the same ``C^2 K`` elementwise, unrolled over the ``C`` rows."""
-    C = q.shape[0]
-    for i in range(C):
-        b_i, r_i = _pick_row(b, i), _pick_row(r, i)
-        ok = (iota(b.shape, 0) <= i) & (r == r_i)
-        yield i, _pick_row(q, i), _exp_if(b_i - b, ok)
+def _key_row(q, b, r, i):
+    """Per-key decays of query row ``i`` (traced): ``(q_i [1, K], M_i [C, K])`` with
+    ``M_i[j, d] = exp(b_id - b_jd) [j <= i, r_id == r_jd]``. The ``[C, C, K]`` decays are
+    never one array (Mosaic has no ``(C, K) -> (C, 1, K)`` reshape, and a ``fori_loop``
+    over rows keeps one row's ``[C, K]`` live): the same ``C^2 K`` elementwise work."""
+    b_i, r_i = _pick_row(b, i), _pick_row(r, i)
+    ok = (iota(b.shape, 0) <= i) & (r == r_i)
+    return _pick_row(q, i), _exp_if(b_i - b, ok)
+
+
+def _score_col(q, k, b, r, i, AT):
+    """``AT`` with column ``i`` set: ``A_ij = sum_d q_id k_jd M_i[j, d]`` over ``j``."""
+    q_i, M_i = _key_row(q, b, r, i)
+    C = AT.shape[0]
+    col = jnp.sum(q_i * k * M_i, axis=1, keepdims=True)  # [C(j), 1]
+    return AT + jnp.where(iota((C, C), 1) == i, col, 0.0), q_i, M_i
 
 
 def key_scores_t(q, k, b, r):
     """Per-key gate: ``A^T`` (``[C(j), C(i)]``), ``A_ij = sum_d q_id k_jd M_i[j, d]``."""
     C = q.shape[0]
-    AT = jnp.zeros((C, C), jnp.float32)
-    for i, q_i, M_i in _key_rows(q, b, r):
-        AT = AT + jnp.where(iota((C, C), 1) == i,
-                            jnp.sum(q_i * k * M_i, axis=1, keepdims=True), 0.0)
-    return AT
+    return jax.lax.fori_loop(0, C, lambda i, AT: _score_col(q, k, b, r, i, AT)[0],
+                             jnp.zeros((C, C), jnp.float32))
 
 
 def _chunk(q, k, v, *gates_and_S):
@@ -248,18 +251,18 @@ def _chunk_bwd(q, k, v, *rest):
               - to_col(jnp.sum(Z, axis=0, keepdims=True)))
     else:  # per-key gate: the decays one query row i at a time, as in the forward
         dAT = dot_nt(v, do)  # [C(j), C(i)]
-        AT = jnp.zeros((C, C), jnp.float32)
-        dq = jnp.zeros_like(q)
-        dk = jnp.zeros_like(k)
-        dZ_out = jnp.zeros_like(k)  # sum_i Z_ijd, at row j
-        for i, q_i, M_i in _key_rows(q, b, r):
-            at_i = iota((C, C), 1) == i
-            AT = AT + jnp.where(at_i, jnp.sum(q_i * k * M_i, axis=1, keepdims=True), 0.0)
+
+        def row(i, carry):
+            AT, dq, dk, dZ_out = carry
+            AT, q_i, M_i = _score_col(q, k, b, r, i, AT)
             P_i = _pick_col(dAT, i) * M_i  # [C(j), K]: dA_ij M_i[j, d]
             dq_i = jnp.sum(P_i * k, axis=0, keepdims=True)  # [1, K]
             dq = dq + jnp.where(iota(q.shape, 0) == i, dq_i, 0.0)
-            dk = dk + P_i * q_i
-            dZ_out = dZ_out + P_i * q_i * k
+            return AT, dq, dk + P_i * q_i, dZ_out + P_i * q_i * k
+
+        zeros = jnp.zeros_like(q)  # dZ_out: sum_i Z_ijd, at row j
+        AT, dq, dk, dZ_out = jax.lax.fori_loop(
+            0, C, row, (jnp.zeros((C, C), jnp.float32), zeros, zeros, zeros))
         dZ = q * dq - dZ_out  # sum_j Z_ijd = q_id dq_id (before the state term)
         dv = dot(AT, do)
     dq = dq + dqe * e
