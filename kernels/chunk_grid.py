@@ -134,15 +134,19 @@ def vmem_bytes(blocks, scratch, temporaries):
 
 def vmem_limit(need: int) -> int:
     """``vmem_limit_bytes`` for the target generation: ``VMEM_HEADROOM`` x the kernel's
-    accounting, at least 16 MiB (the smallest default scoped limit), at most the
-    generation's VMEM. Raises naming the values when the kernel cannot fit."""
+    accounting, at least 16 MiB (the smallest default scoped limit, so the compiler's own
+    scratch never gets less than it would by default), at most 3/4 of the generation's
+    VMEM (the rest stays XLA's). Raises naming the values when the kernel cannot fit."""
     chip = targets.chip_of_kind(targets.device_kind()) if targets.platform() == "tpu" else None
-    capacity = VMEM_CAPACITY.get(chip.name if chip else "", min(VMEM_CAPACITY.values()))
-    if need > capacity:
+    name = chip.name if chip else "unknown TPU"
+    capacity = VMEM_CAPACITY.get(name, min(VMEM_CAPACITY.values()))
+    cap = capacity * 3 // 4
+    if VMEM_HEADROOM * need > cap:
         raise ValueError(f"Pallas chunk kernel needs {need / MiB:.1f} MiB of VMEM (blocks + "
-                         f"scratch + temporaries); the {chip.name if chip else 'target'} has "
-                         f"{capacity / MiB:.0f} MiB. Use a smaller chunk_size")
-    return min(capacity, max(16 * MiB, VMEM_HEADROOM * need))
+                         f"scratch + temporaries, x{VMEM_HEADROOM} headroom); the {name} "
+                         f"allows {cap / MiB:.0f} MiB of its {capacity / MiB:.0f} MiB. Use a "
+                         f"smaller chunk_size")
+    return min(cap, max(16 * MiB, VMEM_HEADROOM * need))
 
 
 def _compiler_params(need):
