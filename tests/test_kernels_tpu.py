@@ -83,3 +83,14 @@ def test_pallas_kernel_vmem_is_flat_in_length():
                    for T in (8192, 1 << 20))
     assert len(short) == len(long) == 2, (short, long)
     assert max(long) < 2 * 2**20 and all(b <= 1.5 * a for a, b in zip(short, long)), (short, long)
+
+
+@needs_libtpu
+def test_pallas_chunk_must_tile_for_mosaic():
+    """A chunk Mosaic cannot tile (float32 rows in multiples of 8) is an error naming it."""
+    devs = targets.devices(targets.parse("v5p-8"))
+    mesh = jax.make_mesh((1,), ("x",), devices=devs[:1],
+                         axis_types=(jax.sharding.AxisType.Auto,))
+    q = jax.ShapeDtypeStruct((B, 96, H, K), jnp.float32)
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match="chunk_size=12"):
+        jax.jit(lambda q: ops.linear_attention(q, q, q, chunk_size=12, form="pallas")).lower(q)
