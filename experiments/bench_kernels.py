@@ -2,6 +2,7 @@
 
     python -m experiments.bench_kernels                 # CPU: small sizes, see below
     python -m experiments.bench_kernels --lengths 4096 16384 65536 --dtype bfloat16  # GPU/TPU
+    python -m experiments.bench_kernels --target v5p-8 --compile-only  # compile-only devices
 
 Rows, each a median fwd+bwd time and a ratio against its baseline measured in
 the same run (these machines are noisy):
@@ -16,11 +17,25 @@ kernel with ``interpret=True`` at the smallest length only, to show the path
 runs end to end: **interpret-mode times are not a speed measurement** (the
 Pallas interpreter executes the kernel body op by op), and they are labelled so.
 The MoE rows are real measurements on every platform.
+
+``--target T --compile-only`` compiles each Pallas linear kernel (linear attention with
+no / scalar / per-key gate; the delta rule with a scalar gate (DeltaNet's ``g=None``
+runs the same kernel) and a per-key gate (KDA)), forward + backward through
+``longctx.ops`` (``form="pallas"``), for compile-only devices of the target, at B = 1,
+H = 8, every ``--lengths`` x ``--head-dims`` x ``--dtypes``, and prints per row: compiles
+or the compiler's message, the VMEM each of the two Mosaic kernels uses *as the TPU
+compiler reports it* (``used_scoped_memory_configs`` in the compiled HLO, less the
+offset XLA placed the kernel's range at), the ``vmem_limit_bytes`` the kernel set, and
+the compile seconds (the whole fwd+bwd program: the WY factors of the delta rule in XLA
+dominate its time). No timings: nothing runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import time
 
 import jax
 import jax.numpy as jnp
@@ -119,6 +134,83 @@ def bench_moe(args, dtype, key):
              f"tokens; {jax.default_backend()}")
 
 
+COMPILE_KERNELS = [("linear_attention", "none"), ("linear_attention", "scalar"),
+                   ("linear_attention", "per_key"), ("delta_rule", "scalar"),
+                   ("delta_rule", "per_key")]
+
+
+def _kernel_vmem(hlo):
+    """``[(used, limit)]`` bytes per Mosaic kernel in a compiled HLO text."""
+    out = []
+    for line in hlo.splitlines():
+        if 'custom_call_target="tpu_custom_call"' not in line:
+            continue
+        cfg = re.search(r'"scoped_memory_configs":\[\{"memory_space":"1","offset":"(\d+)",'
+                        r'"size":"(\d+)"', line)
+        used = re.search(r'"used_scoped_memory_configs":\[\{"memory_space":"1",'
+                         r'"offset":"\d+","size":"(\d+)"', line)
+        if cfg and used:
+            out.append((int(used.group(1)) - int(cfg.group(1)), int(cfg.group(2))))
+    return out
+
+
+def compile_one(op, gate, T, K, dtype, mesh, heads=8, chunk_size=None):
+    """Compile ``op`` fwd+bwd (``form="pallas"``) under ``mesh``: a result dict."""
+    C = chunk_size or (16 if gate == "per_key" else 64)
+    B, H = 1, heads
+    g_shape = None if gate == "none" else ((B, T, H) if gate == "scalar" else (B, T, H, K))
+
+    def loss(q, k, v, g, beta):
+        if op == "linear_attention":
+            o, _ = linear.linear_attention(q, k, v, g=g, chunk_size=C, form="pallas")
+        else:
+            o, _ = linear.delta_rule(q, k, v, beta, g=g, chunk_size=C, form="pallas")
+        return jnp.sum(o.astype(jnp.float32) ** 2)
+
+    sd = jax.ShapeDtypeStruct
+    args = ((sd((B, T, H, K), dtype),) * 3
+            + (None if g_shape is None else sd(g_shape, jnp.float32), sd((B, T, H), dtype)))
+    t0 = time.perf_counter()
+    try:
+        with jax.set_mesh(mesh):
+            hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*args).compile().as_text()
+    except Exception as e:  # noqa: BLE001 -- the row reports the compiler's message
+        msg = " ".join(str(e).split())
+        return {"ok": False, "seconds": time.perf_counter() - t0, "error": msg[:240]}
+    calls = [m for m in re.findall(r'custom_call_target="([^"]+)"', hlo)]
+    return {"ok": True, "seconds": time.perf_counter() - t0, "vmem": _kernel_vmem(hlo),
+            "mosaic_calls": calls.count("tpu_custom_call")}
+
+
+def compile_table(args):
+    from longctx import targets
+
+    target = targets.parse(args.target)
+    devs = targets.devices(target)
+    mesh = jax.make_mesh((1,), ("x",), devices=devs[:1],
+                         axis_types=(jax.sharding.AxisType.Auto,))
+    print(f"target: {target.name} ({devs[0].device_kind}), compile-only, jax {jax.__version__}; "
+          f"B=1 H={args.compile_heads}, C=64 (per-key gates C=16); fwd+bwd through longctx.ops")
+    print("| kernel | gate | T | head_dim | dtype | compiles | VMEM fwd / bwd (compiler) "
+          "| vmem_limit | compile s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for op, gate in COMPILE_KERNELS:
+        if args.kernels and f"{op}:{gate}" not in args.kernels:
+            continue
+        for T in args.lengths:
+            for K in args.head_dims:
+                for dt in args.dtypes:
+                    r = compile_one(op, gate, T, K, jnp.dtype(dt), mesh, heads=args.compile_heads)
+                    if r["ok"]:
+                        ok = "yes" if r["mosaic_calls"] == 2 else f"NO MOSAIC ({r['mosaic_calls']})"
+                        vm = " / ".join(f"{u / 2**20:.2f} MiB" for u, _ in r["vmem"])
+                        lim = " / ".join(f"{m / 2**20:.0f}" for _, m in r["vmem"]) + " MiB"
+                    else:
+                        ok, vm, lim = f"no: {r['error']}", "-", "-"
+                    print(f"| {op} | {gate} | {T} | {K} | {dt} | {ok} | {vm} | {lim} | "
+                          f"{r['seconds']:.1f} |", flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[256])
@@ -127,7 +219,23 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--only", nargs="*", default=["attention", "linear", "moe"])
+    p.add_argument("--target", help="compile for this target (v5p-8, v5e-4, v6e-4, ...)")
+    p.add_argument("--compile-only", action="store_true",
+                   help="with --target: the compile table (no timings)")
+    p.add_argument("--compile-heads", type=int, default=8, help="heads in the compile table")
+    p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    p.add_argument("--kernels", nargs="*", default=[],
+                   help="op:gate rows to keep (e.g. linear_attention:scalar); default all")
     args = p.parse_args(argv)
+    if args.target:
+        if not args.compile_only:
+            p.error("--target runs nothing on the target: pass --compile-only")
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        if args.lengths == [256]:
+            args.lengths = [8192, 32768, 131072]
+        compile_table(args)
+        return
     dtype = jnp.dtype(args.dtype)
     key = jax.random.PRNGKey(0)
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), "

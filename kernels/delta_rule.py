@@ -13,9 +13,10 @@ Split as flash-linear-attention's chunk algorithm: everything that does not
 depend on the state runs in plain JAX, batched over all chunks at once (the
 WY / UT factors of Yang et al. 2024: ``A_ij = beta_i sum_d k_id k_jd exp(b_id - b_jd)``
 for ``j < i``, ``X = (I + A)^{-1} [diag(beta) V, diag(beta) K exp(b)]`` =
-``[U~, W]`` by a unit-lower triangular solve); the Pallas kernel (grid
-``(B * H,)``, a ``fori_loop`` over chunks carrying the float32 ``[K, V]`` state)
-does the sequential part. Per chunk it is the chunk of gated linear attention
+``[U~, W]`` by a unit-lower triangular solve); the Pallas kernel
+does the sequential part on the chunk grid of :mod:`longctx.kernels.chunk_grid`
+(batch x heads parallel, chunks sequential, the state in VMEM scratch, one chunk's
+blocks on chip: VMEM independent of ``T``). Per chunk it is the chunk of gated linear attention
 (``longctx.kernels.linear_attention``) with the pseudo-values ``u`` as values::
 
     u  = U~ - W S
@@ -31,8 +32,8 @@ first with the state's cotangent: per chunk the linear-attention chunk backward
 ``dU~ = du``, ``dW = -du S^T``, ``dS += -W^T du``. Its residual is every
 chunk's start state (written by the forward kernel). The WY factors are
 differentiated by ordinary autodiff (plain JAX). :func:`chunk_reference` is the
-kernel's recurrence in plain JAX. Verified only with ``interpret=True`` on CPU
-(no GPU/TPU was available).
+kernel's recurrence in plain JAX. Compiles for TPU (Mosaic); runs anywhere with
+``interpret=True``; no GPU (Triton) lowering yet (the call raises, naming it).
 """
 
 from __future__ import annotations
@@ -41,11 +42,19 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
 
+from longctx.kernels import chunk_grid as grid
+from longctx.kernels.chunk_grid import dot, dot_nt, dot_tn
 from longctx.kernels.linear_attention import (_chunk as _gla_chunk, _chunk_bwd as _gla_chunk_bwd,
-                                             bwd_walk, fwd_walk, _decays, _exp_if, _prepare, _spec,
-                                             check_inputs)
+                                             _exp_if, _prepare, check_inputs, chunk_of,
+                                             gate_grad_shape, pack_gates, temporaries)
+
+
+def _decays(b, r, C):
+    """``exp(b_i - b_j) [j < i, r_i == r_j]`` ``[C, C, Kg]`` from ``b, r [C, Kg]``."""
+    i, j = jnp.arange(C)[:, None, None], jnp.arange(C)[None, :, None]
+    ok = (i > j) & (r[:, None, :] == r[None, :, :])
+    return _exp_if(b[:, None, :] - b[None, :, :], ok)
 
 
 def wy_factors(k, v, beta, b, r, C):
@@ -58,7 +67,7 @@ def wy_factors(k, v, beta, b, r, C):
     kc, vc = k.reshape(N, n, C, K), v.reshape(N, n, C, -1)
     bc, rc, betac = b.reshape(N, n, C, Kg), r.reshape(N, n, C, Kg), beta.reshape(N, n, C, 1)
     kb = kc * betac
-    D = jax.vmap(jax.vmap(lambda b, r: _decays(b, r, C, strict=True)))(bc, rc)  # [.., C, C, Kg]
+    D = jax.vmap(jax.vmap(lambda b, r: _decays(b, r, C)))(bc, rc)  # [.., C, C, Kg]
     if Kg == 1:  # scalar gate: one [C, C] decay matrix times a matmul
         A = jnp.einsum("...ik,...jk->...ij", kb, kc) * D[..., 0]
     else:  # per-key gate (KDA): the explicit [C, C, K] decays
@@ -70,88 +79,70 @@ def wy_factors(k, v, beta, b, r, C):
     return X[..., :V].reshape(N, Tp, V), X[..., V:].reshape(N, Tp, K)
 
 
-def _chunk(q, k, ut, w, b, r, S):
-    """One chunk: ``q, k, w [C, K]``, ``ut [C, V]``, ``b, r [C, Kg]``, ``S [K, V]``."""
-    u = ut - jnp.dot(w, S, preferred_element_type=jnp.float32)
-    return _gla_chunk(q, k, u, b, r, S)
+def _chunk(q, k, ut, w, *gates_and_S):
+    """One chunk: ``q, k, w [C, K]``, ``ut [C, V]``, gates (packed ``[2, C]`` or
+    ``b, r [C, K]``), ``S [K, V]`` -> ``(o [C, V], S')``."""
+    *gates, S = gates_and_S
+    return _gla_chunk(q, k, ut - dot(w, S), *gates, S)
 
 
-def _chunk_bwd(q, k, ut, w, b, r, S, do, dS):
-    """Backward of :func:`_chunk`: ``(dq, dk, dut, dw, db, dS_prev)``."""
-    f32 = jnp.float32
-    u = ut - jnp.dot(w, S, preferred_element_type=f32)
-    dq, dk, du, db, dS_prev = _gla_chunk_bwd(q, k, u, b, r, S, do, dS)
-    dw = -jnp.dot(du, S.T, preferred_element_type=f32)
-    dS_prev = dS_prev - jnp.dot(w.T, du, preferred_element_type=f32)
-    return dq, dk, du, dw, db, dS_prev
+def _chunk_bwd(q, k, ut, w, *rest):
+    """Backward of :func:`_chunk`: ``(dq, dk, dut, dw, dgate, dS_prev)``."""
+    *gates, S, do, dS = rest
+    u = ut - dot(w, S)
+    dq, dk, du, dg, dS_prev = _gla_chunk_bwd(q, k, u, *gates, S, do, dS)
+    dw = -dot_nt(du, S)
+    dS_prev = dS_prev - dot_tn(w, du)
+    return dq, dk, du, dw, dg, dS_prev
 
 
-def _call(kernel, ins, in_shapes, out_shapes, C, interpret):
-    """One program per (batch row, head) over whole rows: ``pallas_call`` of ``kernel``."""
-    N = ins[0].shape[0]
-    return pl.pallas_call(
-        functools.partial(kernel, C=C),
-        grid=(N,),
-        in_specs=[_spec(*s) for s in in_shapes],
-        out_specs=[_spec(*s) for s in out_shapes],
-        out_shape=[jax.ShapeDtypeStruct((N, *s), jnp.float32) for s in out_shapes],
-        interpret=interpret,
-    )(*ins)
+def _temps(q, ut, gates, C):
+    K, V = q.shape[-1], ut.shape[-1]
+    return temporaries(C, K, V, 1 if len(gates) == 1 else K) + [(C, V)] * 2 + [(C, K)] * 2
 
 
-def _pallas_forward(q, k, ut, w, b, r, S0, C, interpret):
-    """``(o [N, Tp, V], S_T [N, K, V], chunk start states [N, n_chunks * K, V])``."""
-    _, Tp, K = q.shape
-    V, Kg = ut.shape[-1], b.shape[-1]
-    ins = (q, k, ut, w, b, r, S0)
-    in_shapes = [(Tp, K), (Tp, K), (Tp, V), (Tp, K), (Tp, Kg), (Tp, Kg), (K, V)]
-    out_shapes = [(Tp, V), (K, V), (Tp // C * K, V)]
-    return _call(functools.partial(fwd_walk, _chunk, 6), ins, in_shapes, out_shapes, C, interpret)
-
-
-def _pallas_backward(q, k, ut, w, b, r, states, do, dS_T, C, interpret):
-    """``(dq, dk, dut, dw, db, dS0)`` of :func:`_pallas_forward`."""
-    _, Tp, K = q.shape
-    V, Kg = ut.shape[-1], b.shape[-1]
-    ins = (q, k, ut, w, b, r, states, do.astype(jnp.float32), dS_T.astype(jnp.float32))
-    in_shapes = [(Tp, K), (Tp, K), (Tp, V), (Tp, K), (Tp, Kg), (Tp, Kg), (Tp // C * K, V),
-                 (Tp, V), (K, V)]
-    out_shapes = [(Tp, K), (Tp, K), (Tp, V), (Tp, K), (Tp, Kg), (K, V)]
-    return _call(functools.partial(bwd_walk, _chunk_bwd, 6), ins, in_shapes, out_shapes, C,
-                 interpret)
-
-
-def chunk_reference(q, k, ut, w, b, r, S0, C):
-    """The kernel's recurrence in plain JAX (same inputs and outputs as the Pallas call,
-    without the chunk start states)."""
+def chunk_reference(q, k, ut, w, gates, S0, C):
+    """The kernel's recurrence in plain JAX (same inputs and outputs as
+    :func:`_recurrence`)."""
     N, Tp, _ = q.shape
 
     def chunks(x):
-        return jnp.moveaxis(x.reshape(N, Tp // C, C, *x.shape[2:]), 1, 0)
+        x = x.reshape(N, Tp // C, C, *x.shape[2:]) if x.ndim == 3 else x
+        return jnp.moveaxis(x, 1, 0)
 
     @jax.checkpoint
     def body(S, xs):
         o, S = jax.vmap(_chunk)(*xs, S)
         return S, o
 
-    S, o = jax.lax.scan(body, S0, tuple(map(chunks, (q, k, ut, w, b, r))))
+    S, o = jax.lax.scan(body, S0, tuple(map(chunks, (q, k, ut, w, *gates))))
     return jnp.moveaxis(o, 0, 1).reshape(N, Tp, -1), S
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def _recurrence(q, k, ut, w, b, r, S0, C, interpret):
-    return tuple(_pallas_forward(q, k, ut, w, b, r, S0, C, interpret)[:2])
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _recurrence(q, k, ut, w, gates, S0, C, interpret):
+    return tuple(grid.forward(_chunk, (q, k, ut, w, *gates), S0, C, interpret=interpret,
+                              with_states=False, temporaries=_temps(q, ut, gates, C)))
 
 
-def _fwd(q, k, ut, w, b, r, S0, C, interpret):
-    o, S, states = _pallas_forward(q, k, ut, w, b, r, S0, C, interpret)
-    return (o, S), (q, k, ut, w, b, r, states)
+def _fwd(q, k, ut, w, gates, S0, C, interpret):
+    o, S, states = grid.forward(_chunk, (q, k, ut, w, *gates), S0, C, interpret=interpret,
+                                with_states=True, temporaries=_temps(q, ut, gates, C))
+    return (o, S), (q, k, ut, w, gates, states)
 
 
 def _bwd(C, interpret, res, cts):
-    q, k, ut, w, b, r, states = res
-    dq, dk, dut, dw, db, dS0 = _pallas_backward(q, k, ut, w, b, r, states, *cts, C, interpret)
-    return dq, dk, dut, dw, db, jnp.zeros_like(r), dS0
+    q, k, ut, w, gates, states = res
+    N, Tp, _ = q.shape
+    shapes = (q.shape, k.shape, ut.shape, w.shape, gate_grad_shape(gates, N, Tp))
+    dq, dk, dut, dw, dg, dS0 = grid.backward(_chunk_bwd, (q, k, ut, w, *gates), shapes, states,
+                                             *cts, C, interpret=interpret,
+                                             temporaries=_temps(q, ut, gates, C))
+    if len(gates) == 1:  # packed [N, n, 2, C]: b gets dg, r none
+        dgates = (jnp.concatenate([dg, jnp.zeros_like(dg)], axis=2),)
+    else:
+        dgates = (dg, jnp.zeros_like(gates[1]))
+    return dq, dk, dut, dw, dgates, dS0
 
 
 _recurrence.defvjp(_fwd, _bwd)
@@ -167,7 +158,7 @@ def delta_rule(q, k, v, beta, *, g=None, scale=None, initial_state=None,
         raise ValueError(f"beta must be [B, T, H] = {(B, T, H)} and g [B, T, H] or "
                          f"[B, T, H, K]; got {beta.shape=} g.shape="
                          f"{None if g is None else g.shape}")
-    C = max(1, min(chunk_size, T))
+    C = chunk_of(chunk_size, T, interpret)
     scale = K**-0.5 if scale is None else scale
     qr, kr, vr, b, r = _prepare(q * scale, k, v, g, C)
     Tp = qr.shape[1]
@@ -176,6 +167,6 @@ def delta_rule(q, k, v, beta, *, g=None, scale=None, initial_state=None,
     ut, w = wy_factors(kr, vr, betar, b, r, C)
     S0 = (jnp.zeros((B * H, K, V), jnp.float32) if initial_state is None
           else initial_state.astype(jnp.float32).reshape(B * H, K, V))
-    o, S = _recurrence(qr, kr, ut, w, b, r, S0, C, bool(interpret))
+    o, S = _recurrence(qr, kr, ut, w, pack_gates(b, r, C), S0, C, bool(interpret))
     o = jnp.moveaxis(o[:, :T].reshape(B, H, T, V), 1, 2).astype(v.dtype)
     return o, (S.reshape(B, H, K, V) if output_final_state else None)

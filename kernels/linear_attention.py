@@ -1,5 +1,5 @@
-"""Chunked (gated) linear attention as one Pallas kernel (``form="pallas"``), with its
-pure-JAX reference beside it.
+"""Chunked (gated) linear attention as Pallas kernels (``form="pallas"``), with its pure-JAX
+reference beside it.
 
 Same contract as ``longctx.backends.linear.ops.linear_attention`` (``normalize``
 aside)::
@@ -11,38 +11,34 @@ aside)::
 
     S_t = exp(g_t) * S_{t-1} + k_t^T v_t        o_t = (scale q_t) S_t
 
-Kernel (one program per (batch row, head); grid ``(B * H,)``; the BlockSpecs hand
-each program its whole ``[T, K]`` / ``[T, V]`` rows, as JAX's Pallas GPU flash
-attention does, and a ``fori_loop`` walks the chunks carrying the float32
-``[K, V]`` state in registers / VMEM). Per chunk of ``C`` tokens, with ``b`` the
-cumulative log-gate *from the chunk start* (every exponent below is ``<= 0``) and
-``r`` the number of hard resets (``g = -inf``) so far in the chunk::
+Kernel: the chunk grid of :mod:`longctx.kernels.chunk_grid` (batch x heads parallel,
+chunks sequential, the float32 ``[K, V]`` state in VMEM scratch, one ``(C, K)`` /
+``(C, V)`` block per input and step; VMEM independent of ``T``). Per chunk of ``C``
+tokens, with ``b`` the cumulative log-gate *from the chunk start* (every exponent
+below is ``<= 0``) and ``r`` the number of hard resets (``g = -inf``) so far in the
+chunk::
 
     A_ij = sum_d q_id k_jd exp(b_id - b_jd)    (j <= i, r_i == r_j; else 0)
     o    = A v + (q * exp(b) [r == 0]) S
     S'   = exp(b_C) [r_C == 0] * S + (k * exp(b_C - b) [r == r_C])^T v
 
 A scalar gate (``g [B, T, H]``, or none) makes ``A`` one ``[C, C]`` matmul times a
-decay matrix; a per-key gate (GLA) forms the ``[C, C, K]`` decays explicitly
-(elementwise work ``C^2 K`` per chunk, not on the matrix units; use a small
-``chunk_size``, e.g. 16). ``b`` and ``r`` are computed outside the kernel (an
+decay matrix, and its ``b, r`` travel packed ``[N, n_chunks, 2, C]`` (lane-dense); a
+per-key gate (GLA) forms the ``[C, C, K]`` decays explicitly (elementwise work
+``C^2 K`` per chunk, not on the matrix units; use a small ``chunk_size``, e.g. 16) from
+``b, r`` blocks ``(C, K)``. ``b`` and ``r`` are computed outside the kernel (an
 elementwise cumsum over each chunk), so the kernel itself has no scan.
 
-Backward (``jax.custom_vjp``): a second Pallas kernel, same grid, walking the
-chunks last to first and carrying the state's cotangent ``dS [K, V]``: per chunk
-the hand-derived gradients of :func:`_chunk_bwd` (for a scalar gate or none eight
-``C``-sized matmuls, the gate's gradient from the row and column sums of
-``dA * A`` and the boundary decays; for per-key gates the same sums over the
-explicit ``[C, C, K]`` decays). Its residual is every chunk's start state,
-written by the forward kernel (``K V / C`` floats per token and head, linear in
-``T``). :func:`chunk_reference` is the same chunk math in plain JAX (a
-``lax.scan`` over chunks, each chunk one ``jax.checkpoint``): the reference the
-tests and the delta-rule kernel's docs point to.
+Backward (``jax.custom_vjp``): a second kernel on the same grid walking the chunks
+last to first, carrying the state's cotangent ``dS [K, V]`` in scratch: per chunk the
+hand-derived gradients of :func:`_chunk_bwd`. Its residual is every chunk's start
+state ``[N, n_chunks, K, V]``, written by the forward kernel (``K V / C`` floats per
+token and head in HBM, linear in ``T``; VMEM holds one). :func:`chunk_reference` is
+the same chunk math in plain JAX (a ``lax.scan`` over chunks).
 
-Hardware: written for both Pallas backends (GPU Triton, TPU Mosaic), verified
-only with ``interpret=True`` on CPU (no GPU/TPU was available): whether the
-``[C, C, K]`` per-key path lowers on Triton / Mosaic is untested. On a backend
-other than GPU/TPU without ``interpret`` the call raises, naming the backend.
+Hardware: the kernels compile for TPU (Mosaic; ``experiments.bench_kernels --target
+v5p-8 --compile-only``) and run anywhere with ``interpret=True``. The GPU (Triton)
+lowering is not written yet: on a GPU target the call raises, naming it.
 """
 
 from __future__ import annotations
@@ -51,9 +47,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
 
 from longctx import targets
+from longctx.kernels import chunk_grid as grid
+from longctx.kernels.chunk_grid import dot, dot_nt, dot_tn, iota, to_col, to_row
 
 
 def available() -> bool:
@@ -65,14 +62,19 @@ def available() -> bool:
 def check_inputs(fn: str, q, k, v, *, initial_state, chunk_size, interpret: bool):
     """The checks both linear kernels share (``fn``: the function's qualified name).
 
-    Raises ``ValueError`` off GPU/TPU without ``interpret``, and for layouts other than
-    ``q, k [B, T, H, K]``, ``v [B, T, H, V]``, ``initial_state [B, H, K, V]`` or a
-    ``chunk_size`` that is not a positive int. Returns ``(B, T, H, K, V)``.
+    Raises ``ValueError`` off TPU without ``interpret`` (GPU: no Triton lowering yet),
+    and for layouts other than ``q, k [B, T, H, K]``, ``v [B, T, H, V]``,
+    ``initial_state [B, H, K, V]`` or a ``chunk_size`` that is not a positive int.
+    Returns ``(B, T, H, K, V)``.
     """
     if not interpret and not available():
         raise ValueError(
             f"form='pallas' runs a Pallas GPU/TPU kernel; the target platform is "
             f"{targets.platform()!r}. Use form='chunk', or {fn}(..., interpret=True)")
+    if not interpret and targets.platform() == "gpu":
+        raise ValueError(
+            f"{fn}: the chunk-grid kernel lowers for TPU (Mosaic) only; the GPU (Triton) "
+            f"lowering is not written. The target platform is 'gpu': use form='chunk'")
     if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"expects q, k [B, T, H, K] and v [B, T, H, V]; got "
                          f"{q.shape=} {k.shape=} {v.shape=}")
@@ -84,6 +86,14 @@ def check_inputs(fn: str, q, k, v, *, initial_state, chunk_size, interpret: bool
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"{chunk_size=} must be a positive int")
     return B, T, H, K, V
+
+
+def chunk_of(chunk_size: int, T: int, interpret: bool) -> int:
+    """The chunk the kernels run: ``chunk_size``, or ``T`` rounded up to 8 when shorter."""
+    C = max(1, min(chunk_size, -(-T // 8) * 8))
+    if not interpret:
+        grid.check_chunk(C, T, chunk_size)
+    return C
 
 
 # ----------------------------------------------------------------------------
@@ -100,9 +110,10 @@ def _prepare(q, k, v, g, C):
         x = jnp.moveaxis(x.astype(jnp.float32), 2, 1).reshape(B * H, T, *x.shape[3:])
         return jnp.pad(x, [(0, 0), (0, Tp - T)] + [(0, 0)] * (x.ndim - 2))
 
-    if g is None:
-        g = jnp.zeros((B, T, H, 1), jnp.float32)
-    elif g.ndim == 3:
+    if g is None:  # zeros made directly: a cumsum of a constant gate would be folded by XLA
+        b = jnp.zeros((B * H, Tp, 1), jnp.float32)  # at compile time (minutes at 1M tokens)
+        return rows(q), rows(k), rows(v), b, b
+    if g.ndim == 3:
         g = g[..., None]
     g = rows(g).reshape(B * H, Tp // C, C, g.shape[-1])  # padding: g = 0, no change
     reset = jnp.isneginf(g)
@@ -111,96 +122,95 @@ def _prepare(q, k, v, g, C):
     return rows(q), rows(k), rows(v), b, r
 
 
+def pack_gates(b, r, C):
+    """The kernel's gate inputs: scalar ``b, r [N, Tp, 1]`` -> ``([N, n, 2, C],)`` (packed,
+    lane-dense); per-key ``[N, Tp, K]`` -> ``(b, r)`` as they are."""
+    if b.shape[-1] != 1:
+        return b, r
+    N, Tp, _ = b.shape
+    return (jnp.stack([b.reshape(N, Tp // C, C), r.reshape(N, Tp // C, C)], axis=2),)
+
+
+def gate_grad_shape(gates, N, Tp):
+    """The shape of the kernel's gate gradient: ``[N, n, 1, C]`` packed, else ``[N, Tp, K]``."""
+    return (*gates[0].shape[:2], 1, gates[0].shape[3]) if len(gates) == 1 else (N, Tp,
+                                                                               gates[0].shape[2])
+
+
+# ----------------------------------------------------------------------------
+# The chunk math (traced inside the kernel, and vmapped by the reference).
+# ----------------------------------------------------------------------------
+
+
 def _exp_if(x, ok):
     return jnp.exp(jnp.where(ok, x, -jnp.inf))  # masked before the exp: never overflows
 
 
-def _decays(b, r, C, strict=False):
-    """The in-chunk decays ``D_ijd = exp(b_id - b_jd) [j <= i (j < i if strict), r_id == r_jd]``
-    ``[C, C, Kg]`` from ``b, r [C, Kg]`` (masked before the exp: never overflows)."""
-    i, j = jnp.arange(C)[:, None, None], jnp.arange(C)[None, :, None]
-    ok = ((i > j) if strict else (i >= j)) & (r[:, None, :] == r[None, :, :])
-    return _exp_if(b[:, None, :] - b[None, :, :], ok)
+def gate_views(gates, C):
+    """``(b, r [C, Kg], D)``: the column gates and, for a scalar gate (packed ``[2, C]``
+    block), the in-chunk decays ``D_ij = exp(b_i - b_j) [j <= i, r_i == r_j]`` ``[C, C]``
+    (masked before the exp); per key (``b, r [C, K]``) ``D`` is None: see :func:`_key_row`."""
+    if len(gates) == 1:  # packed scalar gate: rows b, r
+        (gp,) = gates
+        b_row, r_row = gp[0:1, :], gp[1:2, :]
+        b, r = to_col(b_row), to_col(r_row)
+        causal = iota((C, C), 0) >= iota((C, C), 1)
+        return b, r, _exp_if(b - b_row, causal & (r == r_row))
+    b, r = gates
+    return b, r, None
 
 
-def _chunk(q, k, v, b, r, S):
-    """One chunk: ``q, k [C, K]``, ``v [C, V]``, ``b, r [C, Kg]``, ``S [K, V]`` -> (o, S')."""
+def _pick_row(x, i):
+    """Row ``i`` of ``x [C, K]`` as ``[1, K]`` (a masked sublane reduction: Mosaic-safe)."""
+    return jnp.sum(jnp.where(iota(x.shape, 0) == i, x, 0.0), axis=0, keepdims=True)
+
+
+def _pick_col(x, i):
+    """Column ``i`` of ``x [C, C]`` as ``[C, 1]``."""
+    return jnp.sum(jnp.where(iota(x.shape, 1) == i, x, 0.0), axis=1, keepdims=True)
+
+
+def _key_row(q, b, r, i):
+    """Per-key decays of query row ``i`` (traced): ``(q_i [1, K], M_i [C, K])`` with
+    ``M_i[j, d] = exp(b_id - b_jd) [j <= i, r_id == r_jd]``. The ``[C, C, K]`` decays are
+    never one array (Mosaic has no ``(C, K) -> (C, 1, K)`` reshape, and a ``fori_loop``
+    over rows keeps one row's ``[C, K]`` live): the same ``C^2 K`` elementwise work."""
+    b_i, r_i = _pick_row(b, i), _pick_row(r, i)
+    ok = (iota(b.shape, 0) <= i) & (r == r_i)
+    return _pick_row(q, i), _exp_if(b_i - b, ok)
+
+
+def _score_col(q, k, b, r, i, AT):
+    """``AT`` with column ``i`` set: ``A_ij = sum_d q_id k_jd M_i[j, d]`` over ``j``."""
+    q_i, M_i = _key_row(q, b, r, i)
+    C = AT.shape[0]
+    col = jnp.sum(q_i * k * M_i, axis=1, keepdims=True)  # [C(j), 1]
+    return AT + jnp.where(iota((C, C), 1) == i, col, 0.0), q_i, M_i
+
+
+def key_scores_t(q, k, b, r):
+    """Per-key gate: ``A^T`` (``[C(j), C(i)]``), ``A_ij = sum_d q_id k_jd M_i[j, d]``."""
     C = q.shape[0]
-    D = _decays(b, r, C)  # [C, C, Kg]
-    if b.shape[-1] == 1:  # scalar gate: [C, C] decay matrix times one matmul
-        A = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * D[:, :, 0]
-    else:  # per-key gate: explicit [C, C, K] decays
-        A = jnp.sum(q[:, None, :] * k[None, :, :] * D, axis=-1)
+    return jax.lax.fori_loop(0, C, lambda i, AT: _score_col(q, k, b, r, i, AT)[0],
+                             jnp.zeros((C, C), jnp.float32))
+
+
+def _chunk(q, k, v, *gates_and_S):
+    """One chunk: ``q, k [C, K]``, ``v [C, V]``, gates (packed ``[2, C]`` or ``b, r [C, K]``),
+    ``S [K, V]`` -> ``(o [C, V], S')``."""
+    *gates, S = gates_and_S
+    C = q.shape[0]
+    b, r, D = gate_views(gates, C)
+    A_v = dot(dot_nt(q, k) * D, v) if D is not None else dot_tn(key_scores_t(q, k, b, r), v)
     b_last, r_last = b[C - 1:C], r[C - 1:C]  # [1, Kg]
-    o = jnp.dot(A, v, preferred_element_type=jnp.float32)
-    o = o + jnp.dot(q * _exp_if(b, r == 0), S, preferred_element_type=jnp.float32)
+    o = A_v + dot(q * _exp_if(b, r == 0), S)
     k_out = k * _exp_if(b_last - b, r == r_last)
-    across = _exp_if(b_last, r_last == 0).reshape(-1, 1)  # [Kg, 1]: S rows decay
-    S = across * S + jnp.dot(k_out.T, v, preferred_element_type=jnp.float32)
-    return o, S
+    across = to_col(_exp_if(b_last, r_last == 0))  # [Kg, 1]: S rows decay
+    return o, across * S + dot_tn(k_out, v)
 
 
-# ----------------------------------------------------------------------------
-# The Pallas kernel and the pure-JAX reference of the same math.
-# ----------------------------------------------------------------------------
-
-
-def fwd_walk(chunk, n_in, *refs, C):
-    """A forward kernel body: the chunks of one (batch row, head), first to last, carrying
-    the float32 ``[K, V]`` state.
-
-    ``refs``: ``n_in`` per-token inputs ``[Tp, .]``, ``S_0 [K, V]``, then the outputs
-    ``o [Tp, V]``, ``S_T [K, V]`` and optionally every chunk's start state
-    ``[n_chunks * K, V]`` (the backward's residual). ``chunk(*inputs, S) -> (o, S')``.
-    """
-    ins, s0_ref, o_ref, s_ref, states_ref = (refs[:n_in], refs[n_in], refs[n_in + 1],
-                                             refs[n_in + 2], refs[n_in + 3:])
-    n_chunks, K = ins[0].shape[0] // C, s0_ref.shape[0]
-
-    def step(n, S):
-        sl = pl.ds(pl.multiple_of(n * C, C), C)
-        if states_ref:
-            states_ref[0][pl.ds(pl.multiple_of(n * K, K), K), :] = S
-        o, S = chunk(*(x[sl, :] for x in ins), S)
-        o_ref[sl, :] = o.astype(o_ref.dtype)
-        return S
-
-    s_ref[...] = jax.lax.fori_loop(0, n_chunks, step, s0_ref[...].astype(jnp.float32))
-
-
-def _spec(*shape):
-    """One program's whole block ``shape`` of an array ``[N, *shape]``."""
-    return pl.BlockSpec((None, *shape), lambda i: (i,) + (0,) * len(shape))
-
-
-def _pallas_forward(q, k, v, b, r, S0, C, interpret, with_states=False):
-    """``q, k [N, Tp, K]``, ``v [N, Tp, V]``, ``b, r [N, Tp, Kg]``, ``S0 [N, K, V]``.
-
-    Returns ``(o, S_T)``, and with ``with_states`` also every chunk's start state
-    ``[N, n_chunks * K, V]`` (``K V / C`` floats per token: the backward's residual)."""
-    N, Tp, K = q.shape
-    V, Kg = v.shape[-1], b.shape[-1]
-    n_chunks = Tp // C
-    out_specs = [_spec(Tp, V), _spec(K, V)]
-    out_shape = [jax.ShapeDtypeStruct((N, Tp, V), jnp.float32),
-                 jax.ShapeDtypeStruct((N, K, V), jnp.float32)]
-    if with_states:
-        out_specs.append(_spec(n_chunks * K, V))
-        out_shape.append(jax.ShapeDtypeStruct((N, n_chunks * K, V), jnp.float32))
-    return pl.pallas_call(
-        functools.partial(fwd_walk, _chunk, 5, C=C),
-        grid=(N,),
-        in_specs=[_spec(Tp, K), _spec(Tp, K), _spec(Tp, V), _spec(Tp, Kg), _spec(Tp, Kg),
-                  _spec(K, V)],
-        out_specs=out_specs,
-        out_shape=out_shape,
-        interpret=interpret,
-    )(q, k, v, b, r, S0)
-
-
-def _chunk_bwd(q, k, v, b, r, S, do, dS):
-    """Backward of :func:`_chunk`, by hand, for a scalar (``b, r [C, 1]``) or per-key
-    (``[C, K]``) gate.
+def _chunk_bwd(q, k, v, *rest):
+    """Backward of :func:`_chunk`, by hand, for a scalar or per-key gate.
 
     With ``D_ijd = exp(b_id - b_jd) [j <= i, r_id == r_jd]``, ``A_ij = sum_d q_id k_jd D_ijd``,
     ``e = exp(b) [r == 0]``, ``f = exp(b_C - b) [r == r_C]``, ``a = exp(b_C) [r_C == 0]``
@@ -218,142 +228,135 @@ def _chunk_bwd(q, k, v, b, r, S, do, dS):
     (each exponent ``b_i - b_j`` moves with ``b_i`` and against ``b_j``; for a scalar
     gate every ``d`` sum runs over the keys and ``D`` is one ``[C, C]`` matrix, so
     ``dA * D`` and ``Z = dA * A`` are matmul-sized). Returns
-    ``(dq, dk, dv, db [C, Kg], dS_prev)``.
+    ``(dq, dk, dv, dgate, dS_prev)``, ``dgate`` a ``[1, C]`` row for the packed scalar
+    gate (``b`` only), ``[C, K]`` per key.
     """
-    C, K = q.shape
-    Kg = b.shape[-1]
-    f32 = jnp.float32
-    D = _decays(b, r, C)  # [C, C, Kg]
+    *gates, S, do, dS = rest
+    C = q.shape[0]
+    b, r, D = gate_views(gates, C)
+    scalar = D is not None
     e = _exp_if(b, r == 0)  # [C, Kg]
     f = _exp_if(b[C - 1:C] - b, r == r[C - 1:C])  # [C, Kg]
     a = _exp_if(b[C - 1:C], r[C - 1:C] == 0)  # [1, Kg]
     qe, kf = q * e, k * f
-    dA = jnp.dot(do, v.T, preferred_element_type=f32)
-    dqe = jnp.dot(do, S.T, preferred_element_type=f32)  # [C, K]
-    dkf = jnp.dot(v, dS.T, preferred_element_type=f32)  # [C, K]
-    if Kg == 1:  # scalar gate: [C, C] matrices and matmuls
-        D = D[:, :, 0]
-        A = jnp.dot(q, k.T, preferred_element_type=f32) * D
+    dqe = dot_nt(do, S)  # [C, K]
+    dkf = dot_nt(v, dS)  # [C, K]
+    if scalar:  # [C, C] matrices and matmuls
+        dA = dot_nt(do, v)
+        A = dot_nt(q, k) * D
+        dv = dot_tn(A, do)
         dP = dA * D
-        dq = jnp.dot(dP, k, preferred_element_type=f32)
-        dk = jnp.dot(dP.T, q, preferred_element_type=f32)
+        dq, dk = dot(dP, k), dot_tn(dP, q)
         Z = dA * A
-        dZ = jnp.sum(Z, axis=1, keepdims=True) - jnp.sum(Z.T, axis=1, keepdims=True)
-    else:  # per-key gate: the explicit [C, C, K] decays, as in the forward
-        A = jnp.sum(q[:, None, :] * k[None, :, :] * D, axis=-1)
-        dPD = dA[:, :, None] * D
-        dq = jnp.sum(dPD * k[None, :, :], axis=1)
-        dk = jnp.sum(dPD * q[:, None, :], axis=0)
-        Z = dPD * q[:, None, :] * k[None, :, :]
-        dZ = jnp.sum(Z, axis=1) - jnp.sum(Z, axis=0)
+        dZ = (jnp.sum(Z, axis=1, keepdims=True)
+              - to_col(jnp.sum(Z, axis=0, keepdims=True)))
+    else:  # per-key gate: the decays one query row i at a time, as in the forward
+        dAT = dot_nt(v, do)  # [C(j), C(i)]
+
+        def row(i, carry):
+            AT, dq, dk, dZ_out = carry
+            AT, q_i, M_i = _score_col(q, k, b, r, i, AT)
+            P_i = _pick_col(dAT, i) * M_i  # [C(j), K]: dA_ij M_i[j, d]
+            dq_i = jnp.sum(P_i * k, axis=0, keepdims=True)  # [1, K]
+            dq = dq + jnp.where(iota(q.shape, 0) == i, dq_i, 0.0)
+            return AT, dq, dk + P_i * q_i, dZ_out + P_i * q_i * k
+
+        zeros = jnp.zeros_like(q)  # dZ_out: sum_i Z_ijd, at row j
+        AT, dq, dk, dZ_out = jax.lax.fori_loop(
+            0, C, row, (jnp.zeros((C, C), jnp.float32), zeros, zeros, zeros))
+        dZ = q * dq - dZ_out  # sum_j Z_ijd = q_id dq_id (before the state term)
+        dv = dot(AT, do)
     dq = dq + dqe * e
     dk = dk + dkf * f
-    dv = jnp.dot(A.T, do, preferred_element_type=f32) + jnp.dot(kf, dS, preferred_element_type=f32)
-    dF = kf * dkf  # [C, K]
-    dE = qe * dqe
-    if Kg == 1:
+    dv = dv + dot(kf, dS)
+    dF, dE = kf * dkf, qe * dqe  # [C, K]
+    dSS = jnp.sum(dS * S, axis=1, keepdims=True)  # [K, 1]: per row of S
+    if scalar:
         dF, dE = jnp.sum(dF, axis=1, keepdims=True), jnp.sum(dE, axis=1, keepdims=True)
+        dSS = jnp.sum(dSS, axis=0, keepdims=True)  # [1, 1]
+    else:
+        dSS = to_row(dSS)  # [1, K]
     db = dZ + dE - dF
-    dSS = jnp.sum(dS * S, axis=1)[None, :]  # [1, K]: per row of S
-    if Kg == 1:
-        dSS = jnp.sum(dSS, axis=1, keepdims=True)
     last = jnp.sum(dF, axis=0, keepdims=True) + a * dSS  # [1, Kg]
-    row = jnp.arange(C)[:, None]
-    db = db + jnp.where(row == C - 1, last, 0.0)
-    dS_prev = jnp.dot(qe.T, do, preferred_element_type=f32) + a.reshape(-1, 1) * dS
-    return dq, dk, dv, db, dS_prev
+    db = db + jnp.where(iota(db.shape, 0) == C - 1, last, 0.0)
+    dS_prev = dot_tn(qe, do) + to_col(a) * dS
+    return dq, dk, dv, (to_row(db) if scalar else db), dS_prev
 
 
-def bwd_walk(chunk_bwd, n_in, *refs, C):
-    """A backward kernel body: the chunks of one (batch row, head), last chunk first,
-    carrying the state's cotangent ``[K, V]``.
-
-    ``refs``: ``n_in`` per-token inputs ``[Tp, .]`` (the last one, the reset counts ``r``,
-    gets no gradient), the chunk start states ``[n_chunks * K, V]`` written by the
-    forward kernel, ``do [Tp, V]``, ``dS_T [K, V]``; then the ``n_in - 1`` per-token
-    gradients and ``dS_0``. ``chunk_bwd(*inputs, S, do, dS) -> (*grads, dS_prev)``.
-    """
-    ins, (st_ref, do_ref, dsT_ref) = refs[:n_in], refs[n_in:n_in + 3]
-    grads, ds0_ref = refs[n_in + 3:-1], refs[-1]
-    n_chunks, K = ins[0].shape[0] // C, ins[0].shape[1]
-
-    def step(i, dS):
-        n = n_chunks - 1 - i
-        sl = pl.ds(pl.multiple_of(n * C, C), C)
-        S = st_ref[pl.ds(pl.multiple_of(n * K, K), K), :]
-        *gs, dS = chunk_bwd(*(x[sl, :] for x in ins), S, do_ref[sl, :], dS)
-        for ref, x in zip(grads, gs):
-            ref[sl, :] = x
-        return dS
-
-    ds0_ref[...] = jax.lax.fori_loop(0, n_chunks, step, dsT_ref[...].astype(jnp.float32))
+def temporaries(C, K, V, Kg):
+    """The chunk math's larger temporaries, for the VMEM accounting (block shapes)."""
+    per_key = [(C, K)] * 8 if Kg > 1 else []
+    return [(C, C)] * 8 + [(C, K)] * 8 + [(C, V)] * 4 + [(K, V)] * 2 + per_key
 
 
-def _pallas_backward(q, k, v, b, r, states, do, dS_T, C, interpret):
-    """Gradients of :func:`_pallas_forward`: ``(dq, dk, dv, db, dS0)``."""
+# ----------------------------------------------------------------------------
+# The kernels behind a custom VJP, and the pure-JAX reference of the same math.
+# ----------------------------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _gla(q, k, v, gates, S0, C, interpret):
+    return tuple(grid.forward(_chunk, (q, k, v, *gates), S0, C, interpret=interpret,
+                              with_states=False, temporaries=_temps(q, v, gates, C)))
+
+
+def _temps(q, v, gates, C):
+    return temporaries(C, q.shape[-1], v.shape[-1], 1 if len(gates) == 1 else q.shape[-1])
+
+
+def _gla_fwd(q, k, v, gates, S0, C, interpret):
+    o, S, states = grid.forward(_chunk, (q, k, v, *gates), S0, C, interpret=interpret,
+                                with_states=True, temporaries=_temps(q, v, gates, C))
+    return (o, S), (q, k, v, gates, states)
+
+
+def _gla_bwd(C, interpret, res, cts):
+    q, k, v, gates, states = res
+    N, Tp, _ = q.shape
+    shapes = (q.shape, k.shape, v.shape, gate_grad_shape(gates, N, Tp))
+    dq, dk, dv, dg, dS0 = grid.backward(_chunk_bwd, (q, k, v, *gates), shapes, states, *cts,
+                                        C, interpret=interpret,
+                                        temporaries=_temps(q, v, gates, C))
+    if len(gates) == 1:  # packed [N, n, 2, C]: b gets dg, r none
+        dgates = (jnp.concatenate([dg, jnp.zeros_like(dg)], axis=2),)
+    else:
+        dgates = (dg, jnp.zeros_like(gates[1]))
+    return dq, dk, dv, dgates, dS0
+
+
+_gla.defvjp(_gla_fwd, _gla_bwd)
+
+
+def chunk_reference(q, k, v, gates, S0, C):
+    """The kernel's math in plain JAX (same inputs and outputs as :func:`_gla`)."""
     N, Tp, K = q.shape
-    V, Kg = v.shape[-1], b.shape[-1]
-    n_chunks = Tp // C
-    shapes = [(Tp, K), (Tp, K), (Tp, V), (Tp, Kg), (K, V)]
-    return pl.pallas_call(
-        functools.partial(bwd_walk, _chunk_bwd, 5, C=C),
-        grid=(N,),
-        in_specs=[_spec(Tp, K), _spec(Tp, K), _spec(Tp, V), _spec(Tp, Kg), _spec(Tp, Kg),
-                  _spec(n_chunks * K, V), _spec(Tp, V), _spec(K, V)],
-        out_specs=[_spec(*s) for s in shapes],
-        out_shape=[jax.ShapeDtypeStruct((N, *s), jnp.float32) for s in shapes],
-        interpret=interpret,
-    )(q, k, v, b, r, states, do.astype(jnp.float32), dS_T.astype(jnp.float32))
 
-
-def chunk_reference(q, k, v, b, r, S0, C):
-    """The kernel's math in plain JAX (same inputs and outputs as the Pallas call)."""
-    N, Tp, K = q.shape
-
-    def chunks(x):  # [N, Tp, ...] -> [n, N, C, ...]
-        return jnp.moveaxis(x.reshape(N, Tp // C, C, *x.shape[2:]), 1, 0)
+    def chunks(x):  # [N, Tp, ...] -> [n, N, C, ...]; [N, n, a, b] -> [n, N, a, b]
+        x = x.reshape(N, Tp // C, C, *x.shape[2:]) if x.ndim == 3 else x
+        return jnp.moveaxis(x, 1, 0)
 
     @jax.checkpoint  # the backward keeps only the state at each chunk start
     def body(S, xs):
         o, S = jax.vmap(_chunk)(*xs, S)
         return S, o
 
-    S, o = jax.lax.scan(body, S0, tuple(map(chunks, (q, k, v, b, r))))
+    S, o = jax.lax.scan(body, S0, tuple(map(chunks, (q, k, v, *gates))))
     return jnp.moveaxis(o, 0, 1).reshape(N, Tp, -1), S
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _gla(q, k, v, b, r, S0, C, interpret):
-    return _pallas_forward(q, k, v, b, r, S0, C, interpret)
-
-
-def _gla_fwd(q, k, v, b, r, S0, C, interpret):
-    o, S, states = _pallas_forward(q, k, v, b, r, S0, C, interpret, with_states=True)
-    return (o, S), (q, k, v, b, r, states)
-
-
-def _gla_bwd(C, interpret, res, cts):
-    q, k, v, b, r, states = res
-    dq, dk, dv, db, dS0 = _pallas_backward(q, k, v, b, r, states, *cts, C, interpret)
-    return dq, dk, dv, db, jnp.zeros_like(r), dS0
-
-
-_gla.defvjp(_gla_fwd, _gla_bwd)
 
 
 def linear_attention(q, k, v, *, g=None, scale=None, initial_state=None,
                      output_final_state=False, chunk_size=64, interpret=False):
-    """(Gated) linear attention by the Pallas chunk kernel; see the module docstring."""
+    """(Gated) linear attention by the Pallas chunk kernels; see the module docstring."""
     B, T, H, K, V = check_inputs("longctx.kernels.linear_attention.linear_attention", q, k, v,
                                  initial_state=initial_state, chunk_size=chunk_size,
                                  interpret=interpret)
     if g is not None and g.shape not in ((B, T, H), (B, T, H, K)):
         raise ValueError(f"g must be [B, T, H] or [B, T, H, K]; got {g.shape=}")
-    C = max(1, min(chunk_size, T))
+    C = chunk_of(chunk_size, T, interpret)
     scale = K**-0.5 if scale is None else scale
     qr, kr, vr, b, r = _prepare(q * scale, k, v, g, C)
     S0 = (jnp.zeros((B * H, K, V), jnp.float32) if initial_state is None
           else initial_state.astype(jnp.float32).reshape(B * H, K, V))
-    o, S = _gla(qr, kr, vr, b, r, S0, C, bool(interpret))
+    o, S = _gla(qr, kr, vr, pack_gates(b, r, C), S0, C, bool(interpret))
     o = jnp.moveaxis(o[:, :T].reshape(B, H, T, V), 1, 2).astype(v.dtype)
     return o, (S.reshape(B, H, K, V) if output_final_state else None)

@@ -1,0 +1,96 @@
+"""The Pallas linear-attention and delta-rule kernels compile for a real TPU (Mosaic).
+
+Compile-only TPU v5p devices (libtpu, the ``tpu`` extra) on this CPU machine: each
+kernel's forward and backward through the public ``longctx.ops`` (``form="pallas"``)
+under ``jax.set_mesh``, at T = 32768, and the program must hold the Mosaic custom calls
+(no silent fallback to another form). The TPU compiler checks VMEM for real, so a
+kernel whose blocks do not fit fails here. ``g=None`` runs the scalar-gate kernel with a
+zero gate, so the scalar case covers it. Small B and H: the sequence is what the grid
+tiles. Skipped where libtpu is not installed.
+"""
+
+import importlib.util
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from longctx import ops, targets
+from longctx.compile import custom_calls
+
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="libtpu not installed (pip install -e '.[tpu]')")
+
+B, H, K = 1, 1, 128
+
+
+def _compile(op, gate, T, dtype=jnp.bfloat16):
+    devs = targets.devices(targets.parse("v5p-8"))
+    C = 16 if gate == "per_key" else 64
+    g_shape = (B, T, H) if gate == "scalar" else (B, T, H, K)
+
+    def loss(q, k, v, g, beta):
+        if op == "linear_attention":
+            o, _ = ops.linear_attention(q, k, v, g=g, chunk_size=C, form="pallas")
+        else:
+            o, _ = ops.delta_rule(q, k, v, beta, g=g, chunk_size=C, form="pallas")
+        return jnp.sum(o.astype(jnp.float32) ** 2)
+
+    sd = jax.ShapeDtypeStruct
+    args = (sd((B, T, H, K), dtype),) * 3 + (sd(g_shape, jnp.float32), sd((B, T, H), dtype))
+    mesh = jax.make_mesh((1,), ("x",), devices=devs[:1],
+                         axis_types=(jax.sharding.AxisType.Auto,))
+    with jax.set_mesh(mesh):
+        assert targets.platform() == "tpu"
+        f = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
+        return f.lower(*args).compile().as_text()
+
+
+def _vmem_used(hlo):
+    """The VMEM each Mosaic kernel of the program uses, as the TPU compiler reports it: the
+    end of its used scoped range less the offset XLA placed the kernel's range at."""
+    out = []
+    for line in hlo.splitlines():
+        if 'custom_call_target="tpu_custom_call"' not in line:
+            continue
+        offset = re.search(r'"scoped_memory_configs":\[\{"memory_space":"1","offset":"(\d+)"',
+                           line)
+        end = re.search(r'"used_scoped_memory_configs":\[\{"memory_space":"1",'
+                        r'"offset":"\d+","size":"(\d+)"', line)
+        out.append(int(end.group(1)) - int(offset.group(1)))
+    return out
+
+
+@needs_libtpu
+@pytest.mark.parametrize("op", ["linear_attention", "delta_rule"])
+@pytest.mark.parametrize("gate", ["scalar", "per_key"])
+def test_pallas_kernels_compile_for_tpu(op, gate):
+    hlo = _compile(op, gate, 32768)
+    calls = custom_calls(hlo)
+    mosaic = {name: n for name, n in calls.items() if name.startswith("tpu_custom_call")}
+    assert sum(mosaic.values()) == 2, calls  # the forward kernel and the backward kernel
+    used = _vmem_used(hlo)
+    assert len(used) == 2 and max(used) < 8 * 2**20, used  # one chunk's blocks, not T's
+
+
+@needs_libtpu
+def test_pallas_kernel_vmem_is_flat_in_length():
+    """The VMEM the compiler allots does not follow T (the grid tiles the sequence): from
+    8K to 1M tokens (128x) it stays within 1.5x (the compiler's own choices vary a
+    little with the grid's extent) and under 2 MiB."""
+    short, long = (_vmem_used(_compile("linear_attention", "scalar", T, jnp.float32))
+                   for T in (8192, 1 << 20))
+    assert len(short) == len(long) == 2, (short, long)
+    assert max(long) < 2 * 2**20 and all(b <= 1.5 * a for a, b in zip(short, long)), (short, long)
+
+
+@needs_libtpu
+def test_pallas_chunk_must_tile_for_mosaic():
+    """A chunk Mosaic cannot tile (float32 rows in multiples of 8) is an error naming it."""
+    devs = targets.devices(targets.parse("v5p-8"))
+    mesh = jax.make_mesh((1,), ("x",), devices=devs[:1],
+                         axis_types=(jax.sharding.AxisType.Auto,))
+    q = jax.ShapeDtypeStruct((B, 96, H, K), jnp.float32)
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match="chunk_size=12"):
+        jax.jit(lambda q: ops.linear_attention(q, q, q, chunk_size=12, form="pallas")).lower(q)
