@@ -53,7 +53,7 @@ PRIVATE_READS_TO_FIX = {
     # kernels/ lane: the delta-rule kernel reuses the linear-attention kernel's chunk bodies
     # and helpers (to become that module's public kernel-building API)
     *(("longctx.kernels.delta_rule", f"longctx.kernels.linear_attention.{n}")
-      for n in ("_chunk", "_chunk_bwd", "_decays", "_exp_if", "_prepare", "_spec")),
+      for n in ("_chunk", "_chunk_bwd", "_exp_if", "_prepare")),
 }
 
 
