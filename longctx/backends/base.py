@@ -41,7 +41,7 @@ class MixerDims:
     init_std: float = 0.02  # normal init of input projections
     out_std: float = 0.02  # init of the output (residual) projection; the model computes it once
     rope_theta: float = 10_000.0
-    rope_scaling: object = 1.0  # a RopeScalingConfig, or a number (position interpolation)
+    rope_scaling: object = None  # a RopeScalingConfig; None: RoPE as trained
     rope_layout: str = "half"  # half (rotate-half) | interleaved
     norm_eps: float = 1e-6  # RMSNorm epsilon of norms inside a mixer (q/k norm)
     max_seq_len: int = 4096  # KV-cache slots of exact attention when carrying state
