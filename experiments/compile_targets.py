@@ -76,7 +76,9 @@ def main(argv=None):
     p.add_argument("--table", action="store_true", help="only rewrite results.md")
     p.add_argument("overrides", nargs="*", help="config overrides for every cell")
     args = p.parse_args(argv)
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from longctx import targets
+
+    targets.compile_only()
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "results.jsonl")
     rows = [json.loads(line) for line in open(path)] if os.path.exists(path) else []

@@ -101,8 +101,6 @@ def _mesh_devices(argv) -> int:
 
 if __name__ == "__main__":  # before JAX starts: simulated CPU devices for --mesh
     _n = _mesh_devices(sys.argv[1:])
-    if any(a == "--target" or a.startswith("--target=") for a in sys.argv[1:]):
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only: claim no accelerator
     if _n > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                    + f" --xla_force_host_platform_device_count={_n}").strip()
@@ -455,6 +453,7 @@ def main(argv=None):
         p.error("--task (the quality axis) trains and evaluates on one device; drop --mesh")
     target = None
     if args.target:
+        targets.compile_only()
         if not args.compile_only:
             p.error(f"--target {args.target} compiles for hardware this machine may not have: "
                     f"add --compile-only")

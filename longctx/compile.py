@@ -251,10 +251,10 @@ def main(argv=None) -> int:
     p.add_argument("--save", default=None, metavar="DIR", help="serialize the compiled step")
     p.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = p.parse_args(argv)
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only: never claim an accelerator
-
     from longctx import targets
     from longctx.config import ConfigError
+
+    targets.compile_only()
 
     try:
         target = targets.parse(args.target, args.num_slices)

@@ -195,6 +195,15 @@ def parse(name: str, num_slices: int = 1) -> Target:
 # ----------------------------------------------------------------------------
 
 
+def compile_only() -> None:
+    """Claim no accelerator in this process (an ahead-of-time compile needs none; libtpu or the
+    CUDA plugin installed on a CPU host would otherwise try to start their devices). Sets
+    JAX's ``jax_platforms`` to ``cpu`` unless the user chose (``JAX_PLATFORMS``); JAX reads
+    the variable when it is imported, so setting the variable here would come too late."""
+    if "JAX_PLATFORMS" not in os.environ:
+        jax.config.update("jax_platforms", "cpu")
+
+
 def _tpu_env():
     """libtpu's compile-only mode needs an accelerator type (any valid one) and, when
     several processes load it (pytest-xdist, subprocesses), no lockfile."""

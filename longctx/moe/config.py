@@ -31,7 +31,7 @@ class MoEConfig:
     jitter_noise: float = 0.0  # training mode only: router input *= U(1 - eps, 1 + eps); 0: off
     dispatch: str | None = None  # dropless | capacity; null: capacity iff capacity_factor > 0
     capacity_factor: float = 0.0  # <= 0: dropless; > 0: ceil(cf * T * k / E) slots/expert/sequence
-    dropless_impl: str = "auto"  # auto (CPU: blocks, GPU/TPU: ragged_dot) | blocks | ragged_dot
+    dropless_impl: str = "auto"  # auto (TPU: ragged_dot, CPU / GPU: blocks) | blocks | ragged_dot
     load_balance_loss_weight: float = 0.01  # x Switch loss E * sum_i f_i P_i (aux moe_lb_loss)
     router_z_loss_weight: float = 0.0  # x ST-MoE z-loss mean(logsumexp(logits)^2) (aux moe_z_loss)
     routed_bias_update_rate: float = 0.0  # aux-free balancing: bias += rate*sign(mean_load - load)

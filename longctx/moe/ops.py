@@ -22,8 +22,9 @@ Token choice (every token picks its k experts):
     sorted slots padded per expert to blocks of ``m`` rows, each block one
     batched matmul with its expert's weights). On CPU ``ragged_dot`` lowers to
     a masked dense product over all E experts (E x the FLOPs), several times slower
-    than ``blocks`` (``python -m experiments.bench_moe``), so ``impl="auto"`` picks
-    ``blocks`` when compiling for CPU and ``ragged_dot`` for GPU / TPU.
+    than ``blocks`` (``python -m experiments.bench_moe``); compiled for GPU, XLA's
+    ``ragged_dot`` takes several times the temporary memory of ``blocks``. So ``impl="auto"``
+    picks ``ragged_dot`` when compiling for TPU (Mosaic kernels) and ``blocks`` otherwise.
   - ``expert_parallel_moe``: experts sharded over the ``expert`` mesh axis and
     token buffers exchanged by ``jax.lax.all_to_all`` inside ``jax.shard_map``,
     with fixed-capacity buffers per destination (ragged all-to-all does not run
@@ -252,19 +253,21 @@ def dropless_moe(x, experts, weights, w_gate, w_up, w_down, *, impl: str = "auto
     slots, ``jax.lax.ragged_dot`` with the group sizes), ``blocks`` (each
     expert's rows padded to a multiple of ``block_size``; block b is a batched
     matmul with the weights of its expert), ``auto`` (``blocks`` on CPU where it
-    is faster, ``ragged_dot`` on GPU / TPU; by the platform compiled for).
+    is faster, and on GPU, where XLA's ``ragged_dot`` needed ~10x the temporary memory of
+    ``blocks`` for the Qwen3-30B-A3B shape compiled for an H100 host (docs/results/targets.md);
+    ``ragged_dot`` on TPU (Mosaic's grouped-matmul kernels); by the platform compiled for).
     """
     N, k = experts.shape
     D = x.shape[-1]
     E = w_gate.shape[0]
     if impl == "auto":
         where = targets.platform()
-        impl = "blocks" if where == "cpu" else "ragged_dot"
-        if impl not in _LOGGED:  # every automatic choice is logged once, with its reason
-            _LOGGED.add(impl)
+        impl = "ragged_dot" if where == "tpu" else "blocks"
+        if (impl, where) not in _LOGGED:  # every automatic choice is logged once, with its reason
+            _LOGGED.add((impl, where))
             log.info("dropless MoE impl=auto chose %s on %s (%s)", impl, where,
-                     "ragged_dot is a masked dense product over all experts on CPU"
-                     if impl == "blocks" else "native grouped matmul")
+                     "Mosaic's grouped-matmul kernels" if impl == "ragged_dot" else
+                     "XLA lowers ragged_dot to far larger buffers here (see dropless_moe)")
     flat = experts.reshape(-1)  # [N*k] slot s = (token s // k, choice s % k)
     M = flat.shape[0]
     order = jnp.argsort(flat, stable=True)  # slots sorted by expert
