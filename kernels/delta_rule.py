@@ -45,8 +45,8 @@ import jax.numpy as jnp
 
 from longctx.kernels import chunk_grid as grid
 from longctx.kernels.chunk_grid import dot, dot_nt, dot_tn
-from longctx.kernels.linear_attention import (_chunk as _gla_chunk, _chunk_bwd as _gla_chunk_bwd,
-                                             _exp_if, _prepare, check_inputs, chunk_of,
+from longctx.kernels.linear_attention import (chunk_bwd as _gla_chunk_bwd, chunk_fwd as _gla_chunk,
+                                             exp_if, prepare_chunks, check_inputs, chunk_of,
                                              gate_grad_shape, pack_gates, temporaries)
 
 
@@ -54,7 +54,7 @@ def _decays(b, r, C):
     """``exp(b_i - b_j) [j < i, r_i == r_j]`` ``[C, C, Kg]`` from ``b, r [C, Kg]``."""
     i, j = jnp.arange(C)[:, None, None], jnp.arange(C)[None, :, None]
     ok = (i > j) & (r[:, None, :] == r[None, :, :])
-    return _exp_if(b[:, None, :] - b[None, :, :], ok)
+    return exp_if(b[:, None, :] - b[None, :, :], ok)
 
 
 def wy_factors(k, v, beta, b, r, C):
@@ -72,7 +72,7 @@ def wy_factors(k, v, beta, b, r, C):
         A = jnp.einsum("...ik,...jk->...ij", kb, kc) * D[..., 0]
     else:  # per-key gate (KDA): the explicit [C, C, K] decays
         A = jnp.sum(kb[..., :, None, :] * kc[..., None, :, :] * D, axis=-1)  # [N, n, C, C]
-    rhs = jnp.concatenate([vc * betac, kb * _exp_if(bc, rc == 0)], axis=-1)
+    rhs = jnp.concatenate([vc * betac, kb * exp_if(bc, rc == 0)], axis=-1)
     eye = jnp.eye(C, dtype=A.dtype)
     X = jax.scipy.linalg.solve_triangular(eye + A, rhs, lower=True, unit_diagonal=True)
     V = v.shape[-1]
@@ -160,7 +160,7 @@ def delta_rule(q, k, v, beta, *, g=None, scale=None, initial_state=None,
                          f"{None if g is None else g.shape}")
     C = chunk_of(chunk_size, T, interpret)
     scale = K**-0.5 if scale is None else scale
-    qr, kr, vr, b, r = _prepare(q * scale, k, v, g, C)
+    qr, kr, vr, b, r = prepare_chunks(q * scale, k, v, g, C)
     Tp = qr.shape[1]
     betar = jnp.pad(jnp.moveaxis(beta.astype(jnp.float32), 2, 1).reshape(B * H, T),
                     ((0, 0), (0, Tp - T)))  # padding: beta = 0, no write

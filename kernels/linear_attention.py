@@ -31,7 +31,7 @@ elementwise cumsum over each chunk), so the kernel itself has no scan.
 
 Backward (``jax.custom_vjp``): a second kernel on the same grid walking the chunks
 last to first, carrying the state's cotangent ``dS [K, V]`` in scratch: per chunk the
-hand-derived gradients of :func:`_chunk_bwd`. Its residual is every chunk's start
+hand-derived gradients of :func:`chunk_bwd`. Its residual is every chunk's start
 state ``[N, n_chunks, K, V]``, written by the forward kernel (``K V / C`` floats per
 token and head in HBM, linear in ``T``; VMEM holds one). :func:`chunk_reference` is
 the same chunk math in plain JAX (a ``lax.scan`` over chunks).
@@ -101,7 +101,7 @@ def chunk_of(chunk_size: int, T: int, interpret: bool) -> int:
 # ----------------------------------------------------------------------------
 
 
-def _prepare(q, k, v, g, C):
+def prepare_chunks(q, k, v, g, C):
     """[B, T, H, ...] -> [B*H, Tp, ...] float32; gates -> (b, r) [B*H, Tp, Kg] per chunk."""
     B, T, H, K = q.shape
     Tp = -(-T // C) * C
@@ -142,7 +142,7 @@ def gate_grad_shape(gates, N, Tp):
 # ----------------------------------------------------------------------------
 
 
-def _exp_if(x, ok):
+def exp_if(x, ok):
     return jnp.exp(jnp.where(ok, x, -jnp.inf))  # masked before the exp: never overflows
 
 
@@ -155,7 +155,7 @@ def gate_views(gates, C):
         b_row, r_row = gp[0:1, :], gp[1:2, :]
         b, r = to_col(b_row), to_col(r_row)
         causal = iota((C, C), 0) >= iota((C, C), 1)
-        return b, r, _exp_if(b - b_row, causal & (r == r_row))
+        return b, r, exp_if(b - b_row, causal & (r == r_row))
     b, r = gates
     return b, r, None
 
@@ -177,7 +177,7 @@ def _key_row(q, b, r, i):
     over rows keeps one row's ``[C, K]`` live): the same ``C^2 K`` elementwise work."""
     b_i, r_i = _pick_row(b, i), _pick_row(r, i)
     ok = (iota(b.shape, 0) <= i) & (r == r_i)
-    return _pick_row(q, i), _exp_if(b_i - b, ok)
+    return _pick_row(q, i), exp_if(b_i - b, ok)
 
 
 def _score_col(q, k, b, r, i, AT):
@@ -195,7 +195,7 @@ def key_scores_t(q, k, b, r):
                              jnp.zeros((C, C), jnp.float32))
 
 
-def _chunk(q, k, v, *gates_and_S):
+def chunk_fwd(q, k, v, *gates_and_S):
     """One chunk: ``q, k [C, K]``, ``v [C, V]``, gates (packed ``[2, C]`` or ``b, r [C, K]``),
     ``S [K, V]`` -> ``(o [C, V], S')``."""
     *gates, S = gates_and_S
@@ -203,14 +203,14 @@ def _chunk(q, k, v, *gates_and_S):
     b, r, D = gate_views(gates, C)
     A_v = dot(dot_nt(q, k) * D, v) if D is not None else dot_tn(key_scores_t(q, k, b, r), v)
     b_last, r_last = b[C - 1:C], r[C - 1:C]  # [1, Kg]
-    o = A_v + dot(q * _exp_if(b, r == 0), S)
-    k_out = k * _exp_if(b_last - b, r == r_last)
-    across = to_col(_exp_if(b_last, r_last == 0))  # [Kg, 1]: S rows decay
+    o = A_v + dot(q * exp_if(b, r == 0), S)
+    k_out = k * exp_if(b_last - b, r == r_last)
+    across = to_col(exp_if(b_last, r_last == 0))  # [Kg, 1]: S rows decay
     return o, across * S + dot_tn(k_out, v)
 
 
-def _chunk_bwd(q, k, v, *rest):
-    """Backward of :func:`_chunk`, by hand, for a scalar or per-key gate.
+def chunk_bwd(q, k, v, *rest):
+    """Backward of :func:`chunk_fwd`, by hand, for a scalar or per-key gate.
 
     With ``D_ijd = exp(b_id - b_jd) [j <= i, r_id == r_jd]``, ``A_ij = sum_d q_id k_jd D_ijd``,
     ``e = exp(b) [r == 0]``, ``f = exp(b_C - b) [r == r_C]``, ``a = exp(b_C) [r_C == 0]``
@@ -235,9 +235,9 @@ def _chunk_bwd(q, k, v, *rest):
     C = q.shape[0]
     b, r, D = gate_views(gates, C)
     scalar = D is not None
-    e = _exp_if(b, r == 0)  # [C, Kg]
-    f = _exp_if(b[C - 1:C] - b, r == r[C - 1:C])  # [C, Kg]
-    a = _exp_if(b[C - 1:C], r[C - 1:C] == 0)  # [1, Kg]
+    e = exp_if(b, r == 0)  # [C, Kg]
+    f = exp_if(b[C - 1:C] - b, r == r[C - 1:C])  # [C, Kg]
+    a = exp_if(b[C - 1:C], r[C - 1:C] == 0)  # [1, Kg]
     qe, kf = q * e, k * f
     dqe = dot_nt(do, S)  # [C, K]
     dkf = dot_nt(v, dS)  # [C, K]
@@ -296,7 +296,7 @@ def temporaries(C, K, V, Kg):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _gla(q, k, v, gates, S0, C, interpret):
-    return tuple(grid.forward(_chunk, (q, k, v, *gates), S0, C, interpret=interpret,
+    return tuple(grid.forward(chunk_fwd, (q, k, v, *gates), S0, C, interpret=interpret,
                               with_states=False, temporaries=_temps(q, v, gates, C)))
 
 
@@ -305,7 +305,7 @@ def _temps(q, v, gates, C):
 
 
 def _gla_fwd(q, k, v, gates, S0, C, interpret):
-    o, S, states = grid.forward(_chunk, (q, k, v, *gates), S0, C, interpret=interpret,
+    o, S, states = grid.forward(chunk_fwd, (q, k, v, *gates), S0, C, interpret=interpret,
                                 with_states=True, temporaries=_temps(q, v, gates, C))
     return (o, S), (q, k, v, gates, states)
 
@@ -314,7 +314,7 @@ def _gla_bwd(C, interpret, res, cts):
     q, k, v, gates, states = res
     N, Tp, _ = q.shape
     shapes = (q.shape, k.shape, v.shape, gate_grad_shape(gates, N, Tp))
-    dq, dk, dv, dg, dS0 = grid.backward(_chunk_bwd, (q, k, v, *gates), shapes, states, *cts,
+    dq, dk, dv, dg, dS0 = grid.backward(chunk_bwd, (q, k, v, *gates), shapes, states, *cts,
                                         C, interpret=interpret,
                                         temporaries=_temps(q, v, gates, C))
     if len(gates) == 1:  # packed [N, n, 2, C]: b gets dg, r none
@@ -337,7 +337,7 @@ def chunk_reference(q, k, v, gates, S0, C):
 
     @jax.checkpoint  # the backward keeps only the state at each chunk start
     def body(S, xs):
-        o, S = jax.vmap(_chunk)(*xs, S)
+        o, S = jax.vmap(chunk_fwd)(*xs, S)
         return S, o
 
     S, o = jax.lax.scan(body, S0, tuple(map(chunks, (q, k, v, *gates))))
@@ -354,7 +354,7 @@ def linear_attention(q, k, v, *, g=None, scale=None, initial_state=None,
         raise ValueError(f"g must be [B, T, H] or [B, T, H, K]; got {g.shape=}")
     C = chunk_of(chunk_size, T, interpret)
     scale = K**-0.5 if scale is None else scale
-    qr, kr, vr, b, r = _prepare(q * scale, k, v, g, C)
+    qr, kr, vr, b, r = prepare_chunks(q * scale, k, v, g, C)
     S0 = (jnp.zeros((B * H, K, V), jnp.float32) if initial_state is None
           else initial_state.astype(jnp.float32).reshape(B * H, K, V))
     o, S = _gla(qr, kr, vr, pack_gates(b, r, C), S0, C, bool(interpret))
