@@ -221,18 +221,8 @@ def forward(chunk, ins, S0, C, *, interpret, with_states, temporaries=()):
         out_shape.append(jax.ShapeDtypeStruct((N, n, K, V), jnp.float32))
     out_specs = [_spec(out_shape[0], C, n, False), _spec(out_shape[1], C, n, False, True)]
     out_specs += [_spec(s, C, n, False) for s in out_shape[2:]]
-    blocks = [_block(s.block_shape) for s in in_specs + out_specs]
-    need = vmem_bytes(blocks, [(K, V)], list(temporaries))
-    return pl.pallas_call(
-        functools.partial(_fwd_kernel, chunk, len(ins), with_states),
-        grid=(N, n),
-        in_specs=in_specs,
-        out_specs=out_specs,
-        out_shape=out_shape,
-        scratch_shapes=[pltpu.VMEM((K, V), jnp.float32)],
-        compiler_params=None if interpret else _compiler_params(need),
-        interpret=interpret,
-    )(*ins, S0)
+    return _walk(functools.partial(_fwd_kernel, chunk, len(ins), with_states), (N, n),
+                 in_specs, out_specs, out_shape, (K, V), temporaries, interpret)(*ins, S0)
 
 
 def backward(chunk_bwd, ins, grad_shapes, states, do, dS_T, C, *, interpret, temporaries=()):
@@ -249,15 +239,17 @@ def backward(chunk_bwd, ins, grad_shapes, states, do, dS_T, C, *, interpret, tem
     out_shape = [jax.ShapeDtypeStruct(s, jnp.float32) for s in (*grad_shapes, (N, K, V))]
     out_specs = ([_spec(s, C, n, True) for s in out_shape[:-1]]
                  + [_spec(out_shape[-1], C, n, True, True)])
+    return _walk(functools.partial(_bwd_kernel, chunk_bwd, len(ins), len(grad_shapes)), (N, n),
+                 in_specs, out_specs, out_shape, (K, V), temporaries,
+                 interpret)(*ins, states, do, dS_T)
+
+
+def _walk(kernel, grid, in_specs, out_specs, out_shape, state, temporaries, interpret):
+    """The ``pallas_call`` of a walk over ``grid = (N, n_chunks)`` carrying a float32 ``state``
+    ``(K, V)`` in VMEM scratch, its VMEM limit from the blocks' own accounting."""
     blocks = [_block(s.block_shape) for s in in_specs + out_specs]
-    need = vmem_bytes(blocks, [(K, V)], list(temporaries))
-    return pl.pallas_call(
-        functools.partial(_bwd_kernel, chunk_bwd, len(ins), len(grad_shapes)),
-        grid=(N, n),
-        in_specs=in_specs,
-        out_specs=out_specs,
-        out_shape=out_shape,
-        scratch_shapes=[pltpu.VMEM((K, V), jnp.float32)],
-        compiler_params=None if interpret else _compiler_params(need),
-        interpret=interpret,
-    )(*ins, states, do, dS_T)
+    need = vmem_bytes(blocks, [state], list(temporaries))
+    return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
+                          out_shape=out_shape, scratch_shapes=[pltpu.VMEM(state, jnp.float32)],
+                          compiler_params=None if interpret else _compiler_params(need),
+                          interpret=interpret)
