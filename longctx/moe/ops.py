@@ -253,7 +253,7 @@ def dropless_moe(x, experts, weights, w_gate, w_up, w_down, *, impl: str = "auto
     slots, ``jax.lax.ragged_dot`` with the group sizes), ``blocks`` (each
     expert's rows padded to a multiple of ``block_size``; block b is a batched
     matmul with the weights of its expert), ``auto`` (``blocks`` on CPU where it
-    is faster, and on GPU, where XLA's ``ragged_dot`` needed ~10x the temporary memory of
+    is faster, and on GPU, where XLA's ``ragged_dot`` needed far more temporary memory than
     ``blocks`` for the Qwen3-30B-A3B shape compiled for an H100 host (docs/results/targets.md);
     ``ragged_dot`` on TPU (Mosaic's grouped-matmul kernels); by the platform compiled for).
     """
