@@ -62,7 +62,9 @@ it does not fit (the compiler's refusal included), ``slow`` when its roofline is
 The table and the plot are labelled with the target.
 
 Backends: named overlays (``SPECS``) plus every backend registered in
-``longctx.model.registry.BACKENDS`` that no overlay names yet.
+``longctx.model.registry.BACKENDS`` that no overlay names yet; with ``--target``,
+``TARGET_SPECS`` replace some of them (``full``: the target's own attention kernel; the
+hybrid at the config's depth; see there).
 """
 
 from __future__ import annotations
@@ -151,6 +153,21 @@ OPTIONAL_SPECS = {
                "model.attention.linear.variant=gated_deltanet", "model.attention.impl=flash",
                "model.n_layers=4"],
 }
+# With --target the overlays describe a real model shape (the --config's depth and widths)
+# on that hardware, so they override these of the CPU rows: exact attention by the target's
+# own kernel (impl auto: splash on TPU, cuDNN on GPU) as well as flash, the hybrid keeping
+# the config's depth (16 = 4 groups of 3 gated DeltaNet : 1 exact), and the recurrent backend
+# in segments of 2048 (the CPU rows' 256 leave a TPU's matrix units idle).
+TARGET_SPECS = {
+    "full": ["model.attention.backend=full", "model.attention.impl=auto"],
+    "hybrid": ["model.attention.pattern=[linear, linear, linear, full]",
+               "model.attention.linear.variant=gated_deltanet", "model.attention.impl=auto"],
+    "recurrent": ["model.attention.backend=recurrent", "model.segment_len=2048",
+                  "model.bptt_segments=2", "model.attention.recurrent.cache_segments=1",
+                  "model.attention.recurrent.compressive=delta", "model.attention.impl=auto"],
+    "moe": ["model.attention.backend=full", "model.attention.impl=auto",
+            "model.moe.num_experts=8"],
+}
 DEFAULT_LENGTHS = [1024, 4096, 16384, 65536, 262144, 1048576]
 # The default run: one row per regime of the roadmap, under 10 minutes on a 2-core CPU.
 # `--backends all` adds every other named spec (gated_deltanet, moe, new registrations).
@@ -162,7 +179,8 @@ FIELDS = ("backend", "target", "mesh", "devices", "length", "status", "message",
           "overrides")
 
 
-def default_specs() -> dict[str, list[str]]:
+def default_specs(target: bool = False) -> dict[str, list[str]]:
+    """The named overlays; ``target``: with :data:`TARGET_SPECS` over them (``--target``)."""
     specs = dict(SPECS)
     for name, ov in OPTIONAL_SPECS.items():
         try:
@@ -173,7 +191,7 @@ def default_specs() -> dict[str, list[str]]:
     for backend in BACKENDS:  # new registrations show up without editing this file
         if not any(o == f"model.attention.backend={backend}" for ov in specs.values() for o in ov):
             specs[backend] = [f"model.attention.backend={backend}"]
-    return specs
+    return {**specs, **TARGET_SPECS} if target else specs
 
 
 def fit_predict(xs, ys, x):
@@ -471,7 +489,7 @@ def main(argv=None):
                 f"--xla_force_host_platform_device_count={n_dev} before JAX starts "
                 f"(python -m experiments.context_sweep does it itself)")
     mesh_name = ",".join(f"{a}={n}" for a, n in mesh_shape.items() if n > 1)
-    specs = default_specs()
+    specs = default_specs(target is not None)
     names = list(specs) if args.backends == ["all"] else args.backends
     unknown = [n for n in names if n not in specs]
     if unknown:

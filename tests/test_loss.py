@@ -69,3 +69,41 @@ def test_chunked_loss_and_gradients_equal_the_plain_loss_without_the_full_logits
     assert plain_mem >= logits_bytes  # the reference does hold [B, T, V] (and its gradient)
     # what is left: one chunk's logits, softmax and gradient, the [V, E] weight gradients
     assert chunked_mem < logits_bytes / 4, (chunked_mem, plain_mem, logits_bytes)
+
+
+def test_chunked_loss_of_a_sequence_sharded_input_stays_on_its_devices():
+    """Context parallelism: ``x`` split over `sequence`. The chunks take tokens from every
+    shard, so each device computes its own tokens' logits: same loss and gradients as the
+    plain loss, and the compiled program holds less than the whole ``x``; contiguous chunks
+    (``shards=1``, the counter-example) gather ``x`` onto every device."""
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+    from longctx.train.loss import chunked_cross_entropy, cross_entropy
+
+    mesh = jax.make_mesh((4,), ("sequence",), axis_types=(AxisType.Auto,),
+                         devices=jax.devices()[:4])
+    B, T, E, V = 1, 4096, 64, 512
+    k = jax.random.split(jax.random.PRNGKey(0), 4)
+    x = jax.random.normal(k[0], (B, T, E))
+    w = jax.random.normal(k[1], (E, V)) * 0.1
+    t = jax.random.randint(k[2], (B, T), 0, V)
+    m = (jax.random.uniform(k[3], (B, T)) > 0.2).astype(jnp.float32)
+
+    def chunked(x, w, shards):
+        return chunked_cross_entropy(lambda xc: xc @ w, x, t, m, chunk_size=256,
+                                     shards=shards)[0]
+
+    ref_loss = cross_entropy(x @ w, t, m)[0]
+    ref = jax.grad(lambda x, w: cross_entropy(x @ w, t, m)[0], argnums=(0, 1))(x, w)
+    temp = {}
+    with jax.set_mesh(mesh):
+        xs = jax.device_put(x, NamedSharding(mesh, PartitionSpec(None, "sequence", None)))
+        for shards in (4, 1):
+            exe = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1)),
+                          static_argnums=2).lower(xs, w, shards).compile()
+            loss, grads = exe(xs, w)
+            np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+            for a, b in zip(grads, ref):
+                np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+            temp[shards] = exe.memory_analysis().temp_size_in_bytes
+    assert temp[4] < x.nbytes <= temp[1], (temp, x.nbytes)

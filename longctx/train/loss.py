@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from longctx.parallel import context
+
 
 def cross_entropy(logits, targets, mask):
     """``logits [B, T, V]`` float32, ``targets [B, T]`` int, ``mask [B, T]`` float ->
@@ -28,37 +30,49 @@ def cross_entropy(logits, targets, mask):
     return (ce * mask).sum(), correct.sum()
 
 
-def chunked_cross_entropy(head, x, targets, mask, *, chunk_size: int):
+def chunked_cross_entropy(head, x, targets, mask, *, chunk_size: int, shards: int | None = None):
     """:func:`cross_entropy` of ``head(x)`` computed ``chunk_size`` tokens at a time.
 
     ``head``: ``[B, C, E] -> [B, C, V]`` float32 logits (a pure function of its input;
     the parameters it closes over are differentiated through the scan); ``x [B, T, E]``
     hidden states. ``T`` need not divide by ``chunk_size``: the tail is padded with
     masked positions.
+
+    ``shards``: the devices the sequence is split over (context parallelism; default: the
+    current mesh's ``sequence`` axis). The loss is a sum over tokens, so a chunk need not
+    be contiguous: each chunk takes ``chunk_size / shards`` consecutive tokens from every
+    shard, and each device computes the logits of its own tokens only. Contiguous
+    chunks of a sequence-sharded ``x`` would each live on one device, and slicing them out
+    of the scan made XLA gather the whole ``x`` onto every device.
     """
     if chunk_size < 1:
         raise ValueError(f"{chunk_size=} must be >= 1")
+    P = context.axis_size("sequence") if shards is None else shards
     B, T, E = x.shape
-    C = min(chunk_size, T)
-    n = -(-T // C)
-    pad = n * C - T
-    if pad:
-        x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
-        targets = jnp.pad(targets, ((0, 0), (0, pad)))
-        mask = jnp.pad(mask, ((0, 0), (0, pad)))
+    if T % P:
+        raise ValueError(f"the sequence ({T} tokens) does not divide over {P} shards")
+    c = max(1, min(chunk_size, T) // P)  # tokens per shard and chunk
+    n = -(-(T // P) // c)  # chunks
+    pad = n * c - T // P  # per shard
 
-    def chunks(a):  # [B, n*C, ...] -> [n, B, C, ...]
-        return a.reshape(B, n, C, *a.shape[2:]).swapaxes(0, 1)
+    def chunks(a):  # [B, T, ...] -> [B, P, n, c, ...]: shard p's chunk j is [:, p, j]
+        a = a.reshape(B, P, T // P, *a.shape[2:])
+        if pad:
+            a = jnp.pad(a, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 3))
+        return a.reshape(B, P, n, c, *a.shape[3:])
+
+    xs, ts, ms = chunks(x), chunks(targets), chunks(mask.astype(jnp.float32))
 
     @jax.checkpoint  # save only the chunk's inputs; recompute its logits in the backward
     def chunk(xc, tc, mc):
-        return cross_entropy(head(xc), tc, mc)
+        return cross_entropy(head(xc.reshape(B, P * c, E)), tc.reshape(B, P * c),
+                             mc.reshape(B, P * c))
 
-    def body(carry, inp):
-        ce, correct = chunk(*inp)
+    def body(carry, j):  # a slice of the unsplit chunk axis: no data leaves its device
+        take = lambda a: jax.lax.dynamic_index_in_dim(a, j, axis=2, keepdims=False)  # noqa: E731
+        ce, correct = chunk(take(xs), take(ts), take(ms))
         return (carry[0] + ce, carry[1] + correct), None
 
     zero = jnp.zeros((), jnp.float32)
-    (ce, correct), _ = jax.lax.scan(body, (zero, zero),
-                                    (chunks(x), chunks(targets), chunks(mask.astype(jnp.float32))))
+    (ce, correct), _ = jax.lax.scan(body, (zero, zero), jnp.arange(n))
     return ce, correct

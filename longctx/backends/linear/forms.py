@@ -1,7 +1,11 @@
 """The forms that run a block (:mod:`~longctx.backends.linear.blocks`) or a step over a sequence.
 
-Inputs ``[B, T, H, ...]`` float32 (None passes through), start state ``S0
-[B, H, K, V]`` float32; each returns ``(o [B, T, H, V], S_T [B, H, K, V])``.
+Inputs ``[B, T, H, ...]`` (None passes through) as the block / step takes them, start
+state ``S0 [B, H, K, V]`` float32; each returns ``(o [B, T, H, V], S_T [B, H, K, V])``.
+The ops hand the chunk forms their inputs in the caller's dtype (bf16 in training) and a
+block that casts them to float32 per step, and ask for ``o`` in the output dtype: the
+sequence-long arrays a layer keeps (the padded, chunked inputs, ``o``, their cotangents)
+are then bf16, as exact attention's are, and every product still runs in float32.
 
 * :func:`parallel`: the whole sequence as one block (quadratic; the reference).
 * :func:`recurrent`: ``lax.scan`` over time, one step per token (the naive
@@ -139,8 +143,8 @@ def _groups(n_chunks, per_step):
     return n_steps, -(-n_chunks // n_steps)
 
 
-def chunk(block, xs, S0, chunk_size, chunks_per_step=None):
-    """The parallel chunk form (module docstring)."""
+def chunk(block, xs, S0, chunk_size, chunks_per_step=None, out_dtype=jnp.float32):
+    """The parallel chunk form (module docstring); ``o`` in ``out_dtype``, cast per step."""
     B, T, H = xs[0].shape[:3]
     per_step = (CHUNKS_PER_STEP.get(targets.platform()) if chunks_per_step is None
                 else chunks_per_step)
@@ -148,27 +152,32 @@ def chunk(block, xs, S0, chunk_size, chunks_per_step=None):
     C = max(1, min(chunk_size, T))
     xs, N, C = _pad_to_chunks(xs, chunk_size, n_chunks=n_steps * G)
 
-    def chunks(x):  # [B, N*C, H, ...] -> [n_steps, B, H, G, C, ...]
+    # The sequence-long arrays keep their [B, T, H, ...] order: the scan runs over
+    # [n_steps, B, G, C, H, ...] (for B = 1 a reshape, no copy) and each step moves its
+    # own slice's heads forward (and the output's back). Transposing whole sequences to
+    # heads-first instead cost a copy of every input, of the output and of their
+    # cotangents per layer (a float32 one where the caller then casts the output).
+    def chunks(x):  # [B, N*C, H, ...] -> [n_steps, B, G, C, H, ...]
         if x is None:
             return None
-        x = x.reshape(B, n_steps, G, C, *x.shape[2:])
-        return jnp.moveaxis(jnp.moveaxis(x, 1, 0), 4, 2)
+        return jnp.moveaxis(x.reshape(B, n_steps, G, C, *x.shape[2:]), 1, 0)
 
     blk = jax.checkpoint(block) if CHECKPOINT_BLOCKS else block
 
-    def body(S, x):  # G chunks at once: [B, H, G, ...]
-        aff = blk(*x)
+    def body(S, x):  # G chunks at once: [B, G, C, H, ...] -> [B, H, G, C, ...]
+        aff = blk(*(None if xi is None else jnp.moveaxis(xi, 3, 1) for xi in x))
         starts, S = _state_starts(aff, S)
-        return S, aff.o + jnp.einsum("bhnck,bhnkv->bhncv", aff.q_eff, starts)  # inter-chunk
+        o = aff.o + jnp.einsum("bhnck,bhnkv->bhncv", aff.q_eff, starts)  # inter-chunk
+        return S, jnp.moveaxis(o.astype(out_dtype), 1, 3)  # [B, G, C, H, V]
 
     if CHECKPOINT_STEPS and n_steps > 1:  # one step: store its residuals (as before)
         body = jax.checkpoint(body)
-    S, o = jax.lax.scan(body, S0, tuple(map(chunks, xs)))  # o [n_steps, B, H, G, C, V]
-    o = jnp.moveaxis(jnp.moveaxis(o, 0, 1), 2, 4).reshape(B, N * C, H, o.shape[-1])[:, :T]
+    S, o = jax.lax.scan(body, S0, tuple(map(chunks, xs)))  # o [n_steps, B, G, C, H, V]
+    o = jnp.moveaxis(o, 0, 1).reshape(B, N * C, H, o.shape[-1])[:, :T]
     return o, S
 
 
-def chunk_scan(block, xs, S0, chunk_size):
+def chunk_scan(block, xs, S0, chunk_size, out_dtype=jnp.float32):
     """The sequential chunk form: one checkpointed ``lax.scan`` step per chunk (baseline)."""
     B, T, H = xs[0].shape[:3]
     xs, N, C = _pad_to_chunks(xs, chunk_size)
@@ -181,7 +190,7 @@ def chunk_scan(block, xs, S0, chunk_size):
     @jax.checkpoint  # keep only the state at each chunk start for the backward pass
     def body(S, x):
         o, S = _apply(block(*x), S)
-        return S, o
+        return S, o.astype(out_dtype)
 
     S, o = jax.lax.scan(body, S0, tuple(map(chunks, xs)))  # o [N, B, H, C, V]
     o = jnp.moveaxis(o, 0, 2).reshape(B, H, N * C, o.shape[-1])[:, :, :T]

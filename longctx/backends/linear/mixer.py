@@ -115,6 +115,11 @@ def gla_gate_bias(n_heads: int, key_dim: int, lin: LinearConfig):
     return jnp.broadcast_to(b[:, None], (n_heads, key_dim)).astype(jnp.float32)
 
 
+def _proj(x, w):
+    """``x [B, S, E] @ w [E, H]`` in ``x``'s dtype with a float32 result."""
+    return jnp.einsum("bse,eh->bsh", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+
+
 def _l2norm(x, eps=1e-6):
     xf = x.astype(jnp.float32)
     return (xf * jax.lax.rsqrt(jnp.sum(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
@@ -267,10 +272,12 @@ class LinearAttention(Mixer):
             g = jax.nn.log_sigmoid(logits) / lin.gate_normalizer  # [B, S, H, K]
         elif lin.variant in DELTA_VARIANTS:
             q, k = _l2norm(q), _l2norm(k)
-            beta = jax.nn.sigmoid(jnp.einsum("bse,eh->bsh", xf, self.w_beta[...]))  # [B, S, H]
+            # the per-head gates' projections take x in the compute dtype, accumulating in
+            # float32 (as fla's bf16 Linear layers): a float32 copy of x [B, S, E] and its
+            # cotangent would outweigh the [B, S, H] gates themselves
+            beta = jax.nn.sigmoid(_proj(x, self.w_beta[...]))  # [B, S, H]
             if lin.variant == "gated_deltanet":
-                dt_ = jax.nn.softplus(jnp.einsum("bse,eh->bsh", xf, self.w_a[...])
-                                      + self.dt_bias[...])
+                dt_ = jax.nn.softplus(_proj(x, self.w_a[...]) + self.dt_bias[...])
                 g = -jnp.exp(self.a_log[...]) * dt_  # [B, S, H]
             if lin.variant == "kda":  # a decay per key from a low-rank projection
                 low = jnp.einsum("bse,er->bsr", xf, self.w_gate1[...])

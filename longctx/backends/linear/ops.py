@@ -42,7 +42,8 @@ computes ``-inf - -inf``), and its gradient is 0. In RWKV-7 the low-rank term
 ``b_t^T (a_t S_{t-1})`` reads the state before the decay, so a full reset also
 needs ``a_t = 0`` (the mixer does that). ``final_state`` is None unless
 ``output_final_state``. Inputs of any float dtype are computed in float32 (states
-always accumulate in float32); ``o`` is cast back to the dtype of ``v``.
+always accumulate in float32; q, k, v stay in their dtype until each block casts its
+slice, see :func:`_run`); ``o`` is cast back to the dtype of ``v``.
 
 ``normalize=True`` (linear attention only) divides ``o_t`` by
 ``(scale * q_t) . z_t + NORMALIZE_EPS`` with ``z_t = exp(g_t) * z_{t-1} + k_t``,
@@ -151,8 +152,30 @@ def _f32(x):
     return None if x is None else jnp.asarray(x).astype(jnp.float32)
 
 
-def _run(form, block, step, xs, S0, chunk_size, per_key_gate=None):
-    """Dispatch to a form; ``xs`` are ``[B, T, H, ...]`` float32, ``S0 [B, H, K, V]`` float32.
+def _float32(scale):
+    """The cast each block / step applies to its inputs: float32, queries times ``scale``."""
+    def prep(xs):
+        # The barrier keeps the cast where it is written: without it XLA moved the convert
+        # of a step's slice out of the chunk scan, back to float32 copies of whole sequences.
+        xs = jax.lax.optimization_barrier(xs)
+        xs = tuple(None if x is None else x.astype(jnp.float32) for x in xs)
+        return (xs[0] * scale,) + xs[1:]
+    return prep
+
+
+def _run(form, block, step, xs, S0, chunk_size, per_key_gate=None, *, scale=1.0,
+         out_dtype=jnp.float32):
+    """Dispatch to a form; ``xs`` are ``[B, T, H, ...]`` (queries first), ``S0 [B, H, K, V]``
+    float32; returns ``o`` (``out_dtype`` from the chunk forms, float32 from the others) and
+    the final state (float32).
+
+    The sequence-long inputs stay in the caller's dtype (gates and ``beta`` come float32)
+    and each block or step casts its own slice to float32 and scales the queries
+    (:func:`_float32`; exact: a bf16 value is a float32 value). So the chunk forms' padded,
+    chunked copies, their output and the cotangents of all of them are bf16 when the model
+    computes in bf16, where casting whole sequences up front kept float32 copies of q, k,
+    v and o for the backward: linear attention then took more memory than exact attention
+    (issue 31). Every product and the state are float32 as before.
 
     ``per_key_gate``: the op's ``[B, T, H, K]`` log gate (None: none or scalar). The chunk
     forms then compute their per-key scores by one factored matmul per chunk
@@ -163,14 +186,20 @@ def _run(form, block, step, xs, S0, chunk_size, per_key_gate=None):
     rematerialised in the backward pass, so the fast branch carries no zero-filled
     residuals of the fallback's ``[C, c, K]`` decays.
     """
+    prep = _float32(scale)
+
+    def cast_block(*x, sub):
+        return block(*prep(x), sub=sub)
+
     if form == "parallel":
-        return forms.parallel(functools.partial(block, sub=None), xs, S0)
+        return forms.parallel(functools.partial(cast_block, sub=None), xs, S0)
     if form == "recurrent":
-        return forms.recurrent(step, xs, S0)
+        return forms.recurrent(lambda S, x: step(S, prep(x)), xs, S0)
     run = forms.chunk_scan if form == "chunk_scan" else forms.chunk
 
     def with_sub(sub):
-        return lambda xs, S0: run(functools.partial(block, sub=sub), xs, S0, chunk_size)
+        return lambda xs, S0: run(functools.partial(cast_block, sub=sub), xs, S0, chunk_size,
+                                  out_dtype=out_dtype)
 
     if per_key_gate is None:
         return with_sub(GLA_SUBCHUNK)(xs, S0)
@@ -259,14 +288,15 @@ def linear_attention(q, k, v, *, g=None, scale=None, initial_state=None,
     out_dtype = v.dtype
     B, T, H, K = q.shape
     scale = K ** -0.5 if scale is None else scale
-    q, k, v, g, S0 = map(_f32, (q, k, v, g, initial_state))
+    g, S0 = map(_f32, (g, initial_state))
     V = v.shape[-1]
     S0 = _start_state(S0, B, H, K, V)
     if normalize:  # the normaliser z_t rides along as an extra value column of ones
         v = jnp.concatenate([v, jnp.ones_like(v[..., :1])], axis=-1)
         S0 = jnp.concatenate([S0, jnp.zeros_like(S0[..., :1])], axis=-1)
-    o, S = _run(form, blocks.linear_block, forms.linear_step, (q * scale, k, v, g), S0,
-                chunk_size, _per_key(g, q))
+    o, S = _run(form, blocks.linear_block, forms.linear_step, (q, k, v, g), S0, chunk_size,
+                _per_key(g, q), scale=scale,
+                out_dtype=jnp.float32 if normalize else out_dtype)  # normalise in float32
     if normalize:
         o = o[..., :V] / (o[..., V:] + NORMALIZE_EPS)
         S = S[..., :V]
@@ -293,10 +323,10 @@ def delta_rule(q, k, v, beta, *, g=None, scale=None, initial_state=None,
     out_dtype = v.dtype
     B, T, H, K = q.shape
     scale = K ** -0.5 if scale is None else scale
-    q, k, v, beta, g, S0 = map(_f32, (q, k, v, beta, g, initial_state))
+    beta, g, S0 = map(_f32, (beta, g, initial_state))
     S0 = _start_state(S0, B, H, K, v.shape[-1])
-    o, S = _run(form, blocks.delta_block, forms.delta_step, (q * scale, k, v, beta, g), S0,
-                chunk_size, _per_key(g, q))
+    o, S = _run(form, blocks.delta_block, forms.delta_step, (q, k, v, beta, g), S0,
+                chunk_size, _per_key(g, q), scale=scale, out_dtype=out_dtype)
     return o.astype(out_dtype), (S if output_final_state else None)
 
 
@@ -316,12 +346,12 @@ def rwkv6(r, k, v, w, u, *, scale=None, initial_state=None, output_final_state=F
         raise ValueError(f"rwkv6: u must be [H, K] = {(H, K)}; got {u.shape=}")
     out_dtype = v.dtype
     scale = K ** -0.5 if scale is None else scale
-    r, k, v, w, u, S0 = map(_f32, (r, k, v, w, u, initial_state))
-    r = r * scale
-    ruk = jnp.sum(r * u * k, axis=-1)  # [B, T, H]: the bonus coefficient r_t diag(u) k_t^T
+    w, u, S0 = map(_f32, (w, u, initial_state))
+    # [B, T, H]: the bonus coefficient r_t diag(u) k_t^T (float32; fused, nothing kept)
+    ruk = jnp.sum(_f32(r) * scale * u * _f32(k), axis=-1)
     S0 = _start_state(S0, B, H, K, v.shape[-1])
     o, S = _run(form, blocks.rwkv6_block, forms.rwkv6_step, (r, k, v, w, ruk), S0, chunk_size,
-                w)
+                w, scale=scale, out_dtype=out_dtype)
     return o.astype(out_dtype), (S if output_final_state else None)
 
 
@@ -342,8 +372,8 @@ def rwkv7(r, w, k, v, a, b, *, scale=None, initial_state=None, output_final_stat
     B, T, H, K = r.shape
     out_dtype = v.dtype
     scale = K ** -0.5 if scale is None else scale
-    r, w, k, v, a, b, S0 = map(_f32, (r, w, k, v, a, b, initial_state))
+    w, S0 = map(_f32, (w, initial_state))
     S0 = _start_state(S0, B, H, K, v.shape[-1])
-    o, S = _run(form, blocks.rwkv7_block, forms.rwkv7_step, (r * scale, w, k, v, a, b), S0,
-                chunk_size, w)
+    o, S = _run(form, blocks.rwkv7_block, forms.rwkv7_step, (r, w, k, v, a, b), S0,
+                chunk_size, w, scale=scale, out_dtype=out_dtype)
     return o.astype(out_dtype), (S if output_final_state else None)
