@@ -107,6 +107,34 @@ def _apply_block(graphdef, params, x, positions, state, segment_ids):
     return block(x, positions=positions, state=state, segment_ids=segment_ids)
 
 
+def _full_remat(apply):
+    """``apply(params, x, positions, None, segment_ids)`` keeping only its inputs for the
+    backward pass (``remat: full``), whose recomputation waits for the output's cotangent.
+
+    ``jax.checkpoint`` recomputes a block from its saved input, which nothing ties to the
+    backward pass of the blocks after it: in a scanned group of several blocks (a hybrid's
+    pattern) XLA was free to recompute every block of the group at once and hold all their
+    intermediates together. Here the recomputation takes its inputs through one
+    ``optimization_barrier`` with the cotangent, so it starts only when the next block's
+    backward has produced that cotangent: one block's intermediates live at a time.
+    """
+    @jax.custom_vjp
+    def run(params, x, positions, segment_ids):
+        return apply(params, x, positions, None, segment_ids)
+
+    def fwd(params, x, positions, segment_ids):
+        return run(params, x, positions, segment_ids), (params, x, positions, segment_ids)
+
+    def bwd(res, ct):
+        (params, x), ct = jax.lax.optimization_barrier((res[:2], ct))
+        _, vjp = jax.vjp(lambda p, x: apply(p, x, res[2], None, res[3]), params, x)
+        return (*vjp(ct), None, None)
+
+    run.defvjp(fwd, bwd)
+    return lambda params, x, positions, state, segment_ids: run(params, x, positions,
+                                                                  segment_ids)
+
+
 def _mean_aux(auxes: list[dict]) -> dict:
     """Average each aux value over the layers that report it (a scanned stage's: ``[n]``)."""
     keys = sorted({k for a in auxes for k in a})
@@ -278,8 +306,12 @@ class Transformer(nnx.Module):
                                      f"which the target platform 'cpu' does not have; use "
                                      f"'dots' (or compile for a TPU / GPU target)")
                 graphdef, params = nnx.split(block)
-                f = jax.checkpoint(functools.partial(_apply_block, graphdef),
-                                   policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=not in_scan)
+                if self.cfg.remat == "full" and state is None:
+                    f = _full_remat(functools.partial(_apply_block, graphdef))
+                else:
+                    f = jax.checkpoint(functools.partial(_apply_block, graphdef),
+                                       policy=REMAT_POLICIES[self.cfg.remat],
+                                       prevent_cse=not in_scan)
                 x, state, aux = f(params, x, positions, state, segment_ids)
             return constrain(x, ACTIVATION_AXES), state, aux
 
