@@ -355,6 +355,39 @@ def dropless_moe(x, experts, weights, w_gate, w_up, w_down, *, impl: str = "auto
     return jnp.einsum("nkd,nk->nd", y_slots, weights.astype(dt))
 
 
+def local_dropless_moe(x, experts, weights, w_gate, w_up, w_down, *, impl: str = "auto"):
+    """:func:`dropless_moe` on each device's own tokens: ``x [B, S, D]``, ``experts /
+    weights [B, S, k]`` -> ``y [B, S, D]``.
+
+    Under a mesh (``jax.set_mesh``) whose batch / length axes split the tokens, the sort,
+    the buffers and the grouped matmul run inside ``jax.shard_map`` on the local
+    token-slots, with the expert weights gathered whole in the compute dtype (FSDP; their
+    gradient is reduced over the token axes). Left to GSPMD, the global sort over the
+    flattened ``B * S * k`` slots gathered every device's tokens (and split the grouped
+    matmul over ``d_model``, the parameters' fsdp dimension): buffers of the global
+    token-slots on every device. Without a mesh, or with the tokens on one device: plain
+    :func:`dropless_moe`.
+    """
+    B, S, D = x.shape
+    k = experts.shape[-1]
+
+    def flat(x, experts, weights, w_gate, w_up, w_down):
+        b, s, _ = x.shape
+        return dropless_moe(x.reshape(b * s, D), experts.reshape(b * s, k),
+                            weights.reshape(b * s, k), w_gate, w_up, w_down,
+                            impl=impl).reshape(b, s, D)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return flat(x, experts, weights, w_gate, w_up, w_down)
+    tok = shd.logical_to_spec(("batch", "length", None), shd.active_rules(), mesh, x.shape)
+    if all(part is None for part in tok):
+        return flat(x, experts, weights, w_gate, w_up, w_down)
+    w = tuple(a.astype(x.dtype) for a in (w_gate, w_up, w_down))
+    return jax.shard_map(flat, in_specs=(tok, tok, tok, P(), P(), P()),
+                         out_specs=tok)(x, experts, weights, *w)
+
+
 # ----------------------------------------------------------------------------
 # Expert choice (leaks the future in a causal LM; refused by the config unless acknowledged)
 # ----------------------------------------------------------------------------
