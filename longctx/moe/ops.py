@@ -25,10 +25,11 @@ Token choice (every token picks its k experts):
     than ``blocks`` (``python -m experiments.bench_moe``); compiled for GPU, XLA's
     ``ragged_dot`` takes several times the temporary memory of ``blocks``. So ``impl="auto"``
     picks ``ragged_dot`` when compiling for TPU (Mosaic kernels) and ``blocks`` otherwise.
+    Under a mesh the layer runs it on each device's own tokens (``local_dropless_moe``).
   - ``expert_parallel_moe``: experts sharded over the ``expert`` mesh axis and
     token buffers exchanged by ``jax.lax.all_to_all`` inside ``jax.shard_map``,
     with fixed-capacity buffers per destination (ragged all-to-all does not run
-    on CPU).
+    on CPU): ``capacity_factor * local tokens * k`` rows of d_model per device.
 
 * ``expert_choice_moe`` (Zhou et al. 2022): experts pick their top tokens. It
   looks at the whole sequence, so in a causal LM it leaks the future; the
