@@ -18,9 +18,9 @@ from flax import nnx
 
 from longctx.layers import SwiGLU, param
 from longctx.moe.config import MoEConfig
-from longctx.moe.ops import (capacity_moe, dropless_moe, expert_capacity, expert_choice_moe,
-                             expert_counts, expert_parallel_active, expert_parallel_moe,
-                             load_balance_loss, route, router_z_loss)
+from longctx.moe.ops import (capacity_moe, expert_capacity, expert_choice_moe, expert_counts,
+                             expert_parallel_active, expert_parallel_moe, load_balance_loss,
+                             local_dropless_moe, route, router_z_loss)
 
 
 # ----------------------------------------------------------------------------
@@ -115,9 +115,7 @@ class MoE(nnx.Module):
                 y, keep = capacity_moe(x, r.experts, r.weights, *w, capacity=C)
                 dropped = jnp.mean((~keep).astype(jnp.float32))
             else:
-                y = dropless_moe(x.reshape(B * S, D), r.experts.reshape(B * S, k),
-                                 r.weights.reshape(B * S, k), *w,
-                                 impl=cfg.dropless_impl).reshape(B, S, D)
+                y = local_dropless_moe(x, r.experts, r.weights, *w, impl=cfg.dropless_impl)
                 dropped = jnp.zeros((), jnp.float32)
             counts = expert_counts(r.experts, E)
         if self.shared is not None:

@@ -25,10 +25,11 @@ Token choice (every token picks its k experts):
     than ``blocks`` (``python -m experiments.bench_moe``); compiled for GPU, XLA's
     ``ragged_dot`` takes several times the temporary memory of ``blocks``. So ``impl="auto"``
     picks ``ragged_dot`` when compiling for TPU (Mosaic kernels) and ``blocks`` otherwise.
+    Under a mesh the layer runs it on each device's own tokens (``local_dropless_moe``).
   - ``expert_parallel_moe``: experts sharded over the ``expert`` mesh axis and
     token buffers exchanged by ``jax.lax.all_to_all`` inside ``jax.shard_map``,
     with fixed-capacity buffers per destination (ragged all-to-all does not run
-    on CPU).
+    on CPU): ``capacity_factor * local tokens * k`` rows of d_model per device.
 
 * ``expert_choice_moe`` (Zhou et al. 2022): experts pick their top tokens. It
   looks at the whole sequence, so in a causal LM it leaks the future; the
@@ -219,15 +220,66 @@ def capacity_tensors(experts, weights, num_experts: int, capacity: int, dtype=jn
     return dispatch, combine, keep
 
 
+def capacity_slots(experts, num_experts: int, capacity: int):
+    """Buffer places of capacity dispatch, by index (no one-hot ``[S, E, C]`` tensors).
+
+    ``experts [G, S, k]`` -> ``(dest [G, S, k], keep [G, S, k], src [G, E * C],
+    valid [G, E * C])``: token-slot ``(s, j)`` goes to row ``dest = e * C + place`` of
+    its group's ``[E * C]`` buffer (``place``: its rank among the group's slots of
+    expert ``e`` in (position, slot) order, as :func:`capacity_tensors`); it is kept
+    iff ``place < C`` (``dest`` of a dropped slot: 0, with ``keep`` false). Buffer row
+    ``r`` holds token ``src[r]`` where ``valid[r]`` (an empty row: ``valid`` false).
+    Memory: ``O(S * k + E * C)`` integers per group, from one stable sort.
+    """
+    G, S, k = experts.shape
+    E, C, M = num_experts, capacity, S * k
+
+    def one(flat):  # [M] experts of one group, slot m = (position m // k, choice m % k)
+        order = jnp.argsort(flat, stable=True)  # by expert; (position, slot) order inside
+        sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
+        starts = jnp.cumsum(sizes) - sizes
+        place_sorted = jnp.arange(M, dtype=jnp.int32) - starts[flat[order]]
+        place = jnp.zeros((M,), jnp.int32).at[order].set(place_sorted, unique_indices=True)
+        keep = place < C
+        dest = jnp.where(keep, flat * C + place, 0)
+        c = jnp.arange(C, dtype=jnp.int32)
+        valid = c[None, :] < jnp.minimum(sizes, C)[:, None]  # [E, C]
+        src = order[jnp.minimum(starts[:, None] + c[None, :], M - 1)] // k
+        return dest, keep, jnp.where(valid, src, 0).reshape(E * C), valid.reshape(E * C)
+
+    dest, keep, src, valid = jax.vmap(one)(experts.reshape(G, M).astype(jnp.int32))
+    return dest.reshape(G, S, k), keep.reshape(G, S, k), src, valid
+
+
+def dispatch_rows(x, src, valid):
+    """``x [G, S, D]`` -> the buffers ``[G, R, D]``: row r of group g is ``x[g, src[g, r]]``,
+    zero where not ``valid`` (the transpose, in the backward, is a scatter-add)."""
+    buf = jnp.take_along_axis(x, src[..., None], axis=1)
+    return jnp.where(valid[..., None], buf, jnp.zeros((), x.dtype))
+
+
+def combine_rows(ye, dest, keep, weights):
+    """``ye [G, R, D]`` (expert outputs by buffer row) -> ``y [G, S, D] = sum_j w[s, j] *
+    ye[dest[s, j]]`` over the kept slots (a dropped slot adds 0 and gets no gradient)."""
+    G, S, k = dest.shape
+    rows = jnp.take_along_axis(ye, dest.reshape(G, S * k)[..., None], axis=1)
+    w = jnp.where(keep, weights, 0).astype(ye.dtype)
+    return jnp.einsum("gskd,gsk->gsd", rows.reshape(G, S, k, ye.shape[-1]), w)
+
+
 def capacity_moe(x, experts, weights, w_gate, w_up, w_down, *, capacity: int):
     """Capacity dispatch: ``x [G, S, D]``, ``experts / weights [G, S, k]`` -> ``(y [G, S, D],
-    keep [G, S, k])``; a dropped slot contributes 0 (the residual carries the token)."""
+    keep [G, S, k])``; a dropped slot contributes 0 (the residual carries the token).
+    GShard's dispatch / combine (:func:`capacity_tensors`), by index: buffers of
+    ``E * C`` rows per group and ``S * k`` combined rows, never ``S * E * C`` entries."""
     G, S, D = x.shape
     E = w_gate.shape[0]
-    dispatch, combine, keep = capacity_tensors(experts, weights, E, capacity, x.dtype)
-    xe = jnp.einsum("gsec,gsd->egcd", dispatch, x).reshape(E, G * capacity, D)
+    dest, keep, src, valid = capacity_slots(experts, E, capacity)
+    xe = dispatch_rows(x, src, valid).reshape(G, E, capacity, D)
+    xe = jnp.swapaxes(xe, 0, 1).reshape(E, G * capacity, D)
     ye = expert_swiglu(xe, w_gate, w_up, w_down).reshape(E, G, capacity, D)
-    return jnp.einsum("gsec,egcd->gsd", combine, ye), keep
+    ye = jnp.swapaxes(ye, 0, 1).reshape(G, E * capacity, D)
+    return combine_rows(ye, dest, keep, weights), keep
 
 
 # ----------------------------------------------------------------------------
@@ -304,6 +356,39 @@ def dropless_moe(x, experts, weights, w_gate, w_up, w_down, *, impl: str = "auto
     return jnp.einsum("nkd,nk->nd", y_slots, weights.astype(dt))
 
 
+def local_dropless_moe(x, experts, weights, w_gate, w_up, w_down, *, impl: str = "auto"):
+    """:func:`dropless_moe` on each device's own tokens: ``x [B, S, D]``, ``experts /
+    weights [B, S, k]`` -> ``y [B, S, D]``.
+
+    Under a mesh (``jax.set_mesh``) whose batch / length axes split the tokens, the sort,
+    the buffers and the grouped matmul run inside ``jax.shard_map`` on the local
+    token-slots, with the expert weights gathered whole in the compute dtype (FSDP; their
+    gradient is reduced over the token axes). Left to GSPMD, the global sort over the
+    flattened ``B * S * k`` slots gathered every device's tokens (and split the grouped
+    matmul over ``d_model``, the parameters' fsdp dimension): buffers of the global
+    token-slots on every device. Without a mesh, or with the tokens on one device: plain
+    :func:`dropless_moe`.
+    """
+    B, S, D = x.shape
+    k = experts.shape[-1]
+
+    def flat(x, experts, weights, w_gate, w_up, w_down):
+        b, s, _ = x.shape
+        return dropless_moe(x.reshape(b * s, D), experts.reshape(b * s, k),
+                            weights.reshape(b * s, k), w_gate, w_up, w_down,
+                            impl=impl).reshape(b, s, D)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return flat(x, experts, weights, w_gate, w_up, w_down)
+    tok = shd.logical_to_spec(("batch", "length", None), shd.active_rules(), mesh, x.shape)
+    if all(part is None for part in tok):
+        return flat(x, experts, weights, w_gate, w_up, w_down)
+    w = tuple(a.astype(x.dtype) for a in (w_gate, w_up, w_down))
+    return jax.shard_map(flat, in_specs=(tok, tok, tok, P(), P(), P()),
+                         out_specs=tok)(x, experts, weights, *w)
+
+
 # ----------------------------------------------------------------------------
 # Expert choice (leaks the future in a causal LM; refused by the config unless acknowledged)
 # ----------------------------------------------------------------------------
@@ -343,15 +428,19 @@ def expert_parallel_moe(x, experts, weights, w_gate, w_up, w_down, *,
 
     ``x [B, S, D]``, ``experts / weights [B, S, k]`` (sharded over the batch
     axes, which must include ``expert``) -> ``(y [B, S, D], dropped fraction)``.
-    Per device: its local rows are the groups; the dispatch buffer
-    ``[E, rows * C, D]`` is split by destination shard and exchanged with
-    ``all_to_all`` (fixed-size buffers: ragged all-to-all does not run on CPU),
-    each device runs its ``E / X`` experts on the tokens of all X sources, a
-    second ``all_to_all`` returns the outputs, and the combine is local.
-    ``capacity_factor <= 0`` (dropless) uses ``C = S``, which never drops but
-    makes the buffers ``E / k`` times the routed tokens. With whole sequences on
-    each device (``sequence`` axis 1) the groups, hence the drops, are those of
-    single-device ``capacity_moe``.
+    Per device: its local rows are the groups, each with ``C`` slots per expert
+    (:func:`expert_capacity` of the local sequence length); the dispatch buffer
+    ``[rows, X, E / X, C, D]`` (:func:`capacity_slots`, by index) is split by
+    destination shard and exchanged with ``all_to_all`` (fixed-size buffers: ragged
+    all-to-all does not run on CPU), each device runs its ``E / X`` experts on the
+    tokens of all X sources, a second ``all_to_all`` returns the outputs, and the
+    combine is local. The buffers are ``E * C = capacity_factor * S * k`` rows per
+    local sequence: the device's own routed tokens times the capacity factor, whatever
+    the global batch. ``capacity_factor <= 0`` (dropless) uses ``C = S``, which never
+    drops but makes the buffers ``E / k`` times the routed tokens (384 experts, k 8:
+    48x; too large for long sequences: give a capacity factor there). With whole
+    sequences on each device (``sequence`` axis 1) the groups, hence the drops, are
+    those of single-device ``capacity_moe``.
     """
     mesh = jax.sharding.get_abstract_mesh()
     X = dict(mesh.shape)["expert"]
@@ -367,22 +456,37 @@ def expert_parallel_moe(x, experts, weights, w_gate, w_up, w_down, *,
         raise ValueError(f"expert parallelism needs the tokens split over the expert mesh axis; "
                          f"x {x.shape} gets token spec {tok} (batch must be divisible by the "
                          f"product of the batch mesh axes {rules.get('batch')})")
+    sizes = dict(mesh.shape)
+    Bl, Sl, D = (n // math.prod(sizes[a] for a in ((p,) if isinstance(p, str) else p or ()))
+                 for n, p in zip(x.shape, tok))
+    C = expert_capacity(Sl, k, E, capacity_factor)
+    key = ("expert_parallel", Bl, Sl, E, C, X)
+    if key not in _LOGGED:
+        _LOGGED.add(key)
+        log.info("expert-parallel MoE: %d local sequence(s) of %d tokens, %d experts over "
+                 "expert=%d, capacity %d slots per expert and sequence (capacity_factor %s): "
+                 "dispatch buffer %d rows of d_model %d per device", Bl, Sl, E, X, C,
+                 capacity_factor, Bl * E * C, D)
 
     def local(x, experts, weights, w_gate, w_up, w_down):
         Bl, Sl, D = x.shape
         El = w_gate.shape[0]
-        C = expert_capacity(Sl, k, E, capacity_factor)
-        dispatch, combine, keep = capacity_tensors(experts, weights, E, C, x.dtype)
-        xe = jnp.einsum("gsec,gsd->egcd", dispatch, x).reshape(X, El, Bl * C, D)
-        xe = jax.lax.all_to_all(xe, "expert", 0, 0, tiled=True)  # [X sources, El, Bl*C, D]
-        ye = expert_swiglu(jnp.swapaxes(xe, 0, 1).reshape(El, X * Bl * C, D),
-                           w_gate, w_up, w_down)
-        ye = jnp.swapaxes(ye.reshape(El, X, Bl * C, D), 0, 1)
-        ye = jax.lax.all_to_all(ye, "expert", 0, 0, tiled=True)  # [X expert shards, El, ...]
-        y = jnp.einsum("gsec,egcd->gsd", combine, ye.reshape(E, Bl, C, D))
+        dest, keep, src, valid = capacity_slots(experts, E, C)
+        xe = dispatch_rows(x, src, valid).reshape(Bl, X, El * C, D)
+        xe = jax.lax.all_to_all(xe, "expert", 1, 1, tiled=True)  # [Bl, X sources, El*C, D]
+        xe = xe.reshape(Bl, X, El, C, D)
+        gate = jnp.einsum("bxecd,edf->bxecf", xe, w_gate)
+        up = jnp.einsum("bxecd,edf->bxecf", xe, w_up)
+        ye = jnp.einsum("bxecf,efd->bxecd", jax.nn.silu(gate) * up, w_down)
+        ye = jax.lax.all_to_all(ye.reshape(Bl, X, El * C, D), "expert", 1, 1,
+                                tiled=True)  # [Bl, X expert shards, El*C, D]
+        y = combine_rows(ye.reshape(Bl, E * C, D), dest, keep, weights)
         dropped = jax.lax.pmean(jnp.mean((~keep).astype(jnp.float32)), token_axes)
         return y, dropped
 
     w_spec = P("expert", None, None)
+    # The expert weights cross the mesh (gathered over the axes other than `expert`) in the
+    # compute dtype, not in the float32 of the parameters.
+    w = tuple(a.astype(x.dtype) for a in (w_gate, w_up, w_down))
     return jax.shard_map(local, in_specs=(tok, tok, tok, w_spec, w_spec, w_spec),
-                         out_specs=(tok, P()))(x, experts, weights, w_gate, w_up, w_down)
+                         out_specs=(tok, P()))(x, experts, weights, *w)
