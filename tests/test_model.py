@@ -153,6 +153,28 @@ def test_remat_gives_the_same_gradients(policy):
 
 
 @pytest.mark.slow
+def test_full_remat_of_a_scanned_hybrid_moe_group_gives_the_same_gradients():
+    """``remat: full`` is a custom VJP (its recomputation waits for the cotangent): a
+    scanned group of two different blocks with MoE feed-forwards, the aux losses in the
+    objective, gives the gradients of no remat."""
+    ov = ["model.attention.pattern=[linear, full]", "model.n_layers=4",
+          "model.scan_layers=true", "model.moe.num_experts=4",
+          "model.moe.num_experts_per_tok=2", "model.moe.load_balance_loss_weight=0.1"]
+    base, _ = _model(*ov)
+    remat, _ = _model(*ov, "model.remat=full")
+    tok = _tokens(2, 32, 7)
+
+    def loss(m):
+        logits, aux = m(tok)
+        assert aux, "the MoE aux losses are part of the objective"
+        return jnp.mean(logits ** 2) + sum(jnp.sum(v) for v in aux.values())
+
+    for (p, x), (_, y) in zip(nnx.to_flat_state(nnx.grad(loss)(base)),
+                              nnx.to_flat_state(nnx.grad(loss)(remat))):
+        np.testing.assert_allclose(x[...], y[...], rtol=1e-5, atol=1e-8, err_msg=str(p))
+
+
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params_and_logits():
     model, _ = _model("model.dtype=bfloat16")
     logits, _ = model(_tokens(2, 32))
