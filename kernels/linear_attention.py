@@ -29,12 +29,14 @@ per-key gate (GLA) forms the ``[C, C, K]`` decays explicitly (elementwise work
 ``b, r`` blocks ``(C, K)``. ``b`` and ``r`` are computed outside the kernel (an
 elementwise cumsum over each chunk), so the kernel itself has no scan.
 
-Backward (``jax.custom_vjp``): a second kernel on the same grid walking the chunks
-last to first, carrying the state's cotangent ``dS [K, V]`` in scratch: per chunk the
-hand-derived gradients of :func:`chunk_bwd`. Its residual is every chunk's start
-state ``[N, n_chunks, K, V]``, written by the forward kernel (``K V / C`` floats per
-token and head in HBM, linear in ``T``; VMEM holds one). :func:`chunk_reference` is
-the same chunk math in plain JAX (a ``lax.scan`` over chunks).
+Backward (``jax.custom_vjp``): a second kernel walking the chunks last to first,
+carrying the state's cotangent ``dS [K, V]`` in scratch: per chunk the hand-derived
+gradients of :func:`chunk_bwd`. Its residual is the start state of every ``M``-th chunk
+(``chunk_grid.group_of``: ``K V / (C M)`` floats per token and head in HBM), from which
+it recomputes a group's ``M`` chunk start states on chip (:func:`chunk_state`) before
+walking the group backwards. q, k, v travel in their own dtype (bfloat16 stays
+bfloat16 in HBM) and are cast to float32 on chip. :func:`chunk_reference` is the same
+chunk math in plain JAX (a ``lax.scan`` over chunks).
 
 Hardware: the kernels compile for TPU (Mosaic; ``experiments.bench_kernels --target
 v5p-8 --compile-only``) and run anywhere with ``interpret=True``. The GPU (Triton)
@@ -57,6 +59,15 @@ def available() -> bool:
     """Can the compiled (non-interpreted) kernel run on the target (the devices being
     compiled for, :func:`longctx.targets.platform`)?"""
     return targets.platform() in ("gpu", "tpu")
+
+
+def group_of(K: int, V: int, C: int, dtype, n_chunks: int, group) -> int:
+    """Chunks per saved state: ``group`` (a positive int) or ``chunk_grid.group_of``."""
+    if group is None:
+        return grid.group_of(K, V, C, jnp.dtype(dtype).itemsize, n_chunks)
+    if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+        raise ValueError(f"{group=} must be a positive int (chunks per saved state) or None")
+    return group
 
 
 def check_inputs(fn: str, q, k, v, *, initial_state, chunk_size, interpret: bool):
@@ -88,11 +99,13 @@ def check_inputs(fn: str, q, k, v, *, initial_state, chunk_size, interpret: bool
     return B, T, H, K, V
 
 
-def chunk_of(chunk_size: int, T: int, interpret: bool) -> int:
-    """The chunk the kernels run: ``chunk_size``, or ``T`` rounded up to 8 when shorter."""
-    C = max(1, min(chunk_size, -(-T // 8) * 8))
+def chunk_of(chunk_size: int, T: int, interpret: bool, dtype=jnp.float32) -> int:
+    """The chunk the kernels run: ``chunk_size``, or ``T`` rounded up to the row tile
+    (8 rows of float32, 16 of bfloat16) when shorter."""
+    rows = 8 * 4 // jnp.dtype(dtype).itemsize
+    C = max(1, min(chunk_size, -(-T // rows) * rows))
     if not interpret:
-        grid.check_chunk(C, T, chunk_size)
+        grid.check_chunk(C, T, chunk_size, dtype)
     return C
 
 
@@ -102,12 +115,13 @@ def chunk_of(chunk_size: int, T: int, interpret: bool) -> int:
 
 
 def prepare_chunks(q, k, v, g, C):
-    """[B, T, H, ...] -> [B*H, Tp, ...] float32; gates -> (b, r) [B*H, Tp, Kg] per chunk."""
+    """[B, T, H, ...] -> [B*H, Tp, ...] (q, k, v in their dtype); gates -> (b, r)
+    [B*H, Tp, Kg] float32, per chunk."""
     B, T, H, K = q.shape
     Tp = -(-T // C) * C
 
     def rows(x):
-        x = jnp.moveaxis(x.astype(jnp.float32), 2, 1).reshape(B * H, T, *x.shape[3:])
+        x = jnp.moveaxis(x, 2, 1).reshape(B * H, T, *x.shape[3:])
         return jnp.pad(x, [(0, 0), (0, Tp - T)] + [(0, 0)] * (x.ndim - 2))
 
     if g is None:  # zeros made directly: a cumsum of a constant gate would be folded by XLA
@@ -115,7 +129,7 @@ def prepare_chunks(q, k, v, g, C):
         return rows(q), rows(k), rows(v), b, b
     if g.ndim == 3:
         g = g[..., None]
-    g = rows(g).reshape(B * H, Tp // C, C, g.shape[-1])  # padding: g = 0, no change
+    g = rows(g.astype(jnp.float32)).reshape(B * H, Tp // C, C, g.shape[-1])  # padding: g = 0, no change
     reset = jnp.isneginf(g)
     b = jnp.cumsum(jnp.where(reset, 0.0, g), axis=2).reshape(B * H, Tp, -1)
     r = jnp.cumsum(reset.astype(jnp.float32), axis=2).reshape(B * H, Tp, -1)
@@ -132,9 +146,15 @@ def pack_gates(b, r, C):
 
 
 def gate_grad_shape(gates, N, Tp):
-    """The shape of the kernel's gate gradient: ``[N, n, 1, C]`` packed, else ``[N, Tp, K]``."""
-    return (*gates[0].shape[:2], 1, gates[0].shape[3]) if len(gates) == 1 else (N, Tp,
-                                                                               gates[0].shape[2])
+    """The kernel's gate gradient: ``[N, n, 1, C]`` packed, else ``[N, Tp, K]``, float32."""
+    shape = ((*gates[0].shape[:2], 1, gates[0].shape[3]) if len(gates) == 1
+             else (N, Tp, gates[0].shape[2]))
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+def grad_shapes(*xs):
+    """The gradients' ``ShapeDtypeStruct``s: each ``x``'s shape and dtype."""
+    return tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in xs)
 
 
 # ----------------------------------------------------------------------------
@@ -158,6 +178,13 @@ def gate_views(gates, C):
         return b, r, exp_if(b - b_row, causal & (r == r_row))
     b, r = gates
     return b, r, None
+
+
+def gate_cols(gates):
+    """``(b, r [C, Kg])``: the column gates alone (packed scalar ``[2, C]`` or per key)."""
+    if len(gates) == 1:
+        return to_col(gates[0][0:1, :]), to_col(gates[0][1:2, :])
+    return gates
 
 
 def _pick_row(x, i):
@@ -202,11 +229,23 @@ def chunk_fwd(q, k, v, *gates_and_S):
     C = q.shape[0]
     b, r, D = gate_views(gates, C)
     A_v = dot(dot_nt(q, k) * D, v) if D is not None else dot_tn(key_scores_t(q, k, b, r), v)
-    b_last, r_last = b[C - 1:C], r[C - 1:C]  # [1, Kg]
     o = A_v + dot(q * exp_if(b, r == 0), S)
+    return o, advance(k, v, b, r, S)
+
+
+def advance(k, v, b, r, S):
+    """``S' = exp(b_C) [r_C == 0] * S + (k * exp(b_C - b) [r == r_C])^T v`` (``b, r [C, Kg]``)."""
+    C = k.shape[0]
+    b_last, r_last = b[C - 1:C], r[C - 1:C]  # [1, Kg]
     k_out = k * exp_if(b_last - b, r == r_last)
     across = to_col(exp_if(b_last, r_last == 0))  # [Kg, 1]: S rows decay
-    return o, across * S + dot_tn(k_out, v)
+    return across * S + dot_tn(k_out, v)
+
+
+def chunk_state(q, k, v, *gates_and_S):
+    """The state update of :func:`chunk_fwd` alone (the backward's recompute): ``S'``."""
+    *gates, S = gates_and_S
+    return advance(k, v, *gate_cols(gates), S)
 
 
 def chunk_bwd(q, k, v, *rest):
@@ -294,28 +333,29 @@ def temporaries(C, K, V, Kg):
 # ----------------------------------------------------------------------------
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _gla(q, k, v, gates, S0, C, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _gla(q, k, v, gates, S0, C, M, interpret):
     return tuple(grid.forward(chunk_fwd, (q, k, v, *gates), S0, C, interpret=interpret,
-                              with_states=False, temporaries=_temps(q, v, gates, C)))
+                              out_dtype=v.dtype, temporaries=_temps(q, v, gates, C)))
 
 
 def _temps(q, v, gates, C):
     return temporaries(C, q.shape[-1], v.shape[-1], 1 if len(gates) == 1 else q.shape[-1])
 
 
-def _gla_fwd(q, k, v, gates, S0, C, interpret):
+def _gla_fwd(q, k, v, gates, S0, C, M, interpret):
     o, S, states = grid.forward(chunk_fwd, (q, k, v, *gates), S0, C, interpret=interpret,
-                                with_states=True, temporaries=_temps(q, v, gates, C))
+                                out_dtype=v.dtype, group=M,
+                                temporaries=_temps(q, v, gates, C))
     return (o, S), (q, k, v, gates, states)
 
 
-def _gla_bwd(C, interpret, res, cts):
+def _gla_bwd(C, M, interpret, res, cts):
     q, k, v, gates, states = res
     N, Tp, _ = q.shape
-    shapes = (q.shape, k.shape, v.shape, gate_grad_shape(gates, N, Tp))
-    dq, dk, dv, dg, dS0 = grid.backward(chunk_bwd, (q, k, v, *gates), shapes, states, *cts,
-                                        C, interpret=interpret,
+    shapes = (*grad_shapes(q, k, v), gate_grad_shape(gates, N, Tp))
+    dq, dk, dv, dg, dS0 = grid.backward(chunk_state, chunk_bwd, (q, k, v, *gates), shapes,
+                                        states, *cts, C, group=M, interpret=interpret,
                                         temporaries=_temps(q, v, gates, C))
     if len(gates) == 1:  # packed [N, n, 2, C]: b gets dg, r none
         dgates = (jnp.concatenate([dg, jnp.zeros_like(dg)], axis=2),)
@@ -333,7 +373,7 @@ def chunk_reference(q, k, v, gates, S0, C):
 
     def chunks(x):  # [N, Tp, ...] -> [n, N, C, ...]; [N, n, a, b] -> [n, N, a, b]
         x = x.reshape(N, Tp // C, C, *x.shape[2:]) if x.ndim == 3 else x
-        return jnp.moveaxis(x, 1, 0)
+        return jnp.moveaxis(x.astype(jnp.float32), 1, 0)
 
     @jax.checkpoint  # the backward keeps only the state at each chunk start
     def body(S, xs):
@@ -345,18 +385,20 @@ def chunk_reference(q, k, v, gates, S0, C):
 
 
 def linear_attention(q, k, v, *, g=None, scale=None, initial_state=None,
-                     output_final_state=False, chunk_size=64, interpret=False):
-    """(Gated) linear attention by the Pallas chunk kernels; see the module docstring."""
+                     output_final_state=False, chunk_size=64, interpret=False, group=None):
+    """(Gated) linear attention by the Pallas chunk kernels; see the module docstring.
+    ``group``: chunks per saved state in the backward (default ``chunk_grid.group_of``)."""
     B, T, H, K, V = check_inputs("longctx.kernels.linear_attention.linear_attention", q, k, v,
                                  initial_state=initial_state, chunk_size=chunk_size,
                                  interpret=interpret)
     if g is not None and g.shape not in ((B, T, H), (B, T, H, K)):
         raise ValueError(f"g must be [B, T, H] or [B, T, H, K]; got {g.shape=}")
-    C = chunk_of(chunk_size, T, interpret)
+    C = chunk_of(chunk_size, T, interpret, q.dtype)
     scale = K**-0.5 if scale is None else scale
     qr, kr, vr, b, r = prepare_chunks(q * scale, k, v, g, C)
     S0 = (jnp.zeros((B * H, K, V), jnp.float32) if initial_state is None
           else initial_state.astype(jnp.float32).reshape(B * H, K, V))
-    o, S = _gla(qr, kr, vr, pack_gates(b, r, C), S0, C, bool(interpret))
+    M = group_of(K, V, C, q.dtype, qr.shape[1] // C, group)
+    o, S = _gla(qr, kr, vr, pack_gates(b, r, C), S0, C, M, bool(interpret))
     o = jnp.moveaxis(o[:, :T].reshape(B, H, T, V), 1, 2).astype(v.dtype)
     return o, (S.reshape(B, H, K, V) if output_final_state else None)

@@ -108,3 +108,26 @@ def test_pallas_delta_rule_matches_recurrent(gate):
     if not pk.available():
         with pytest.raises(ValueError, match=f"target platform is '{jax.default_backend()}'"):
             ops.delta_rule(q, k, v, beta, g=g, form="pallas")
+
+
+@pytest.mark.parametrize("op,gate,group", [("linear", "scalar", 2), ("delta", "per_key", 2),
+                                           ("linear", "none", 3)])
+def test_pallas_backward_recomputes_chunk_states_in_groups(op, gate, group):
+    """The backward saves one state per group of chunks and recomputes the rest on chip: with
+    2 chunks per group over 3 chunks (a short last group) and 3 (one group), values and
+    gradients match the recurrent form."""
+    q, k, v, g, S0 = _inputs(gate)
+    if op == "linear":
+        fn, ref = pk.linear_attention, ops.linear_attention
+    else:
+        k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+        beta = jax.nn.sigmoid(jax.random.normal(jax.random.PRNGKey(7), (B, T, H)))
+        fn = lambda *a, **kw: pk_delta.delta_rule(*a[:3], beta, *a[3:], **kw)  # noqa: E731
+        ref = lambda *a, **kw: ops.delta_rule(*a[:3], beta, *a[3:], **kw)  # noqa: E731
+    (_, (o, S)), grads = _value_and_grads(fn, q, k, v, g, S0, chunk_size=C, interpret=True,
+                                          group=group)
+    (_, (o_ref, S_ref)), grads_ref = _value_and_grads(ref, q, k, v, g, S0, form="recurrent")
+    np.testing.assert_allclose(o, o_ref, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(S, S_ref, atol=1e-5, rtol=1e-5)
+    for i, (a, b) in enumerate(zip(grads, grads_ref)):
+        np.testing.assert_allclose(a, b, atol=1e-3, rtol=1e-3, err_msg=f"grad {i}")
