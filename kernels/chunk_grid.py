@@ -112,6 +112,13 @@ def iota(shape, axis):
     return jax.lax.broadcasted_iota(jnp.int32, shape, axis)
 
 
+def pick_row(x, i):
+    """Row ``i`` of ``x [n, m]`` as ``[1, m]`` by a masked sublane reduction (exact: one nonzero
+    term per sum; finite ``x``). Used instead of a slice ``x[i:i+1]``, which Triton has no
+    lowering for (registers are not addressable), and with a traced ``i`` too."""
+    return jnp.sum(jnp.where(iota(x.shape, 0) == i, x, 0.0), axis=0, keepdims=True)
+
+
 def check_chunk(C: int, T: int, chunk_size: int, dtype=jnp.float32):
     """Mosaic tiles row blocks in 8 sublanes of 32 bits: 8 rows of float32, 16 of bfloat16."""
     rows = 8 * 4 // jnp.dtype(dtype).itemsize
@@ -121,12 +128,13 @@ def check_chunk(C: int, T: int, chunk_size: int, dtype=jnp.float32):
             f"blocks of ({rows}, 128) tiles); got {chunk_size=} (effective chunk {C} for {T=})")
 
 
-def group_of(K: int, V: int, C: int, itemsize: int, n_chunks: int) -> int:
+def group_of(K: int, V: int, C: int, itemsize: int, n_chunks: int, cap: int | None = None) -> int:
     """Chunks per saved state, ``M`` (see ``STATE_SCRATCH_BYTES``): the smallest whose saved
-    states are at most half the bytes of q, k, v (``itemsize`` their dtype's), within the
-    scratch budget, at most ``n_chunks``."""
+    states are at most half the bytes of q, k, v (``itemsize`` their dtype's), at most
+    ``cap`` (default: the VMEM scratch budget of this walker) and ``n_chunks``."""
     want = -(-2 * 4 * K * V // (C * (2 * K + V) * itemsize))
-    return max(1, min(want, STATE_SCRATCH_BYTES // (4 * K * V), n_chunks))
+    cap = STATE_SCRATCH_BYTES // (4 * K * V) if cap is None else cap
+    return max(1, min(want, cap, n_chunks))
 
 
 # ----------------------------------------------------------------------------

@@ -35,8 +35,9 @@ on chip, as in ``linear_attention``). The WY factors are differentiated by ordin
 autodiff (plain JAX); the per-key (KDA) scores are rematerialised in the backward
 (``jax.checkpoint``) rather than saved, so their ``[C, C, K]`` decays per chunk
 (``C`` times the keys' size) never reach HBM. :func:`chunk_reference` is the
-kernel's recurrence in plain JAX. Compiles for TPU (Mosaic); runs anywhere with
-``interpret=True``; no GPU (Triton) lowering yet (the call raises, naming it).
+kernel's recurrence in plain JAX. The chunk math is walked by Mosaic on TPU and by
+Triton on GPU (``backend=``, as in ``linear_attention``); runs anywhere with
+``interpret=True``.
 """
 
 from __future__ import annotations
@@ -46,13 +47,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from longctx.kernels import chunk_grid as grid
 from longctx.kernels.chunk_grid import dot, dot_nt, dot_tn
 from longctx.kernels.linear_attention import (advance, chunk_bwd as _gla_chunk_bwd,
                                              chunk_fwd as _gla_chunk, exp_if, gate_cols,
                                              gate_grad_shape, grad_shapes, group_of,
                                              prepare_chunks, check_inputs, chunk_of,
-                                             pack_gates, temporaries)
+                                             pack_gates, temporaries, walker_of)
 
 
 def _decays(b, r, C):
@@ -137,24 +137,24 @@ def chunk_reference(q, k, ut, w, gates, S0, C):
     return jnp.moveaxis(o, 0, 1).reshape(N, Tp, -1), S
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _recurrence(q, k, ut, w, gates, S0, C, M, out_dtype, interpret):
-    return tuple(grid.forward(_chunk, (q, k, ut, w, *gates), S0, C, interpret=interpret,
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
+def _recurrence(q, k, ut, w, gates, S0, C, M, out_dtype, walk, interpret):
+    return tuple(walk.forward(_chunk, (q, k, ut, w, *gates), S0, C, interpret=interpret,
                               out_dtype=out_dtype, temporaries=_temps(q, ut, gates, C)))
 
 
-def _fwd(q, k, ut, w, gates, S0, C, M, out_dtype, interpret):
-    o, S, states = grid.forward(_chunk, (q, k, ut, w, *gates), S0, C, interpret=interpret,
+def _fwd(q, k, ut, w, gates, S0, C, M, out_dtype, walk, interpret):
+    o, S, states = walk.forward(_chunk, (q, k, ut, w, *gates), S0, C, interpret=interpret,
                                 out_dtype=out_dtype, group=M,
                                 temporaries=_temps(q, ut, gates, C))
     return (o, S), (q, k, ut, w, gates, states)
 
 
-def _bwd(C, M, out_dtype, interpret, res, cts):
+def _bwd(C, M, out_dtype, walk, interpret, res, cts):
     q, k, ut, w, gates, states = res
     N, Tp, _ = q.shape
     shapes = (*grad_shapes(q, k, ut, w), gate_grad_shape(gates, N, Tp))
-    dq, dk, dut, dw, dg, dS0 = grid.backward(_chunk_state, _chunk_bwd, (q, k, ut, w, *gates),
+    dq, dk, dut, dw, dg, dS0 = walk.backward(_chunk_state, _chunk_bwd, (q, k, ut, w, *gates),
                                              shapes, states, *cts, C, group=M,
                                              interpret=interpret,
                                              temporaries=_temps(q, ut, gates, C))
@@ -169,17 +169,19 @@ _recurrence.defvjp(_fwd, _bwd)
 
 
 def delta_rule(q, k, v, beta, *, g=None, scale=None, initial_state=None,
-               output_final_state=False, chunk_size=64, interpret=False, group=None):
+               output_final_state=False, chunk_size=64, interpret=False, group=None,
+               backend=None):
     """(Gated) delta rule / KDA, the recurrence in Pallas; see the module docstring.
-    ``group``: chunks per saved state in the backward (default ``chunk_grid.group_of``)."""
-    B, T, H, K, V = check_inputs("longctx.kernels.delta_rule.delta_rule", q, k, v,
-                                 initial_state=initial_state, chunk_size=chunk_size,
-                                 interpret=interpret)
+    ``group``, ``backend``: as in ``linear_attention.linear_attention``."""
+    fn = "longctx.kernels.delta_rule.delta_rule"
+    B, T, H, K, V = check_inputs(fn, q, k, v, initial_state=initial_state,
+                                 chunk_size=chunk_size, interpret=interpret)
+    walk = walker_of(fn, backend, interpret)
     if beta.shape != (B, T, H) or (g is not None and g.shape not in ((B, T, H), (B, T, H, K))):
         raise ValueError(f"beta must be [B, T, H] = {(B, T, H)} and g [B, T, H] or "
                          f"[B, T, H, K]; got {beta.shape=} g.shape="
                          f"{None if g is None else g.shape}")
-    C = chunk_of(chunk_size, T, interpret, q.dtype)
+    C = chunk_of(walk, chunk_size, T, K, V, interpret, q.dtype)
     scale = K**-0.5 if scale is None else scale
     qr, kr, vr, b, r = prepare_chunks(q * scale, k, v, g, C)
     Tp = qr.shape[1]
@@ -188,7 +190,8 @@ def delta_rule(q, k, v, beta, *, g=None, scale=None, initial_state=None,
     ut, w = wy_factors(kr, vr, betar, b, r, C)
     S0 = (jnp.zeros((B * H, K, V), jnp.float32) if initial_state is None
           else initial_state.astype(jnp.float32).reshape(B * H, K, V))
-    M = group_of(K, V, C, q.dtype, Tp // C, group)
-    o, S = _recurrence(qr, kr, ut, w, pack_gates(b, r, C), S0, C, M, v.dtype, bool(interpret))
+    M = group_of(walk, K, V, C, q.dtype, Tp // C, group)
+    o, S = _recurrence(qr, kr, ut, w, pack_gates(b, r, C), S0, C, M, v.dtype, walk,
+                       bool(interpret))
     o = jnp.moveaxis(o[:, :T].reshape(B, H, T, V), 1, 2).astype(v.dtype)
     return o, (S.reshape(B, H, K, V) if output_final_state else None)

@@ -131,3 +131,29 @@ def test_pallas_backward_recomputes_chunk_states_in_groups(op, gate, group):
     np.testing.assert_allclose(S, S_ref, atol=1e-5, rtol=1e-5)
     for i, (a, b) in enumerate(zip(grads, grads_ref)):
         np.testing.assert_allclose(a, b, atol=1e-3, rtol=1e-3, err_msg=f"grad {i}")
+
+
+@pytest.mark.parametrize("op,gate,group", [
+    ("linear", "scalar", None), ("linear", "none", 2), ("delta", "scalar", 2),
+    ("delta", "per_key", None),
+    pytest.param("linear", "per_key", 2, marks=pytest.mark.slow)])
+def test_pallas_triton_walker_matches_recurrent(op, gate, group):
+    """The GPU walker (one program per row, a loop over chunks, the backward recomputing a
+    chunk's start state from its group's) on the same chunk math, in interpret mode."""
+    q, k, v, g, S0 = _inputs(gate)
+    if op == "linear":
+        fn, ref = pk.linear_attention, ops.linear_attention
+    else:
+        k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+        beta = jax.nn.sigmoid(jax.random.normal(jax.random.PRNGKey(7), (B, T, H)))
+        fn = lambda *a, **kw: pk_delta.delta_rule(*a[:3], beta, *a[3:], **kw)  # noqa: E731
+        ref = lambda *a, **kw: ops.delta_rule(*a[:3], beta, *a[3:], **kw)  # noqa: E731
+    (_, (o, S)), grads = _value_and_grads(fn, q, k, v, g, S0, chunk_size=C, interpret=True,
+                                          group=group, backend="triton")
+    (_, (o_ref, S_ref)), grads_ref = _value_and_grads(ref, q, k, v, g, S0, form="recurrent")
+    np.testing.assert_allclose(o, o_ref, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(S, S_ref, atol=1e-5, rtol=1e-5)
+    for i, (a, b) in enumerate(zip(grads, grads_ref)):
+        np.testing.assert_allclose(a, b, atol=1e-3, rtol=1e-3, err_msg=f"grad {i}")
+    with pytest.raises(ValueError, match="backend='cuda' must be one of"):
+        pk.linear_attention(q, k, v, interpret=True, backend="cuda")
