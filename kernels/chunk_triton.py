@@ -35,6 +35,13 @@ from jax.experimental.pallas import triton as pltriton
 # a chunk's fwd + bwd); M = 8 costs 3.5 of them and cuts the saved states 8x (4 K V / (8 C)
 # bytes per token and head: 2 KiB at head_dim 256, C = 16).
 GROUP_MAX = 8
+# V tile: one program per (row, V tile) of at most V_TILE value columns. A [K, V] state at
+# head_dim 256 asks Triton for 324-388 KiB of shared memory (its dot operands and layout
+# conversions), over the H100's 227 KiB per block: the compiler's "Shared memory size
+# limit exceeded: requested 331776, available: 232448". The V columns of the state evolve
+# independently (o, S' and the delta rule's u = U~ - W S are column-wise in V), so a tile is
+# a smaller kernel; the key-side gradients sum over V and come back as partial sums.
+V_TILE = 64
 # Warps per program: the state is one [K, V] float32 value (64K floats at head_dim 256), so
 # more threads hold more of it in registers. Triton's default is 4.
 NUM_WARPS = 8
@@ -60,9 +67,24 @@ def chunk_of(chunk_size: int, T: int) -> int:
     return max(1, min(chunk_size, max(16, 1 << max(0, T - 1).bit_length())))
 
 
-def _spec(x):
-    """One program's whole row of ``x [N, ...]``."""
-    return pl.BlockSpec((None, *x.shape[1:]), lambda i: (i,) + (0,) * (len(x.shape) - 1))
+def _spec(x, vt=None):
+    """One program's block of ``x [N, ...]``: its row whole, or with ``vt`` its V tile (the
+    last dim split in tiles of ``vt``; grid ``(N, n_tiles)``)."""
+    nd = len(x.shape)
+    if vt is None:
+        return pl.BlockSpec((None, *x.shape[1:]), lambda i, j: (i,) + (0,) * (nd - 1))
+    return pl.BlockSpec((None, *x.shape[1:-1], vt), lambda i, j: (i,) + (0,) * (nd - 2) + (j,))
+
+
+def _partial_spec(shape):
+    """The block of tile ``j``'s partial sum ``[n_tiles, N, ...]`` of a key-side gradient."""
+    nd = len(shape)
+    return pl.BlockSpec((None, None, *shape[1:]), lambda i, j: (j, i) + (0,) * (nd - 1))
+
+
+def v_tile(V: int) -> int:
+    """The V tile: ``V`` up to ``V_TILE``, else ``V_TILE`` (both powers of two)."""
+    return min(V, V_TILE)
 
 
 def _load(ref, c, C):
@@ -82,13 +104,15 @@ def _params(interpret):
     return None if interpret else pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=1)
 
 
-def forward(chunk, ins, S0, C, *, interpret, out_dtype, group=0, temporaries=()):
+def forward(chunk, ins, S0, C, *, interpret, out_dtype, group=0, temporaries=(), value=2):
     """The forward walk; the contract of ``chunk_grid.forward`` (``temporaries``, the Mosaic
-    walker's VMEM accounting, is unused: Triton sizes its own registers / shared memory)."""
+    walker's VMEM accounting, is unused: Triton sizes its own registers / shared memory).
+    ``ins[value]`` is the value-side input (``v``, the delta rule's ``U~``): it, ``o`` and
+    the state are split in V tiles, one program each; the other inputs are read whole."""
     del temporaries
     N, Tp = ins[0].shape[:2]
     K, V = S0.shape[1:]
-    n, n_in, M = Tp // C, len(ins), group
+    n, n_in, M, vt = Tp // C, len(ins), group, v_tile(V)
     out_shape = [jax.ShapeDtypeStruct((N, Tp, V), out_dtype),
                  jax.ShapeDtypeStruct((N, K, V), jnp.float32)]
     if M:
@@ -109,23 +133,35 @@ def forward(chunk, ins, S0, C, *, interpret, out_dtype, group=0, temporaries=())
 
         sT_ref[...] = jax.lax.fori_loop(0, n, step, s0_ref[...].astype(jnp.float32))
 
-    return pl.pallas_call(kernel, grid=(N,), in_specs=[_spec(x) for x in (*ins, S0)],
-                          out_specs=[_spec(s) for s in out_shape], out_shape=out_shape,
+    in_specs = [_spec(x, vt if a == value else None) for a, x in enumerate(ins)]
+    return pl.pallas_call(kernel, grid=(N, V // vt), in_specs=in_specs + [_spec(S0, vt)],
+                          out_specs=[_spec(s, vt) for s in out_shape], out_shape=out_shape,
                           compiler_params=_params(interpret), interpret=interpret,
                           name="chunk_fwd_triton")(*ins, S0)
 
 
 def backward(chunk_state, chunk_bwd, ins, grad_shapes, states, do, dS_T, C, *, group,
-             interpret, temporaries=()):
-    """The backward walk, last chunk first; the contract of ``chunk_grid.backward``."""
+             interpret, temporaries=(), value=2):
+    """The backward walk, last chunk first; the contract of ``chunk_grid.backward``. Per V
+    tile (as in :func:`forward`): the value-side gradient (``grad_shapes[value]``) and
+    ``dS_0`` are the tile's own; the key-side gradients (q, k, gates, W) sum over V, so
+    with several tiles each program writes its partial sum, float32 ``[n_tiles, ...]``,
+    and they are added here."""
     del temporaries
     N, Tp = ins[0].shape[:2]
     K, V = dS_T.shape[1:]
-    n, n_in, n_grads, M = Tp // C, len(ins), len(grad_shapes), group
+    n, n_in, n_grads, M, vt = Tp // C, len(ins), len(grad_shapes), group, v_tile(V)
+    nv = V // vt
     if states.shape != (N, -(-n // M), K, V):
         raise ValueError(f"states must be [N, ceil(n / M), K, V] = {(N, -(-n // M), K, V)} "
                          f"for {n=} chunks, group {M=}; got {states.shape=}")
-    out_shape = [*grad_shapes, jax.ShapeDtypeStruct((N, K, V), jnp.float32)]
+    partial = [a != value and nv > 1 for a in range(n_grads)]
+    out_shape = [jax.ShapeDtypeStruct((nv, *s.shape), jnp.float32) if p else s
+                 for s, p in zip(grad_shapes, partial)]
+    out_shape.append(jax.ShapeDtypeStruct((N, K, V), jnp.float32))
+    out_specs = [_partial_spec(s.shape[1:]) if p else _spec(s, vt if a == value else None)
+                 for a, (s, p) in enumerate(zip(out_shape, partial))]
+    out_specs.append(_spec(out_shape[-1], vt))
 
     def kernel(*refs):
         ins, (st_ref, do_ref, dsT_ref) = refs[:n_in], refs[n_in:n_in + 3]
@@ -144,8 +180,12 @@ def backward(chunk_state, chunk_bwd, ins, grad_shapes, states, do, dS_T, C, *, g
 
         ds0_ref[...] = jax.lax.fori_loop(0, n, step, dsT_ref[...].astype(jnp.float32))
 
-    return pl.pallas_call(kernel, grid=(N,),
-                          in_specs=[_spec(x) for x in (*ins, states, do, dS_T)],
-                          out_specs=[_spec(s) for s in out_shape], out_shape=out_shape,
+    in_specs = [_spec(x, vt if a == value else None) for a, x in enumerate(ins)]
+    outs = pl.pallas_call(kernel, grid=(N, nv),
+                          in_specs=in_specs + [_spec(x, vt) for x in (states, do, dS_T)],
+                          out_specs=out_specs, out_shape=out_shape,
                           compiler_params=_params(interpret), interpret=interpret,
                           name="chunk_bwd_triton")(*ins, states, do, dS_T)
+    grads = (x.sum(0).astype(s.dtype) if p else x
+             for x, s, p in zip(outs[:-1], grad_shapes, partial))
+    return (*grads, outs[-1])

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from longctx.backends.linear import ops
+from longctx.kernels import chunk_triton
 from longctx.kernels import delta_rule as pk_delta
 from longctx.kernels import linear_attention as pk
 
@@ -133,13 +134,16 @@ def test_pallas_backward_recomputes_chunk_states_in_groups(op, gate, group):
         np.testing.assert_allclose(a, b, atol=1e-3, rtol=1e-3, err_msg=f"grad {i}")
 
 
-@pytest.mark.parametrize("op,gate,group", [
-    ("linear", "scalar", None), ("linear", "none", 2), ("delta", "scalar", 2),
-    ("delta", "per_key", None),
-    pytest.param("linear", "per_key", 2, marks=pytest.mark.slow)])
-def test_pallas_triton_walker_matches_recurrent(op, gate, group):
-    """The GPU walker (one program per row, a loop over chunks, the backward recomputing a
-    chunk's start state from its group's) on the same chunk math, in interpret mode."""
+@pytest.mark.parametrize("op,gate,group,v_tile", [
+    ("linear", "scalar", None, None), ("linear", "none", 2, 2), ("delta", "scalar", 2, None),
+    ("delta", "per_key", None, 2),
+    pytest.param("linear", "per_key", 2, 2, marks=pytest.mark.slow)])
+def test_pallas_triton_walker_matches_recurrent(op, gate, group, v_tile, monkeypatch):
+    """The GPU walker (one program per row and V tile, a loop over chunks, the backward
+    recomputing a chunk's start state from its group's and summing the key-side gradients
+    over V tiles) on the same chunk math, in interpret mode; ``v_tile=2``: V = 6 in 3 tiles."""
+    if v_tile:
+        monkeypatch.setattr(chunk_triton, "V_TILE", v_tile)
     q, k, v, g, S0 = _inputs(gate)
     if op == "linear":
         fn, ref = pk.linear_attention, ops.linear_attention
