@@ -35,13 +35,16 @@ from jax.experimental.pallas import triton as pltriton
 # a chunk's fwd + bwd); M = 8 costs 3.5 of them and cuts the saved states 8x (4 K V / (8 C)
 # bytes per token and head: 2 KiB at head_dim 256, C = 16).
 GROUP_MAX = 8
-# V tile: one program per (row, V tile) of at most V_TILE value columns. A [K, V] state at
-# head_dim 256 asks Triton for 324-388 KiB of shared memory (its dot operands and layout
-# conversions), over the H100's 227 KiB per block: the compiler's "Shared memory size
-# limit exceeded: requested 331776, available: 232448". The V columns of the state evolve
-# independently (o, S' and the delta rule's u = U~ - W S are column-wise in V), so a tile is
-# a smaller kernel; the key-side gradients sum over V and come back as partial sums.
-V_TILE = 64
+# V tile: one program per (row, V tile), the state's tile at most STATE_TILE floats. A
+# [K, V] state at head_dim 256 asks Triton for 324-388 KiB of shared memory (its dot
+# operands and layout conversions), over the H100's 227 KiB per block: the compiler's
+# "Shared memory size limit exceeded: requested 331776, available: 232448"; tiles of
+# [256, 64] still asked 233472 for the delta rule with chunk 64, tiles of 8K floats
+# ([128, 64], [256, 32]) fit every kernel. The V columns of the state evolve independently
+# (o, S' and the delta rule's u = U~ - W S are column-wise in V), so a tile is the same
+# chunk math on fewer columns; the key-side gradients sum over V and come back as float32
+# partial sums, one per tile (their HBM grows with the tile count: see the GPU results).
+STATE_TILE = 8192
 # Warps per program: the state is one [K, V] float32 value (64K floats at head_dim 256), so
 # more threads hold more of it in registers. Triton's default is 4.
 NUM_WARPS = 8
@@ -82,9 +85,10 @@ def _partial_spec(shape):
     return pl.BlockSpec((None, None, *shape[1:]), lambda i, j: (j, i) + (0,) * (nd - 1))
 
 
-def v_tile(V: int) -> int:
-    """The V tile: ``V`` up to ``V_TILE``, else ``V_TILE`` (both powers of two)."""
-    return min(V, V_TILE)
+def v_tile(K: int, V: int) -> int:
+    """The V tile: ``V``, or the widest power of two >= 16 whose ``[K, tile]`` state is at
+    most ``STATE_TILE`` floats (``K``, ``V`` powers of two, so it divides ``V``)."""
+    return min(V, max(16, STATE_TILE // K))
 
 
 def _load(ref, c, C):
@@ -112,7 +116,7 @@ def forward(chunk, ins, S0, C, *, interpret, out_dtype, group=0, temporaries=(),
     del temporaries
     N, Tp = ins[0].shape[:2]
     K, V = S0.shape[1:]
-    n, n_in, M, vt = Tp // C, len(ins), group, v_tile(V)
+    n, n_in, M, vt = Tp // C, len(ins), group, v_tile(K, V)
     out_shape = [jax.ShapeDtypeStruct((N, Tp, V), out_dtype),
                  jax.ShapeDtypeStruct((N, K, V), jnp.float32)]
     if M:
@@ -150,7 +154,7 @@ def backward(chunk_state, chunk_bwd, ins, grad_shapes, states, do, dS_T, C, *, g
     del temporaries
     N, Tp = ins[0].shape[:2]
     K, V = dS_T.shape[1:]
-    n, n_in, n_grads, M, vt = Tp // C, len(ins), len(grad_shapes), group, v_tile(V)
+    n, n_in, n_grads, M, vt = Tp // C, len(ins), len(grad_shapes), group, v_tile(K, V)
     nv = V // vt
     if states.shape != (N, -(-n // M), K, V):
         raise ValueError(f"states must be [N, ceil(n / M), K, V] = {(N, -(-n // M), K, V)} "
