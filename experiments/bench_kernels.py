@@ -28,7 +28,10 @@ compiler reports it* (``used_scoped_memory_configs`` in the compiled HLO, less t
 offset XLA placed the kernel's range at), the ``vmem_limit_bytes`` the kernel set, the
 whole program's HBM temporaries (``memory_analysis().temp_size_in_bytes``; in brackets
 as a multiple of the bytes of q, k, v), and the compile seconds (the whole fwd+bwd program: the WY factors of the delta rule in XLA
-dominate its time). No timings: nothing runs.
+dominate its time). For a GPU target (``--target h100``) the row shows the two Pallas
+Triton calls' launch (grid, warps, stages) instead of VMEM: the compiled program keeps
+no shared-memory figure (XLA sizes it in its own codegen and reports it only when it is
+too much, as the compiler's error). No timings: nothing runs.
 """
 
 from __future__ import annotations
