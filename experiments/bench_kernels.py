@@ -25,21 +25,25 @@ runs the same kernel) and a per-key gate (KDA)), forward + backward through
 H = 8, every ``--lengths`` x ``--head-dims`` x ``--dtypes``, and prints per row: compiles
 or the compiler's message, the VMEM each of the two Mosaic kernels uses *as the TPU
 compiler reports it* (``used_scoped_memory_configs`` in the compiled HLO, less the
-offset XLA placed the kernel's range at), the ``vmem_limit_bytes`` the kernel set, and
-the compile seconds (the whole fwd+bwd program: the WY factors of the delta rule in XLA
-dominate its time). No timings: nothing runs.
+offset XLA placed the kernel's range at), the ``vmem_limit_bytes`` the kernel set, the
+whole program's HBM temporaries (``memory_analysis().temp_size_in_bytes``; in brackets
+as a multiple of the bytes of q, k, v), and the compile seconds (the whole fwd+bwd program: the WY factors of the delta rule in XLA
+dominate its time). For a GPU target (``--target h100``) the row shows the two Pallas
+Triton calls' launch (grid, warps, stages) instead of VMEM: the compiled program keeps
+no shared-memory figure (XLA sizes it in its own codegen and reports it only when it is
+too much, as the compiler's error). No timings: nothing runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import time
 
 import jax
 import jax.numpy as jnp
 
+from longctx import targets
 from longctx.backends.full import ops as full
 from longctx.backends.linear import ops as linear
 from longctx.kernels import delta_rule as pallas_delta
@@ -154,6 +158,25 @@ def _kernel_vmem(hlo):
     return out
 
 
+def _triton_launches(hlo):
+    """``[(kernel name, grid, num_warps, num_stages)]`` of the Pallas Triton calls in a
+    compiled GPU HLO text: what the program records of them. Their shared memory is not
+    there: XLA compiles the Triton IR (kept in the call's ``backend_config``) to PTX in
+    its own codegen and sizes the launch then."""
+    out = []
+    for line in hlo.splitlines():
+        if 'custom_call_target="__gpu$xla.gpu.triton"' not in line:
+            continue
+        field = {k: re.search(rf"{k} = (\S+?)[ ,}}]", line) for k in
+                 ("grid_x", "grid_y", "grid_z", "num_warps", "num_stages")}
+        name = re.search(r'name = "([^"]+)"', line)
+        val = {k: (m.group(1).strip('"') if m else "?") for k, m in field.items()}
+        out.append((name.group(1) if name else "?",
+                    f"{val['grid_x']}x{val['grid_y']}x{val['grid_z']}",
+                    val["num_warps"], val["num_stages"]))
+    return out
+
+
 def compile_one(op, gate, T, K, dtype, mesh, heads=8, chunk_size=None):
     """Compile ``op`` fwd+bwd (``form="pallas"``) under ``mesh``: a result dict."""
     C = chunk_size or (16 if gate == "per_key" else 64)
@@ -173,27 +196,34 @@ def compile_one(op, gate, T, K, dtype, mesh, heads=8, chunk_size=None):
     t0 = time.perf_counter()
     try:
         with jax.set_mesh(mesh):
-            hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*args).compile().as_text()
+            compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*args).compile()
+            hlo = compiled.as_text()
     except Exception as e:  # noqa: BLE001 -- the row reports the compiler's message
         msg = " ".join(str(e).split())
         return {"ok": False, "seconds": time.perf_counter() - t0, "error": msg[:240]}
     calls = [m for m in re.findall(r'custom_call_target="([^"]+)"', hlo)]
+    mem = compiled.memory_analysis()
     return {"ok": True, "seconds": time.perf_counter() - t0, "vmem": _kernel_vmem(hlo),
-            "mosaic_calls": calls.count("tpu_custom_call")}
+            "mosaic_calls": calls.count("tpu_custom_call"), "triton": _triton_launches(hlo),
+            "temp": mem.temp_size_in_bytes if mem is not None else None,
+            "inputs": 3 * B * T * H * K * jnp.dtype(dtype).itemsize}
 
 
 def compile_table(args):
-    from longctx import targets
-
     target = targets.parse(args.target)
     devs = targets.devices(target)
     mesh = jax.make_mesh((1,), ("x",), devices=devs[:1],
                          axis_types=(jax.sharding.AxisType.Auto,))
+    gpu = target.platform == "gpu"
     print(f"target: {target.name} ({devs[0].device_kind}), compile-only, jax {jax.__version__}; "
           f"B=1 H={args.compile_heads}, C=64 (per-key gates C=16); fwd+bwd through longctx.ops")
-    print("| kernel | gate | T | head_dim | dtype | compiles | VMEM fwd / bwd (compiler) "
-          "| vmem_limit | compile s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    if gpu:
+        print("| kernel | gate | T | head_dim | dtype | compiles (2 Triton calls) | launch fwd / bwd "
+              "(grid, warps, stages) | shared memory | HBM temporaries (x q,k,v) | compile s |")
+    else:
+        print("| kernel | gate | T | head_dim | dtype | compiles | VMEM fwd / bwd (compiler) "
+              "| vmem_limit | HBM temporaries (x q,k,v) | compile s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for op, gate in COMPILE_KERNELS:
         if args.kernels and f"{op}:{gate}" not in args.kernels:
             continue
@@ -201,13 +231,24 @@ def compile_table(args):
             for K in args.head_dims:
                 for dt in args.dtypes:
                     r = compile_one(op, gate, T, K, jnp.dtype(dt), mesh, heads=args.compile_heads)
-                    if r["ok"]:
-                        ok = "yes" if r["mosaic_calls"] == 2 else f"NO MOSAIC ({r['mosaic_calls']})"
-                        vm = " / ".join(f"{u / 2**20:.2f} MiB" for u, _ in r["vmem"])
-                        lim = " / ".join(f"{m / 2**20:.0f}" for _, m in r["vmem"]) + " MiB"
+                    if not r["ok"]:
+                        cells = [f"no: {r['error']}", "-", "-", "-"]
                     else:
-                        ok, vm, lim = f"no: {r['error']}", "-", "-"
-                    print(f"| {op} | {gate} | {T} | {K} | {dt} | {ok} | {vm} | {lim} | "
+                        hbm = (f"{r['temp'] / 2**30:.2f} GiB ({r['temp'] / r['inputs']:.1f}x)"
+                               if r["temp"] is not None else "not reported")
+                        if gpu:
+                            names = sorted(n for n, *_ in r["triton"])
+                            ok = ("yes" if names == ["chunk_bwd_triton", "chunk_fwd_triton"]
+                                  else f"NO TRITON KERNELS ({names})")
+                            launch = " / ".join(f"{g}, {w}, {st}" for _, g, w, st in r["triton"])
+                            cells = [ok, launch, "not in the program", hbm]
+                        else:
+                            ok = ("yes" if r["mosaic_calls"] == 2
+                                  else f"NO MOSAIC ({r['mosaic_calls']})")
+                            vm = " / ".join(f"{u / 2**20:.2f} MiB" for u, _ in r["vmem"])
+                            lim = " / ".join(f"{m / 2**20:.0f}" for _, m in r["vmem"]) + " MiB"
+                            cells = [ok, vm, lim, hbm]
+                    print(f"| {op} | {gate} | {T} | {K} | {dt} | {' | '.join(cells)} | "
                           f"{r['seconds']:.1f} |", flush=True)
 
 
@@ -231,7 +272,7 @@ def main(argv=None):
     if args.target:
         if not args.compile_only:
             p.error("--target runs nothing on the target: pass --compile-only")
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        targets.compile_only()
         if args.lengths == [256]:
             args.lengths = [8192, 32768, 131072]
         compile_table(args)

@@ -29,11 +29,15 @@ blocks on chip: VMEM independent of ``T``). Per chunk it is the chunk of gated l
 Backward (``jax.custom_vjp``): a second Pallas kernel walking the chunks last to
 first with the state's cotangent: per chunk the linear-attention chunk backward
 (``_chunk_bwd``) with ``u`` as values, then through ``u = U~ - W S``:
-``dU~ = du``, ``dW = -du S^T``, ``dS += -W^T du``. Its residual is every
-chunk's start state (written by the forward kernel). The WY factors are
-differentiated by ordinary autodiff (plain JAX). :func:`chunk_reference` is the
-kernel's recurrence in plain JAX. Compiles for TPU (Mosaic); runs anywhere with
-``interpret=True``; no GPU (Triton) lowering yet (the call raises, naming it).
+``dU~ = du``, ``dW = -du S^T``, ``dS += -W^T du``. Its residual is the start state of
+every ``M``-th chunk (written by the forward kernel; the backward recomputes the others
+on chip, as in ``linear_attention``). The WY factors are differentiated by ordinary
+autodiff (plain JAX); the per-key (KDA) scores are rematerialised in the backward
+(``jax.checkpoint``) rather than saved, so their ``[C, C, K]`` decays per chunk
+(``C`` times the keys' size) never reach HBM. :func:`chunk_reference` is the
+kernel's recurrence in plain JAX. The chunk math is walked by Mosaic on TPU and by
+Triton on GPU (``backend=``, as in ``linear_attention``); runs anywhere with
+``interpret=True``.
 """
 
 from __future__ import annotations
@@ -43,11 +47,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from longctx.kernels import chunk_grid as grid
 from longctx.kernels.chunk_grid import dot, dot_nt, dot_tn
-from longctx.kernels.linear_attention import (chunk_bwd as _gla_chunk_bwd, chunk_fwd as _gla_chunk,
-                                             exp_if, prepare_chunks, check_inputs, chunk_of,
-                                             gate_grad_shape, pack_gates, temporaries)
+from longctx.kernels.linear_attention import (advance, chunk_bwd as _gla_chunk_bwd,
+                                             chunk_fwd as _gla_chunk, exp_if, gate_cols,
+                                             gate_grad_shape, grad_shapes, group_of,
+                                             prepare_chunks, check_inputs, chunk_of,
+                                             pack_gates, temporaries, walker_of)
 
 
 def _decays(b, r, C):
@@ -57,6 +62,16 @@ def _decays(b, r, C):
     return exp_if(b[:, None, :] - b[None, :, :], ok)
 
 
+@functools.partial(jax.checkpoint, static_argnums=(4,))  # residuals: the inputs, not [C, C, K]
+def _scores(kb, kc, bc, rc, C):
+    """``A_ij = sum_d kb_id kc_jd exp(b_id - b_jd)`` (``j < i``, same reset) ``[N, n, C, C]``."""
+    D = jax.vmap(jax.vmap(lambda b, r: _decays(b, r, C)))(bc, rc)  # [.., C, C, Kg]
+    if bc.shape[-1] == 1:  # scalar gate: one [C, C] decay matrix times a matmul
+        return jnp.einsum("...ik,...jk->...ij", kb, kc) * D[..., 0]
+    # per-key gate (KDA): the [C, C, K] decays, summed over keys in one fusion
+    return jnp.sum(kb[..., :, None, :] * kc[..., None, :, :] * D, axis=-1)
+
+
 def wy_factors(k, v, beta, b, r, C):
     """``U~ [N, Tp, V]`` and ``W [N, Tp, K]`` of every chunk at once (no state needed).
 
@@ -64,19 +79,19 @@ def wy_factors(k, v, beta, b, r, C):
     """
     N, Tp, K = k.shape
     n, Kg = Tp // C, b.shape[-1]
+    k, v = k.astype(jnp.float32), v.astype(jnp.float32)
     kc, vc = k.reshape(N, n, C, K), v.reshape(N, n, C, -1)
     bc, rc, betac = b.reshape(N, n, C, Kg), r.reshape(N, n, C, Kg), beta.reshape(N, n, C, 1)
     kb = kc * betac
-    D = jax.vmap(jax.vmap(lambda b, r: _decays(b, r, C)))(bc, rc)  # [.., C, C, Kg]
-    if Kg == 1:  # scalar gate: one [C, C] decay matrix times a matmul
-        A = jnp.einsum("...ik,...jk->...ij", kb, kc) * D[..., 0]
-    else:  # per-key gate (KDA): the explicit [C, C, K] decays
-        A = jnp.sum(kb[..., :, None, :] * kc[..., None, :, :] * D, axis=-1)  # [N, n, C, C]
-    rhs = jnp.concatenate([vc * betac, kb * exp_if(bc, rc == 0)], axis=-1)
-    eye = jnp.eye(C, dtype=A.dtype)
-    X = jax.scipy.linalg.solve_triangular(eye + A, rhs, lower=True, unit_diagonal=True)
-    V = v.shape[-1]
-    return X[..., :V].reshape(N, Tp, V), X[..., V:].reshape(N, Tp, K)
+    A = _scores(kb, kc, bc, rc, C)
+    # two solves with one matrix, not one of the concatenated [U~, W] right-hand side: the
+    # solve is column by column, so the values are the same, and no [.., C, V + K] copy (nor
+    # its slices, nor their cotangents' concatenation) is made: 2 float32 [T, K]-sized
+    # arrays less in HBM, each 8 GiB at 1M tokens, 8 heads, head_dim 256
+    L = jnp.eye(C, dtype=A.dtype) + A
+    ut, w = (jax.scipy.linalg.solve_triangular(L, rhs, lower=True, unit_diagonal=True)
+             for rhs in (vc * betac, kb * exp_if(bc, rc == 0)))
+    return ut.reshape(N, Tp, -1), w.reshape(N, Tp, K)
 
 
 def _chunk(q, k, ut, w, *gates_and_S):
@@ -84,6 +99,12 @@ def _chunk(q, k, ut, w, *gates_and_S):
     ``b, r [C, K]``), ``S [K, V]`` -> ``(o [C, V], S')``."""
     *gates, S = gates_and_S
     return _gla_chunk(q, k, ut - dot(w, S), *gates, S)
+
+
+def _chunk_state(q, k, ut, w, *gates_and_S):
+    """The state update of :func:`_chunk` alone (the backward's recompute): ``S'``."""
+    *gates, S = gates_and_S
+    return advance(k, ut - dot(w, S), *gate_cols(gates), S)
 
 
 def _chunk_bwd(q, k, ut, w, *rest):
@@ -108,7 +129,7 @@ def chunk_reference(q, k, ut, w, gates, S0, C):
 
     def chunks(x):
         x = x.reshape(N, Tp // C, C, *x.shape[2:]) if x.ndim == 3 else x
-        return jnp.moveaxis(x, 1, 0)
+        return jnp.moveaxis(x.astype(jnp.float32), 1, 0)
 
     @jax.checkpoint
     def body(S, xs):
@@ -119,24 +140,26 @@ def chunk_reference(q, k, ut, w, gates, S0, C):
     return jnp.moveaxis(o, 0, 1).reshape(N, Tp, -1), S
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _recurrence(q, k, ut, w, gates, S0, C, interpret):
-    return tuple(grid.forward(_chunk, (q, k, ut, w, *gates), S0, C, interpret=interpret,
-                              with_states=False, temporaries=_temps(q, ut, gates, C)))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
+def _recurrence(q, k, ut, w, gates, S0, C, M, out_dtype, walk, interpret):
+    return tuple(walk.forward(_chunk, (q, k, ut, w, *gates), S0, C, interpret=interpret,
+                              out_dtype=out_dtype, temporaries=_temps(q, ut, gates, C)))
 
 
-def _fwd(q, k, ut, w, gates, S0, C, interpret):
-    o, S, states = grid.forward(_chunk, (q, k, ut, w, *gates), S0, C, interpret=interpret,
-                                with_states=True, temporaries=_temps(q, ut, gates, C))
+def _fwd(q, k, ut, w, gates, S0, C, M, out_dtype, walk, interpret):
+    o, S, states = walk.forward(_chunk, (q, k, ut, w, *gates), S0, C, interpret=interpret,
+                                out_dtype=out_dtype, group=M,
+                                temporaries=_temps(q, ut, gates, C))
     return (o, S), (q, k, ut, w, gates, states)
 
 
-def _bwd(C, interpret, res, cts):
+def _bwd(C, M, out_dtype, walk, interpret, res, cts):
     q, k, ut, w, gates, states = res
     N, Tp, _ = q.shape
-    shapes = (q.shape, k.shape, ut.shape, w.shape, gate_grad_shape(gates, N, Tp))
-    dq, dk, dut, dw, dg, dS0 = grid.backward(_chunk_bwd, (q, k, ut, w, *gates), shapes, states,
-                                             *cts, C, interpret=interpret,
+    shapes = (*grad_shapes(q, k, ut, w), gate_grad_shape(gates, N, Tp))
+    dq, dk, dut, dw, dg, dS0 = walk.backward(_chunk_state, _chunk_bwd, (q, k, ut, w, *gates),
+                                             shapes, states, *cts, C, group=M,
+                                             interpret=interpret,
                                              temporaries=_temps(q, ut, gates, C))
     if len(gates) == 1:  # packed [N, n, 2, C]: b gets dg, r none
         dgates = (jnp.concatenate([dg, jnp.zeros_like(dg)], axis=2),)
@@ -149,16 +172,19 @@ _recurrence.defvjp(_fwd, _bwd)
 
 
 def delta_rule(q, k, v, beta, *, g=None, scale=None, initial_state=None,
-               output_final_state=False, chunk_size=64, interpret=False):
-    """(Gated) delta rule / KDA, the recurrence in Pallas; see the module docstring."""
-    B, T, H, K, V = check_inputs("longctx.kernels.delta_rule.delta_rule", q, k, v,
-                                 initial_state=initial_state, chunk_size=chunk_size,
-                                 interpret=interpret)
+               output_final_state=False, chunk_size=64, interpret=False, group=None,
+               backend=None):
+    """(Gated) delta rule / KDA, the recurrence in Pallas; see the module docstring.
+    ``group``, ``backend``: as in ``linear_attention.linear_attention``."""
+    fn = "longctx.kernels.delta_rule.delta_rule"
+    B, T, H, K, V = check_inputs(fn, q, k, v, initial_state=initial_state,
+                                 chunk_size=chunk_size, interpret=interpret)
+    walk = walker_of(fn, backend, interpret)
     if beta.shape != (B, T, H) or (g is not None and g.shape not in ((B, T, H), (B, T, H, K))):
         raise ValueError(f"beta must be [B, T, H] = {(B, T, H)} and g [B, T, H] or "
                          f"[B, T, H, K]; got {beta.shape=} g.shape="
                          f"{None if g is None else g.shape}")
-    C = chunk_of(chunk_size, T, interpret)
+    C = chunk_of(walk, chunk_size, T, K, V, interpret, q.dtype)
     scale = K**-0.5 if scale is None else scale
     qr, kr, vr, b, r = prepare_chunks(q * scale, k, v, g, C)
     Tp = qr.shape[1]
@@ -167,6 +193,8 @@ def delta_rule(q, k, v, beta, *, g=None, scale=None, initial_state=None,
     ut, w = wy_factors(kr, vr, betar, b, r, C)
     S0 = (jnp.zeros((B * H, K, V), jnp.float32) if initial_state is None
           else initial_state.astype(jnp.float32).reshape(B * H, K, V))
-    o, S = _recurrence(qr, kr, ut, w, pack_gates(b, r, C), S0, C, bool(interpret))
+    M = group_of(walk, K, V, C, q.dtype, Tp // C, group)
+    o, S = _recurrence(qr, kr, ut, w, pack_gates(b, r, C), S0, C, M, v.dtype, walk,
+                       bool(interpret))
     o = jnp.moveaxis(o[:, :T].reshape(B, H, T, V), 1, 2).astype(v.dtype)
     return o, (S.reshape(B, H, K, V) if output_final_state else None)

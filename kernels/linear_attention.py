@@ -29,16 +29,19 @@ per-key gate (GLA) forms the ``[C, C, K]`` decays explicitly (elementwise work
 ``b, r`` blocks ``(C, K)``. ``b`` and ``r`` are computed outside the kernel (an
 elementwise cumsum over each chunk), so the kernel itself has no scan.
 
-Backward (``jax.custom_vjp``): a second kernel on the same grid walking the chunks
-last to first, carrying the state's cotangent ``dS [K, V]`` in scratch: per chunk the
-hand-derived gradients of :func:`chunk_bwd`. Its residual is every chunk's start
-state ``[N, n_chunks, K, V]``, written by the forward kernel (``K V / C`` floats per
-token and head in HBM, linear in ``T``; VMEM holds one). :func:`chunk_reference` is
-the same chunk math in plain JAX (a ``lax.scan`` over chunks).
+Backward (``jax.custom_vjp``): a second kernel walking the chunks last to first,
+carrying the state's cotangent ``dS [K, V]`` in scratch: per chunk the hand-derived
+gradients of :func:`chunk_bwd`. Its residual is the start state of every ``M``-th chunk
+(``chunk_grid.group_of``: ``K V / (C M)`` floats per token and head in HBM), from which
+it recomputes a group's ``M`` chunk start states on chip (:func:`chunk_state`) before
+walking the group backwards. q, k, v travel in their own dtype (bfloat16 stays
+bfloat16 in HBM) and are cast to float32 on chip. :func:`chunk_reference` is the same
+chunk math in plain JAX (a ``lax.scan`` over chunks).
 
-Hardware: the kernels compile for TPU (Mosaic; ``experiments.bench_kernels --target
-v5p-8 --compile-only``) and run anywhere with ``interpret=True``. The GPU (Triton)
-lowering is not written yet: on a GPU target the call raises, naming it.
+Hardware: one chunk math, two walkers: the TPU grid of :mod:`longctx.kernels.chunk_grid`
+(Mosaic) and the GPU loop of :mod:`longctx.kernels.chunk_triton` (Triton), picked by the
+target platform (``backend=``); both run anywhere with ``interpret=True``
+(``experiments.bench_kernels --target v5p-8|h100 --compile-only`` compiles them).
 """
 
 from __future__ import annotations
@@ -50,7 +53,8 @@ import jax.numpy as jnp
 
 from longctx import targets
 from longctx.kernels import chunk_grid as grid
-from longctx.kernels.chunk_grid import dot, dot_nt, dot_tn, iota, to_col, to_row
+from longctx.kernels import chunk_triton
+from longctx.kernels.chunk_grid import dot, dot_nt, dot_tn, iota, pick_row, to_col, to_row
 
 
 def available() -> bool:
@@ -59,22 +63,48 @@ def available() -> bool:
     return targets.platform() in ("gpu", "tpu")
 
 
+# The two walkers of the one chunk math: Mosaic (TPU) and Triton (GPU).
+WALKERS = {"mosaic": grid, "triton": chunk_triton}
+_NATIVE = {"tpu": "mosaic", "gpu": "triton"}
+
+
+def walker_of(fn: str, backend, interpret: bool):
+    """The walker module for ``backend`` (``"mosaic"``, ``"triton"``, or None: the target
+    platform's). Compiled (not ``interpret``), the backend must be the platform's own."""
+    platform = targets.platform()
+    if backend is None:
+        backend = _NATIVE.get(platform, "mosaic")
+    if backend not in WALKERS:
+        raise ValueError(f"{fn}: {backend=} must be one of {sorted(WALKERS)} or None")
+    if not interpret and _NATIVE.get(platform) != backend:
+        raise ValueError(f"{fn}: {backend=} compiles for {'TPU' if backend == 'mosaic' else 'GPU'};"
+                         f" the target platform is {platform!r}. Use backend=None (the "
+                         f"platform's), or interpret=True")
+    return WALKERS[backend]
+
+
+def group_of(walker, K: int, V: int, C: int, dtype, n_chunks: int, group) -> int:
+    """Chunks per saved state: ``group`` (a positive int) or ``chunk_grid.group_of`` within
+    the walker's cap (Mosaic: its VMEM scratch; Triton: ``chunk_triton.GROUP_MAX``)."""
+    if group is None:
+        cap = chunk_triton.GROUP_MAX if walker is chunk_triton else None
+        return grid.group_of(K, V, C, jnp.dtype(dtype).itemsize, n_chunks, cap)
+    if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+        raise ValueError(f"{group=} must be a positive int (chunks per saved state) or None")
+    return group
+
+
 def check_inputs(fn: str, q, k, v, *, initial_state, chunk_size, interpret: bool):
     """The checks both linear kernels share (``fn``: the function's qualified name).
 
-    Raises ``ValueError`` off TPU without ``interpret`` (GPU: no Triton lowering yet),
-    and for layouts other than ``q, k [B, T, H, K]``, ``v [B, T, H, V]``,
-    ``initial_state [B, H, K, V]`` or a ``chunk_size`` that is not a positive int.
-    Returns ``(B, T, H, K, V)``.
+    Raises ``ValueError`` off GPU/TPU without ``interpret``, and for layouts other than
+    ``q, k [B, T, H, K]``, ``v [B, T, H, V]``, ``initial_state [B, H, K, V]`` or a
+    ``chunk_size`` that is not a positive int. Returns ``(B, T, H, K, V)``.
     """
     if not interpret and not available():
         raise ValueError(
             f"form='pallas' runs a Pallas GPU/TPU kernel; the target platform is "
             f"{targets.platform()!r}. Use form='chunk', or {fn}(..., interpret=True)")
-    if not interpret and targets.platform() == "gpu":
-        raise ValueError(
-            f"{fn}: the chunk-grid kernel lowers for TPU (Mosaic) only; the GPU (Triton) "
-            f"lowering is not written. The target platform is 'gpu': use form='chunk'")
     if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"expects q, k [B, T, H, K] and v [B, T, H, V]; got "
                          f"{q.shape=} {k.shape=} {v.shape=}")
@@ -88,11 +118,20 @@ def check_inputs(fn: str, q, k, v, *, initial_state, chunk_size, interpret: bool
     return B, T, H, K, V
 
 
-def chunk_of(chunk_size: int, T: int, interpret: bool) -> int:
-    """The chunk the kernels run: ``chunk_size``, or ``T`` rounded up to 8 when shorter."""
-    C = max(1, min(chunk_size, -(-T // 8) * 8))
+def chunk_of(walker, chunk_size: int, T: int, K: int, V: int, interpret: bool,
+             dtype=jnp.float32) -> int:
+    """The chunk the kernels run: ``chunk_size``, or ``T`` rounded up when shorter (Mosaic:
+    to the row tile, 8 rows of float32, 16 of bfloat16; Triton: to a power of two >= 16),
+    checked against the walker's block rules unless ``interpret``."""
+    if walker is chunk_triton:
+        C = chunk_triton.chunk_of(chunk_size, T)
+        if not interpret:
+            chunk_triton.check_shapes(C, K, V, T, chunk_size)
+        return C
+    rows = 8 * 4 // jnp.dtype(dtype).itemsize
+    C = max(1, min(chunk_size, -(-T // rows) * rows))
     if not interpret:
-        grid.check_chunk(C, T, chunk_size)
+        grid.check_chunk(C, T, chunk_size, dtype)
     return C
 
 
@@ -102,12 +141,13 @@ def chunk_of(chunk_size: int, T: int, interpret: bool) -> int:
 
 
 def prepare_chunks(q, k, v, g, C):
-    """[B, T, H, ...] -> [B*H, Tp, ...] float32; gates -> (b, r) [B*H, Tp, Kg] per chunk."""
+    """[B, T, H, ...] -> [B*H, Tp, ...] (q, k, v in their dtype); gates -> (b, r)
+    [B*H, Tp, Kg] float32, per chunk."""
     B, T, H, K = q.shape
     Tp = -(-T // C) * C
 
     def rows(x):
-        x = jnp.moveaxis(x.astype(jnp.float32), 2, 1).reshape(B * H, T, *x.shape[3:])
+        x = jnp.moveaxis(x, 2, 1).reshape(B * H, T, *x.shape[3:])
         return jnp.pad(x, [(0, 0), (0, Tp - T)] + [(0, 0)] * (x.ndim - 2))
 
     if g is None:  # zeros made directly: a cumsum of a constant gate would be folded by XLA
@@ -115,7 +155,7 @@ def prepare_chunks(q, k, v, g, C):
         return rows(q), rows(k), rows(v), b, b
     if g.ndim == 3:
         g = g[..., None]
-    g = rows(g).reshape(B * H, Tp // C, C, g.shape[-1])  # padding: g = 0, no change
+    g = rows(g.astype(jnp.float32)).reshape(B * H, Tp // C, C, g.shape[-1])  # padding: g = 0, no change
     reset = jnp.isneginf(g)
     b = jnp.cumsum(jnp.where(reset, 0.0, g), axis=2).reshape(B * H, Tp, -1)
     r = jnp.cumsum(reset.astype(jnp.float32), axis=2).reshape(B * H, Tp, -1)
@@ -132,9 +172,15 @@ def pack_gates(b, r, C):
 
 
 def gate_grad_shape(gates, N, Tp):
-    """The shape of the kernel's gate gradient: ``[N, n, 1, C]`` packed, else ``[N, Tp, K]``."""
-    return (*gates[0].shape[:2], 1, gates[0].shape[3]) if len(gates) == 1 else (N, Tp,
-                                                                               gates[0].shape[2])
+    """The kernel's gate gradient: ``[N, n, 1, C]`` packed, else ``[N, Tp, K]``, float32."""
+    shape = ((*gates[0].shape[:2], 1, gates[0].shape[3]) if len(gates) == 1
+             else (N, Tp, gates[0].shape[2]))
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+def grad_shapes(*xs):
+    """The gradients' ``ShapeDtypeStruct``s: each ``x``'s shape and dtype."""
+    return tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in xs)
 
 
 # ----------------------------------------------------------------------------
@@ -152,7 +198,7 @@ def gate_views(gates, C):
     (masked before the exp); per key (``b, r [C, K]``) ``D`` is None: see :func:`_key_row`."""
     if len(gates) == 1:  # packed scalar gate: rows b, r
         (gp,) = gates
-        b_row, r_row = gp[0:1, :], gp[1:2, :]
+        b_row, r_row = pick_row(gp, 0), pick_row(gp, 1)
         b, r = to_col(b_row), to_col(r_row)
         causal = iota((C, C), 0) >= iota((C, C), 1)
         return b, r, exp_if(b - b_row, causal & (r == r_row))
@@ -160,9 +206,11 @@ def gate_views(gates, C):
     return b, r, None
 
 
-def _pick_row(x, i):
-    """Row ``i`` of ``x [C, K]`` as ``[1, K]`` (a masked sublane reduction: Mosaic-safe)."""
-    return jnp.sum(jnp.where(iota(x.shape, 0) == i, x, 0.0), axis=0, keepdims=True)
+def gate_cols(gates):
+    """``(b, r [C, Kg])``: the column gates alone (packed scalar ``[2, C]`` or per key)."""
+    if len(gates) == 1:
+        return to_col(pick_row(gates[0], 0)), to_col(pick_row(gates[0], 1))
+    return gates
 
 
 def _pick_col(x, i):
@@ -175,9 +223,9 @@ def _key_row(q, b, r, i):
     ``M_i[j, d] = exp(b_id - b_jd) [j <= i, r_id == r_jd]``. The ``[C, C, K]`` decays are
     never one array (Mosaic has no ``(C, K) -> (C, 1, K)`` reshape, and a ``fori_loop``
     over rows keeps one row's ``[C, K]`` live): the same ``C^2 K`` elementwise work."""
-    b_i, r_i = _pick_row(b, i), _pick_row(r, i)
+    b_i, r_i = pick_row(b, i), pick_row(r, i)
     ok = (iota(b.shape, 0) <= i) & (r == r_i)
-    return _pick_row(q, i), exp_if(b_i - b, ok)
+    return pick_row(q, i), exp_if(b_i - b, ok)
 
 
 def _score_col(q, k, b, r, i, AT):
@@ -202,11 +250,23 @@ def chunk_fwd(q, k, v, *gates_and_S):
     C = q.shape[0]
     b, r, D = gate_views(gates, C)
     A_v = dot(dot_nt(q, k) * D, v) if D is not None else dot_tn(key_scores_t(q, k, b, r), v)
-    b_last, r_last = b[C - 1:C], r[C - 1:C]  # [1, Kg]
     o = A_v + dot(q * exp_if(b, r == 0), S)
+    return o, advance(k, v, b, r, S)
+
+
+def advance(k, v, b, r, S):
+    """``S' = exp(b_C) [r_C == 0] * S + (k * exp(b_C - b) [r == r_C])^T v`` (``b, r [C, Kg]``)."""
+    C = k.shape[0]
+    b_last, r_last = pick_row(b, C - 1), pick_row(r, C - 1)  # [1, Kg]
     k_out = k * exp_if(b_last - b, r == r_last)
     across = to_col(exp_if(b_last, r_last == 0))  # [Kg, 1]: S rows decay
-    return o, across * S + dot_tn(k_out, v)
+    return across * S + dot_tn(k_out, v)
+
+
+def chunk_state(q, k, v, *gates_and_S):
+    """The state update of :func:`chunk_fwd` alone (the backward's recompute): ``S'``."""
+    *gates, S = gates_and_S
+    return advance(k, v, *gate_cols(gates), S)
 
 
 def chunk_bwd(q, k, v, *rest):
@@ -236,8 +296,9 @@ def chunk_bwd(q, k, v, *rest):
     b, r, D = gate_views(gates, C)
     scalar = D is not None
     e = exp_if(b, r == 0)  # [C, Kg]
-    f = exp_if(b[C - 1:C] - b, r == r[C - 1:C])  # [C, Kg]
-    a = exp_if(b[C - 1:C], r[C - 1:C] == 0)  # [1, Kg]
+    b_last, r_last = pick_row(b, C - 1), pick_row(r, C - 1)  # [1, Kg]
+    f = exp_if(b_last - b, r == r_last)  # [C, Kg]
+    a = exp_if(b_last, r_last == 0)  # [1, Kg]
     qe, kf = q * e, k * f
     dqe = dot_nt(do, S)  # [C, K]
     dkf = dot_nt(v, dS)  # [C, K]
@@ -294,28 +355,29 @@ def temporaries(C, K, V, Kg):
 # ----------------------------------------------------------------------------
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _gla(q, k, v, gates, S0, C, interpret):
-    return tuple(grid.forward(chunk_fwd, (q, k, v, *gates), S0, C, interpret=interpret,
-                              with_states=False, temporaries=_temps(q, v, gates, C)))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _gla(q, k, v, gates, S0, C, M, walk, interpret):
+    return tuple(walk.forward(chunk_fwd, (q, k, v, *gates), S0, C, interpret=interpret,
+                              out_dtype=v.dtype, temporaries=_temps(q, v, gates, C)))
 
 
 def _temps(q, v, gates, C):
     return temporaries(C, q.shape[-1], v.shape[-1], 1 if len(gates) == 1 else q.shape[-1])
 
 
-def _gla_fwd(q, k, v, gates, S0, C, interpret):
-    o, S, states = grid.forward(chunk_fwd, (q, k, v, *gates), S0, C, interpret=interpret,
-                                with_states=True, temporaries=_temps(q, v, gates, C))
+def _gla_fwd(q, k, v, gates, S0, C, M, walk, interpret):
+    o, S, states = walk.forward(chunk_fwd, (q, k, v, *gates), S0, C, interpret=interpret,
+                                out_dtype=v.dtype, group=M,
+                                temporaries=_temps(q, v, gates, C))
     return (o, S), (q, k, v, gates, states)
 
 
-def _gla_bwd(C, interpret, res, cts):
+def _gla_bwd(C, M, walk, interpret, res, cts):
     q, k, v, gates, states = res
     N, Tp, _ = q.shape
-    shapes = (q.shape, k.shape, v.shape, gate_grad_shape(gates, N, Tp))
-    dq, dk, dv, dg, dS0 = grid.backward(chunk_bwd, (q, k, v, *gates), shapes, states, *cts,
-                                        C, interpret=interpret,
+    shapes = (*grad_shapes(q, k, v), gate_grad_shape(gates, N, Tp))
+    dq, dk, dv, dg, dS0 = walk.backward(chunk_state, chunk_bwd, (q, k, v, *gates), shapes,
+                                        states, *cts, C, group=M, interpret=interpret,
                                         temporaries=_temps(q, v, gates, C))
     if len(gates) == 1:  # packed [N, n, 2, C]: b gets dg, r none
         dgates = (jnp.concatenate([dg, jnp.zeros_like(dg)], axis=2),)
@@ -333,7 +395,7 @@ def chunk_reference(q, k, v, gates, S0, C):
 
     def chunks(x):  # [N, Tp, ...] -> [n, N, C, ...]; [N, n, a, b] -> [n, N, a, b]
         x = x.reshape(N, Tp // C, C, *x.shape[2:]) if x.ndim == 3 else x
-        return jnp.moveaxis(x, 1, 0)
+        return jnp.moveaxis(x.astype(jnp.float32), 1, 0)
 
     @jax.checkpoint  # the backward keeps only the state at each chunk start
     def body(S, xs):
@@ -345,18 +407,23 @@ def chunk_reference(q, k, v, gates, S0, C):
 
 
 def linear_attention(q, k, v, *, g=None, scale=None, initial_state=None,
-                     output_final_state=False, chunk_size=64, interpret=False):
-    """(Gated) linear attention by the Pallas chunk kernels; see the module docstring."""
-    B, T, H, K, V = check_inputs("longctx.kernels.linear_attention.linear_attention", q, k, v,
-                                 initial_state=initial_state, chunk_size=chunk_size,
-                                 interpret=interpret)
+                     output_final_state=False, chunk_size=64, interpret=False, group=None,
+                     backend=None):
+    """(Gated) linear attention by the Pallas chunk kernels; see the module docstring.
+    ``group``: chunks per saved state in the backward (default :func:`group_of`);
+    ``backend``: ``"mosaic"`` (TPU), ``"triton"`` (GPU) or None (the target platform's)."""
+    fn = "longctx.kernels.linear_attention.linear_attention"
+    B, T, H, K, V = check_inputs(fn, q, k, v, initial_state=initial_state,
+                                 chunk_size=chunk_size, interpret=interpret)
+    walk = walker_of(fn, backend, interpret)
     if g is not None and g.shape not in ((B, T, H), (B, T, H, K)):
         raise ValueError(f"g must be [B, T, H] or [B, T, H, K]; got {g.shape=}")
-    C = chunk_of(chunk_size, T, interpret)
+    C = chunk_of(walk, chunk_size, T, K, V, interpret, q.dtype)
     scale = K**-0.5 if scale is None else scale
     qr, kr, vr, b, r = prepare_chunks(q * scale, k, v, g, C)
     S0 = (jnp.zeros((B * H, K, V), jnp.float32) if initial_state is None
           else initial_state.astype(jnp.float32).reshape(B * H, K, V))
-    o, S = _gla(qr, kr, vr, pack_gates(b, r, C), S0, C, bool(interpret))
+    M = group_of(walk, K, V, C, q.dtype, qr.shape[1] // C, group)
+    o, S = _gla(qr, kr, vr, pack_gates(b, r, C), S0, C, M, walk, bool(interpret))
     o = jnp.moveaxis(o[:, :T].reshape(B, H, T, V), 1, 2).astype(v.dtype)
     return o, (S.reshape(B, H, K, V) if output_final_state else None)

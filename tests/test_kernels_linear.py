@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from longctx.backends.linear import ops
+from longctx.kernels import chunk_triton
 from longctx.kernels import delta_rule as pk_delta
 from longctx.kernels import linear_attention as pk
 
@@ -108,3 +109,55 @@ def test_pallas_delta_rule_matches_recurrent(gate):
     if not pk.available():
         with pytest.raises(ValueError, match=f"target platform is '{jax.default_backend()}'"):
             ops.delta_rule(q, k, v, beta, g=g, form="pallas")
+
+
+@pytest.mark.parametrize("op,gate,group", [("linear", "scalar", 2), ("delta", "per_key", 2),
+                                           ("linear", "none", 3)])
+def test_pallas_backward_recomputes_chunk_states_in_groups(op, gate, group):
+    """The backward saves one state per group of chunks and recomputes the rest on chip: with
+    2 chunks per group over 3 chunks (a short last group) and 3 (one group), values and
+    gradients match the recurrent form."""
+    q, k, v, g, S0 = _inputs(gate)
+    if op == "linear":
+        fn, ref = pk.linear_attention, ops.linear_attention
+    else:
+        k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+        beta = jax.nn.sigmoid(jax.random.normal(jax.random.PRNGKey(7), (B, T, H)))
+        fn = lambda *a, **kw: pk_delta.delta_rule(*a[:3], beta, *a[3:], **kw)  # noqa: E731
+        ref = lambda *a, **kw: ops.delta_rule(*a[:3], beta, *a[3:], **kw)  # noqa: E731
+    (_, (o, S)), grads = _value_and_grads(fn, q, k, v, g, S0, chunk_size=C, interpret=True,
+                                          group=group)
+    (_, (o_ref, S_ref)), grads_ref = _value_and_grads(ref, q, k, v, g, S0, form="recurrent")
+    np.testing.assert_allclose(o, o_ref, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(S, S_ref, atol=1e-5, rtol=1e-5)
+    for i, (a, b) in enumerate(zip(grads, grads_ref)):
+        np.testing.assert_allclose(a, b, atol=1e-3, rtol=1e-3, err_msg=f"grad {i}")
+
+
+@pytest.mark.parametrize("op,gate,group,v_tile", [
+    ("linear", "scalar", None, None), ("linear", "none", 2, 2), ("delta", "scalar", 2, None),
+    ("delta", "per_key", None, 2),
+    pytest.param("linear", "per_key", 2, 2, marks=pytest.mark.slow)])
+def test_pallas_triton_walker_matches_recurrent(op, gate, group, v_tile, monkeypatch):
+    """The GPU walker (one program per row and V tile, a loop over chunks, the backward
+    recomputing a chunk's start state from its group's and summing the key-side gradients
+    over V tiles) on the same chunk math, in interpret mode; ``v_tile=2``: V = 6 in 3 tiles."""
+    if v_tile:  # (on GPU the tile is at least 16: tt.dot)
+        monkeypatch.setattr(chunk_triton, "v_tile", lambda K, V: v_tile)
+    q, k, v, g, S0 = _inputs(gate)
+    if op == "linear":
+        fn, ref = pk.linear_attention, ops.linear_attention
+    else:
+        k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+        beta = jax.nn.sigmoid(jax.random.normal(jax.random.PRNGKey(7), (B, T, H)))
+        fn = lambda *a, **kw: pk_delta.delta_rule(*a[:3], beta, *a[3:], **kw)  # noqa: E731
+        ref = lambda *a, **kw: ops.delta_rule(*a[:3], beta, *a[3:], **kw)  # noqa: E731
+    (_, (o, S)), grads = _value_and_grads(fn, q, k, v, g, S0, chunk_size=C, interpret=True,
+                                          group=group, backend="triton")
+    (_, (o_ref, S_ref)), grads_ref = _value_and_grads(ref, q, k, v, g, S0, form="recurrent")
+    np.testing.assert_allclose(o, o_ref, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(S, S_ref, atol=1e-5, rtol=1e-5)
+    for i, (a, b) in enumerate(zip(grads, grads_ref)):
+        np.testing.assert_allclose(a, b, atol=1e-3, rtol=1e-3, err_msg=f"grad {i}")
+    with pytest.raises(ValueError, match="backend='cuda' must be one of"):
+        pk.linear_attention(q, k, v, interpret=True, backend="cuda")

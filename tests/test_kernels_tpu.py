@@ -25,8 +25,9 @@ needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
 B, H, K = 1, 1, 128
 
 
-def _compile(op, gate, T, dtype=jnp.bfloat16):
+def _compile(op, gate, T, dtype=jnp.bfloat16, *, heads=H, compiled=False):
     devs = targets.devices(targets.parse("v5p-8"))
+    H = heads
     C = 16 if gate == "per_key" else 64
     g_shape = (B, T, H) if gate == "scalar" else (B, T, H, K)
 
@@ -43,8 +44,8 @@ def _compile(op, gate, T, dtype=jnp.bfloat16):
                          axis_types=(jax.sharding.AxisType.Auto,))
     with jax.set_mesh(mesh):
         assert targets.platform() == "tpu"
-        f = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
-        return f.lower(*args).compile().as_text()
+        f = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).lower(*args).compile()
+        return f if compiled else f.as_text()
 
 
 def _vmem_used(hlo):
@@ -94,3 +95,26 @@ def test_pallas_chunk_must_tile_for_mosaic():
     q = jax.ShapeDtypeStruct((B, 96, H, K), jnp.float32)
     with jax.set_mesh(mesh), pytest.raises(ValueError, match="chunk_size=12"):
         jax.jit(lambda q: ops.linear_attention(q, q, q, chunk_size=12, form="pallas")).lower(q)
+
+
+@needs_libtpu
+def test_pallas_kernel_hbm_is_a_small_multiple_of_the_inputs():
+    """At a long T the fwd+bwd program's HBM temporaries are bounded by what the design keeps
+    (bf16, head_dim 128, T = 256K, 8 heads; Q = the bytes of one of q, k, v):
+
+    * q, k, v in the kernels' layout ``[B*H, T, K]``, in their own dtype: ``3 Q``;
+    * their gradients, same layout and dtype: ``3 Q``;
+    * ``o`` and its cotangent: ``2 Q``;
+    * the saved chunk start states, at most half the bytes of q, k, v (``group_of``):
+      ``1.5 Q``;
+    * the packed scalar gates (two float32 per token and head) and their gradient: ``12 B T H``.
+
+    The old kernels exceeded it alone with float32 copies of q, k, v and of their gradients
+    (``12 Q``) and a saved state per chunk (``K V 4 / C`` bytes per token and head: ``4 Q``)."""
+    T, heads = 1 << 18, 8
+    compiled = _compile("linear_attention", "scalar", T, jnp.bfloat16, heads=heads,
+                        compiled=True)
+    Q = B * T * heads * K * 2
+    bound = (3 + 3 + 2 + 1.5) * Q + 12 * B * T * heads
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp <= bound, (temp / Q, bound / Q)
