@@ -177,26 +177,37 @@ def _triton_launches(hlo):
     return out
 
 
-def compile_one(op, gate, T, K, dtype, mesh, heads=8, chunk_size=None):
-    """Compile ``op`` fwd+bwd (``form="pallas"``) under ``mesh``: a result dict."""
+def fwd_bwd(op, gate, T, K, dtype, *, heads=8, chunk_size=None, batch=1):
+    """``op``'s forward + backward (``form="pallas"``, through ``longctx.ops``) as one jitted
+    gradient of every float input (q, k, v, the gate, beta), and its abstract arguments;
+    the caller lowers it under the target's mesh (this bench, tests/test_kernels_*.py)."""
     C = chunk_size or (16 if gate == "per_key" else 64)
-    B, H = 1, heads
-    g_shape = None if gate == "none" else ((B, T, H) if gate == "scalar" else (B, T, H, K))
+    B, H = batch, heads
+    sd = jax.ShapeDtypeStruct
+    args = [sd((B, T, H, K), dtype)] * 3
+    if gate != "none":
+        args.append(sd((B, T, H) if gate == "scalar" else (B, T, H, K), jnp.float32))
+    args.append(sd((B, T, H), dtype))
 
-    def loss(q, k, v, g, beta):
+    def loss(q, k, v, *rest):
+        g, beta = (None, *rest) if gate == "none" else rest
         if op == "linear_attention":
             o, _ = linear.linear_attention(q, k, v, g=g, chunk_size=C, form="pallas")
         else:
             o, _ = linear.delta_rule(q, k, v, beta, g=g, chunk_size=C, form="pallas")
         return jnp.sum(o.astype(jnp.float32) ** 2)
 
-    sd = jax.ShapeDtypeStruct
-    args = ((sd((B, T, H, K), dtype),) * 3
-            + (None if g_shape is None else sd(g_shape, jnp.float32), sd((B, T, H), dtype)))
+    return jax.jit(jax.grad(loss, argnums=tuple(range(len(args))))), args
+
+
+def compile_one(op, gate, T, K, dtype, mesh, heads=8, chunk_size=None):
+    """Compile ``op`` fwd+bwd (``form="pallas"``) under ``mesh``: a result dict."""
+    B, H = 1, heads
+    step, args = fwd_bwd(op, gate, T, K, dtype, heads=heads, chunk_size=chunk_size)
     t0 = time.perf_counter()
     try:
         with jax.set_mesh(mesh):
-            compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*args).compile()
+            compiled = step.lower(*args).compile()
             hlo = compiled.as_text()
     except Exception as e:  # noqa: BLE001 -- the row reports the compiler's message
         msg = " ".join(str(e).split())

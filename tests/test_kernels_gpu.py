@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from experiments import bench_kernels
 from longctx import ops, targets
 from longctx.kernels import linear_attention as pk
 
@@ -28,24 +29,12 @@ B, H, K = 1, 2, 64
 
 def _triton_kernels(op, gate, T):
     devs = targets.devices(targets.parse("h100"))
-    C = 16 if gate == "per_key" else 64
-    g_shape = (B, T, H) if gate == "scalar" else (B, T, H, K)
-
-    def loss(q, k, v, g, beta):
-        if op == "linear_attention":
-            o, _ = ops.linear_attention(q, k, v, g=g, chunk_size=C, form="pallas")
-        else:
-            o, _ = ops.delta_rule(q, k, v, beta, g=g, chunk_size=C, form="pallas")
-        return jnp.sum(o.astype(jnp.float32) ** 2)
-
-    sd = jax.ShapeDtypeStruct
-    args = ((sd((B, T, H, K), jnp.bfloat16),) * 3
-            + (sd(g_shape, jnp.float32), sd((B, T, H), jnp.bfloat16)))
+    step, args = bench_kernels.fwd_bwd(op, gate, T, K, jnp.bfloat16, heads=H, batch=B)
     mesh = jax.make_mesh((1,), ("x",), devices=devs[:1],
                          axis_types=(jax.sharding.AxisType.Auto,))
     with jax.set_mesh(mesh):
         assert targets.platform() == "gpu"
-        hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).lower(*args).compile().as_text()
+        hlo = step.lower(*args).compile().as_text()
     return sorted(re.search(r'name = "([^"]+)"', line).group(1) for line in hlo.splitlines()
                   if 'custom_call_target="__gpu$xla.gpu.triton"' in line)
 

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from experiments import bench_kernels
 from longctx import ops, targets
 from longctx.compile import custom_calls
 
@@ -27,24 +28,12 @@ B, H, K = 1, 1, 128
 
 def _compile(op, gate, T, dtype=jnp.bfloat16, *, heads=H, compiled=False):
     devs = targets.devices(targets.parse("v5p-8"))
-    H = heads
-    C = 16 if gate == "per_key" else 64
-    g_shape = (B, T, H) if gate == "scalar" else (B, T, H, K)
-
-    def loss(q, k, v, g, beta):
-        if op == "linear_attention":
-            o, _ = ops.linear_attention(q, k, v, g=g, chunk_size=C, form="pallas")
-        else:
-            o, _ = ops.delta_rule(q, k, v, beta, g=g, chunk_size=C, form="pallas")
-        return jnp.sum(o.astype(jnp.float32) ** 2)
-
-    sd = jax.ShapeDtypeStruct
-    args = (sd((B, T, H, K), dtype),) * 3 + (sd(g_shape, jnp.float32), sd((B, T, H), dtype))
+    step, args = bench_kernels.fwd_bwd(op, gate, T, K, dtype, heads=heads, batch=B)
     mesh = jax.make_mesh((1,), ("x",), devices=devs[:1],
                          axis_types=(jax.sharding.AxisType.Auto,))
     with jax.set_mesh(mesh):
         assert targets.platform() == "tpu"
-        f = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).lower(*args).compile()
+        f = step.lower(*args).compile()
         return f if compiled else f.as_text()
 
 
