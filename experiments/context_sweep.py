@@ -169,7 +169,8 @@ TARGET_SPECS = {
             "model.moe.num_experts=8"],
     # gated DeltaNet in 64K-token segments carrying the state, exact gradients (bptt 0):
     # the layer inputs kept for the backward pass and a layer's working set are one
-    # segment's, not the sequence's (whole sequences of 1M tokens per chip need ~200 GiB)
+    # segment's, not the sequence's (docs/results/frontier_targets.md: whole sequences stop
+    # near 1M tokens per chip)
     "gated_deltanet_segments": ["model.attention.backend=linear",
                                 "model.attention.linear.variant=gated_deltanet",
                                 "model.segment_len=65536"],

@@ -111,20 +111,26 @@ def test_pallas_delta_rule_matches_recurrent(gate):
             ops.delta_rule(q, k, v, beta, g=g, form="pallas")
 
 
+def _kernel_and_reference(op, gate):
+    """The Pallas op (``"linear"`` / ``"delta"``), the pure-JAX op it must match, and their
+    inputs (for the delta rule: unit keys and a fixed beta, closed over)."""
+    q, k, v, g, S0 = _inputs(gate)
+    if op == "linear":
+        return pk.linear_attention, ops.linear_attention, (q, k, v, g, S0)
+    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+    beta = jax.nn.sigmoid(jax.random.normal(jax.random.PRNGKey(7), (B, T, H)))
+    fn = lambda *a, **kw: pk_delta.delta_rule(*a[:3], beta, *a[3:], **kw)  # noqa: E731
+    ref = lambda *a, **kw: ops.delta_rule(*a[:3], beta, *a[3:], **kw)  # noqa: E731
+    return fn, ref, (q, k, v, g, S0)
+
+
 @pytest.mark.parametrize("op,gate,group", [("linear", "scalar", 2), ("delta", "per_key", 2),
                                            ("linear", "none", 3)])
 def test_pallas_backward_recomputes_chunk_states_in_groups(op, gate, group):
     """The backward saves one state per group of chunks and recomputes the rest on chip: with
     2 chunks per group over 3 chunks (a short last group) and 3 (one group), values and
     gradients match the recurrent form."""
-    q, k, v, g, S0 = _inputs(gate)
-    if op == "linear":
-        fn, ref = pk.linear_attention, ops.linear_attention
-    else:
-        k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
-        beta = jax.nn.sigmoid(jax.random.normal(jax.random.PRNGKey(7), (B, T, H)))
-        fn = lambda *a, **kw: pk_delta.delta_rule(*a[:3], beta, *a[3:], **kw)  # noqa: E731
-        ref = lambda *a, **kw: ops.delta_rule(*a[:3], beta, *a[3:], **kw)  # noqa: E731
+    fn, ref, (q, k, v, g, S0) = _kernel_and_reference(op, gate)
     (_, (o, S)), grads = _value_and_grads(fn, q, k, v, g, S0, chunk_size=C, interpret=True,
                                           group=group)
     (_, (o_ref, S_ref)), grads_ref = _value_and_grads(ref, q, k, v, g, S0, form="recurrent")
@@ -144,14 +150,7 @@ def test_pallas_triton_walker_matches_recurrent(op, gate, group, v_tile, monkeyp
     over V tiles) on the same chunk math, in interpret mode; ``v_tile=2``: V = 6 in 3 tiles."""
     if v_tile:  # (on GPU the tile is at least 16: tt.dot)
         monkeypatch.setattr(chunk_triton, "v_tile", lambda K, V: v_tile)
-    q, k, v, g, S0 = _inputs(gate)
-    if op == "linear":
-        fn, ref = pk.linear_attention, ops.linear_attention
-    else:
-        k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
-        beta = jax.nn.sigmoid(jax.random.normal(jax.random.PRNGKey(7), (B, T, H)))
-        fn = lambda *a, **kw: pk_delta.delta_rule(*a[:3], beta, *a[3:], **kw)  # noqa: E731
-        ref = lambda *a, **kw: ops.delta_rule(*a[:3], beta, *a[3:], **kw)  # noqa: E731
+    fn, ref, (q, k, v, g, S0) = _kernel_and_reference(op, gate)
     (_, (o, S)), grads = _value_and_grads(fn, q, k, v, g, S0, chunk_size=C, interpret=True,
                                           group=group, backend="triton")
     (_, (o_ref, S_ref)), grads_ref = _value_and_grads(ref, q, k, v, g, S0, form="recurrent")

@@ -20,15 +20,22 @@ from longctx.parallel import sharding as shd
 E, K, D, F, CF = 8, 2, 64, 32, 1.25
 
 
-def _temp_bytes(n_devices: int, batch: int, seq: int, capacity_factor: float = CF) -> int:
-    """Compiled temporary bytes per device of an expert-parallel MoE forward + backward over
-    ``n_devices`` (all of them on the expert axis), ``batch`` sequences of ``seq`` tokens."""
-    mesh = shd.make_mesh({"expert": n_devices}, devices=jax.devices()[:n_devices])
+def _routing(batch: int, seq: int):
+    """Fixed top-K expert choices ``[batch, seq, K]`` and the abstract tokens, routing
+    weights and expert weights of a forward + backward."""
     rng = np.random.default_rng(0)
     experts = jnp.asarray(np.argsort(rng.normal(size=(batch, seq, E)), -1)[..., :K], jnp.int32)
     x = jax.ShapeDtypeStruct((batch, seq, D), jnp.float32)
     wts = jax.ShapeDtypeStruct((batch, seq, K), jnp.float32)
     w = [jax.ShapeDtypeStruct(s, jnp.float32) for s in [(E, D, F), (E, D, F), (E, F, D)]]
+    return experts, x, wts, w
+
+
+def _temp_bytes(n_devices: int, batch: int, seq: int, capacity_factor: float = CF) -> int:
+    """Compiled temporary bytes per device of an expert-parallel MoE forward + backward over
+    ``n_devices`` (all of them on the expert axis), ``batch`` sequences of ``seq`` tokens."""
+    mesh = shd.make_mesh({"expert": n_devices}, devices=jax.devices()[:n_devices])
+    experts, x, wts, w = _routing(batch, seq)
 
     def loss(x, wts, *w):
         y, dropped = moe.expert_parallel_moe(x, experts, wts, *w, capacity_factor=capacity_factor)
@@ -65,11 +72,7 @@ def _dropless_temp_bytes(n_devices: int, batch: int, seq: int, fn) -> int:
     """Temporary bytes per device of a dropless MoE forward + backward, tokens and the
     weights' d_model over ``fsdp = n_devices`` (the parameters' ZeRO-3 sharding)."""
     mesh = shd.make_mesh({"fsdp": n_devices}, devices=jax.devices()[:n_devices])
-    rng = np.random.default_rng(0)
-    experts = jnp.asarray(np.argsort(rng.normal(size=(batch, seq, E)), -1)[..., :K], jnp.int32)
-    x = jax.ShapeDtypeStruct((batch, seq, D), jnp.float32)
-    wts = jax.ShapeDtypeStruct((batch, seq, K), jnp.float32)
-    w = [jax.ShapeDtypeStruct(s, jnp.float32) for s in [(E, D, F), (E, D, F), (E, F, D)]]
+    experts, x, wts, w = _routing(batch, seq)
 
     def loss(x, wts, *w):
         y = fn(x, experts, wts, *w)
