@@ -138,23 +138,33 @@ def bench_moe(args, dtype, key):
              f"tokens; {jax.default_backend()}")
 
 
+# the two walks' pallas_call names, forward first (chunk_grid, chunk_triton)
+MOSAIC_KERNELS = ("chunk_fwd_mosaic", "chunk_bwd_mosaic")
+TRITON_KERNELS = ("chunk_fwd_triton", "chunk_bwd_triton")
 COMPILE_KERNELS = [("linear_attention", "none"), ("linear_attention", "scalar"),
                    ("linear_attention", "per_key"), ("delta_rule", "scalar"),
                    ("delta_rule", "per_key")]
 
 
-def _kernel_vmem(hlo):
-    """``[(used, limit)]`` bytes per Mosaic kernel in a compiled HLO text."""
-    out = []
+def mosaic_kernels(hlo):
+    """``{kernel name: (VMEM used, VMEM limit)}`` bytes of the Mosaic kernels in a compiled
+    TPU HLO text, as the compiler reports them: the end of each call's used scoped range
+    less the offset XLA placed its range at, and the range's size (the largest over the
+    calls of one kernel: a kernel runs more than once in slabs). The name is the
+    ``pallas_call``'s (``op_name`` metadata); ``"?"`` where it has none."""
+    out = {}
     for line in hlo.splitlines():
         if 'custom_call_target="tpu_custom_call"' not in line:
             continue
+        name = re.search(r'op_name="[^"]*?/([^/"]+)/pallas_call"', line)
         cfg = re.search(r'"scoped_memory_configs":\[\{"memory_space":"1","offset":"(\d+)",'
                         r'"size":"(\d+)"', line)
         used = re.search(r'"used_scoped_memory_configs":\[\{"memory_space":"1",'
                          r'"offset":"\d+","size":"(\d+)"', line)
-        if cfg and used:
-            out.append((int(used.group(1)) - int(cfg.group(1)), int(cfg.group(2))))
+        key = re.sub(r"^(?:\w+\()+|\)+$", "", name.group(1)) if name else "?"  # jvp(..)
+        vm = ((int(used.group(1)) - int(cfg.group(1)), int(cfg.group(2))) if cfg and used
+              else (0, 0))
+        out[key] = max(out.get(key, vm), vm)
     return out
 
 
@@ -212,10 +222,9 @@ def compile_one(op, gate, T, K, dtype, mesh, heads=8, chunk_size=None):
     except Exception as e:  # noqa: BLE001 -- the row reports the compiler's message
         msg = " ".join(str(e).split())
         return {"ok": False, "seconds": time.perf_counter() - t0, "error": msg[:240]}
-    calls = [m for m in re.findall(r'custom_call_target="([^"]+)"', hlo)]
     mem = compiled.memory_analysis()
-    return {"ok": True, "seconds": time.perf_counter() - t0, "vmem": _kernel_vmem(hlo),
-            "mosaic_calls": calls.count("tpu_custom_call"), "triton": _triton_launches(hlo),
+    return {"ok": True, "seconds": time.perf_counter() - t0, "mosaic": mosaic_kernels(hlo),
+            "triton": _triton_launches(hlo),
             "temp": mem.temp_size_in_bytes if mem is not None else None,
             "inputs": 3 * B * T * H * K * jnp.dtype(dtype).itemsize}
 
@@ -248,16 +257,19 @@ def compile_table(args):
                         hbm = (f"{r['temp'] / 2**30:.2f} GiB ({r['temp'] / r['inputs']:.1f}x)"
                                if r["temp"] is not None else "not reported")
                         if gpu:
-                            names = sorted(n for n, *_ in r["triton"])
-                            ok = ("yes" if names == ["chunk_bwd_triton", "chunk_fwd_triton"]
-                                  else f"NO TRITON KERNELS ({names})")
-                            launch = " / ".join(f"{g}, {w}, {st}" for _, g, w, st in r["triton"])
+                            launches = {n: f"{g}, {w}, {st}" for n, g, w, st in r["triton"]}
+                            ok = ("yes" if sorted(launches) == sorted(TRITON_KERNELS)
+                                  else f"NO TRITON KERNELS ({sorted(launches)})")
+                            launch = " / ".join(launches.get(k, "-") for k in TRITON_KERNELS)
                             cells = [ok, launch, "not in the program", hbm]
                         else:
-                            ok = ("yes" if r["mosaic_calls"] == 2
-                                  else f"NO MOSAIC ({r['mosaic_calls']})")
-                            vm = " / ".join(f"{u / 2**20:.2f} MiB" for u, _ in r["vmem"])
-                            lim = " / ".join(f"{m / 2**20:.0f}" for _, m in r["vmem"]) + " MiB"
+                            names = sorted(r["mosaic"])
+                            ok = ("yes" if names == sorted(MOSAIC_KERNELS)
+                                  else f"NO MOSAIC KERNELS ({names})")
+                            vm = " / ".join(f"{r['mosaic'][k][0] / 2**20:.2f} MiB"
+                                            for k in MOSAIC_KERNELS if k in r["mosaic"])
+                            lim = " / ".join(f"{r['mosaic'][k][1] / 2**20:.0f}"
+                                             for k in MOSAIC_KERNELS if k in r["mosaic"]) + " MiB"
                             cells = [ok, vm, lim, hbm]
                     print(f"| {op} | {gate} | {T} | {K} | {dt} | {' | '.join(cells)} | "
                           f"{r['seconds']:.1f} |", flush=True)

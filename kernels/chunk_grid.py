@@ -283,7 +283,7 @@ def forward(chunk, ins, S0, C, *, interpret, out_dtype, group=0, temporaries=())
         out_specs.append(_block_spec(out_shape[2], C, lambda i, c: (i, c // group)))
     return _walk(functools.partial(_fwd_kernel, chunk, len(ins), group), (N, n),
                  ("parallel", "arbitrary"), in_specs, out_specs, out_shape,
-                 [(K, V)], temporaries, interpret)(*ins, S0)
+                 [(K, V)], temporaries, interpret, "chunk_fwd_mosaic")(*ins, S0)
 
 
 def backward(chunk_state, chunk_bwd, ins, grad_shapes, states, do, dS_T, C, *, group,
@@ -320,11 +320,11 @@ def backward(chunk_state, chunk_bwd, ins, grad_shapes, states, do, dS_T, C, *, g
                                M, n)
     return _walk(kernel, (N, n_groups, 2 * M - 1), ("parallel", "arbitrary", "arbitrary"),
                  in_specs, out_specs, out_shape, [(K, V), (M, K, V)], temporaries,
-                 interpret)(*ins, states, do, dS_T)
+                 interpret, "chunk_bwd_mosaic")(*ins, states, do, dS_T)
 
 
 def _walk(kernel, grid, semantics, in_specs, out_specs, out_shape, scratch, temporaries,
-          interpret):
+          interpret, name):
     """The ``pallas_call`` of a walk over ``grid`` with float32 VMEM ``scratch`` buffers, its
     VMEM limit from the blocks' own accounting."""
     blocks = [tuple(d for d in s.block_shape if d is not None) for s in in_specs + out_specs]
@@ -334,4 +334,4 @@ def _walk(kernel, grid, semantics, in_specs, out_specs, out_shape, scratch, temp
     return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
                           out_shape=out_shape,
                           scratch_shapes=[pltpu.VMEM(s, jnp.float32) for s in scratch],
-                          compiler_params=params, interpret=interpret)
+                          compiler_params=params, interpret=interpret, name=name)

@@ -52,7 +52,8 @@ from longctx.kernels.linear_attention import (advance, chunk_bwd as _gla_chunk_b
                                              chunk_fwd as _gla_chunk, exp_if, gate_cols,
                                              gate_grad_shape, grad_shapes, group_of,
                                              prepare_chunks, check_inputs, chunk_of,
-                                             pack_gates, temporaries, walker_of)
+                                             over_slabs, pack_gates, slab_of, start_state,
+                                             temporaries, walker_of)
 
 
 def _decays(b, r, C):
@@ -173,9 +174,9 @@ _recurrence.defvjp(_fwd, _bwd)
 
 def delta_rule(q, k, v, beta, *, g=None, scale=None, initial_state=None,
                output_final_state=False, chunk_size=64, interpret=False, group=None,
-               backend=None):
+               backend=None, slab=None):
     """(Gated) delta rule / KDA, the recurrence in Pallas; see the module docstring.
-    ``group``, ``backend``: as in ``linear_attention.linear_attention``."""
+    ``group``, ``backend``, ``slab``: as in ``linear_attention.linear_attention``."""
     fn = "longctx.kernels.delta_rule.delta_rule"
     B, T, H, K, V = check_inputs(fn, q, k, v, initial_state=initial_state,
                                  chunk_size=chunk_size, interpret=interpret)
@@ -185,14 +186,22 @@ def delta_rule(q, k, v, beta, *, g=None, scale=None, initial_state=None,
                          f"[B, T, H, K]; got {beta.shape=} g.shape="
                          f"{None if g is None else g.shape}")
     C = chunk_of(walk, chunk_size, T, K, V, interpret, q.dtype)
+    L = slab_of(slab, B, T, H, K, V, C)
+    if L < T:
+        def run(xs, S):
+            return delta_rule(*xs[:3], xs[3], g=xs[4], scale=scale, initial_state=S,
+                              output_final_state=True, chunk_size=chunk_size,
+                              interpret=interpret, group=group, backend=backend, slab=0)
+
+        o, S = over_slabs(run, (q, k, v, beta, g), start_state(initial_state, B, H, K, V), L)
+        return o, (S if output_final_state else None)
     scale = K**-0.5 if scale is None else scale
     qr, kr, vr, b, r = prepare_chunks(q * scale, k, v, g, C)
     Tp = qr.shape[1]
     betar = jnp.pad(jnp.moveaxis(beta.astype(jnp.float32), 2, 1).reshape(B * H, T),
                     ((0, 0), (0, Tp - T)))  # padding: beta = 0, no write
     ut, w = wy_factors(kr, vr, betar, b, r, C)
-    S0 = (jnp.zeros((B * H, K, V), jnp.float32) if initial_state is None
-          else initial_state.astype(jnp.float32).reshape(B * H, K, V))
+    S0 = start_state(initial_state, B, H, K, V).reshape(B * H, K, V)
     M = group_of(walk, K, V, C, q.dtype, Tp // C, group)
     o, S = _recurrence(qr, kr, ut, w, pack_gates(b, r, C), S0, C, M, v.dtype, walk,
                        bool(interpret))

@@ -47,9 +47,11 @@ target platform (``backend=``); both run anywhere with ``interpret=True``
 from __future__ import annotations
 
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.layout import Layout, with_layout_constraint
 
 from longctx import targets
 from longctx.kernels import chunk_grid as grid
@@ -94,6 +96,12 @@ def group_of(walker, K: int, V: int, C: int, dtype, n_chunks: int, group) -> int
     return group
 
 
+def start_state(initial_state, B, H, K, V):
+    """The float32 start state ``[B, H, K, V]`` (zeros for None)."""
+    return (jnp.zeros((B, H, K, V), jnp.float32) if initial_state is None
+            else initial_state.astype(jnp.float32))
+
+
 def check_inputs(fn: str, q, k, v, *, initial_state, chunk_size, interpret: bool):
     """The checks both linear kernels share (``fn``: the function's qualified name).
 
@@ -133,6 +141,113 @@ def chunk_of(walker, chunk_size: int, T: int, K: int, V: int, interpret: bool,
     if not interpret:
         grid.check_chunk(C, T, chunk_size, dtype)
     return C
+
+
+# ----------------------------------------------------------------------------
+# Slabs: the XLA-side work of a long sequence, a slab at a time.
+# ----------------------------------------------------------------------------
+
+# Bytes of one float32 [B*H, slab, max(K, V)] array: the slab length's budget (256 MiB).
+SLAB_BYTES = 1 << 28
+
+
+def slab_of(slab, B: int, T: int, H: int, K: int, V: int, C: int) -> int:
+    """Tokens per slab: ``slab`` (a positive multiple of ``C``; 0: one slab, the whole
+    sequence) or, for None, the longest power of two (a multiple of ``C``, at least ``C``)
+    whose float32 ``[B*H, slab, max(K, V)]`` arrays are at most ``SLAB_BYTES``. The result
+    is ``T`` when the sequence fits one slab."""
+    if slab is None:
+        L = max(1, SLAB_BYTES // (4 * B * H * max(K, V)))
+        L = max(C, (1 << (L.bit_length() - 1)) // C * C)
+    elif isinstance(slab, bool) or not isinstance(slab, int) or slab < 0 or slab % C:
+        raise ValueError(f"{slab=} must be None, 0 (no slabs) or a positive multiple of the "
+                         f"chunk {C}")
+    else:
+        L = slab or T
+    return min(L, T)
+
+
+@functools.cache
+def _log_slabs(T, L):
+    logging.getLogger(__name__).info(
+        "Pallas linear kernel: %d tokens in slabs of %d (one more forward per slab in the "
+        "backward; slab=0 turns slabs off)", T, L)
+
+
+def over_slabs(run, xs, S0, L: int):
+    """``run(xs, S) -> (o [B, L, ...], S')`` over the sequence in slabs of ``L`` tokens.
+
+    ``xs``: per-token arrays ``[B, T, ...]`` (None passes through), ``S0 [B, H, K, V]``
+    float32. The whole slabs run in :func:`_slab_scan` (a ``lax.scan`` carrying the state;
+    its backward keeps only each slab's start state and recomputes the slab's forward
+    before its backward). So what the kernels' callers compute in XLA around them (layout
+    copies, gate cumsums, the delta rule's WY factors and their cotangents, the GPU
+    walker's per-tile partial sums) is a slab's worth at a time, not the sequence's: one
+    more forward per slab in the backward. Slab boundaries are chunk boundaries, so the
+    chunk math is the same. A last partial slab runs after the scan."""
+    B, T = xs[0].shape[:2]
+    if L >= T:
+        return run(xs, S0)
+    n = T // L
+    _log_slabs(T, L)
+    have = [i for i, x in enumerate(xs) if x is not None]
+
+    def run_some(arrays, S):  # run() on the present inputs only
+        full = [None] * len(xs)
+        for i, x in zip(have, arrays):
+            full[i] = x
+        return run(tuple(full), S)
+
+    o, S = _slab_scan(run_some, L, tuple(xs[i][:, :n * L] for i in have), S0)
+    o = jnp.moveaxis(o, 0, 1).reshape(B, n * L, *o.shape[3:])
+    if n * L < T:
+        o_tail, S = run(tuple(None if x is None else x[:, n * L:] for x in xs), S)
+        o = jnp.concatenate([o, o_tail], axis=1)
+    return o, S
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _slab_scan(run, L, xs, S0):
+    """``run`` over the slabs of ``L`` tokens of ``xs [B, n L, ...]`` carrying the state:
+    ``(o [n, B, L, ...], S_n)``. Each step slices its slab from the arrays as given (no
+    stacked copy of the inputs). A custom VJP rather than ``jax.checkpoint`` around the
+    scan body: its residuals are the inputs as given and the ``n`` start states (a
+    checkpointed scan body stacks copies of its slab inputs as residuals: the sequence's
+    bytes again)."""
+    return _slab_fwd(run, L, xs, S0)[0]
+
+
+def _slab(xs, i, L):
+    return tuple(with_layout_constraint(jax.lax.dynamic_slice_in_dim(x, i * L, L, axis=1),
+                                        Layout(tuple(range(x.ndim))))
+                 for x in xs)
+
+
+def _slab_fwd(run, L, xs, S0):
+    def body(S, i):
+        o, S_next = run(_slab(xs, i, L), S)
+        return S_next, (o, S)
+
+    S, (o, starts) = jax.lax.scan(body, S0, jnp.arange(xs[0].shape[1] // L))
+    return (o, S), (xs, starts)
+
+
+def _slab_bwd(run, L, res, cts):
+    xs, starts = res
+    do, dS = cts
+
+    def body(dS, inp):  # last slab first: recompute its forward, then its backward
+        i, S, do_i = inp
+        _, vjp = jax.vjp(run, _slab(xs, i, L), S)
+        dx, dS_prev = vjp((do_i, dS))
+        return dS_prev, dx
+
+    dS0, dxs = jax.lax.scan(body, dS, (jnp.arange(len(starts)), starts, do), reverse=True)
+    B, n = xs[0].shape[0], len(starts)
+    return tuple(jnp.moveaxis(d, 0, 1).reshape(B, n * L, *d.shape[3:]) for d in dxs), dS0
+
+
+_slab_scan.defvjp(_slab_fwd, _slab_bwd)
 
 
 # ----------------------------------------------------------------------------
@@ -408,10 +523,11 @@ def chunk_reference(q, k, v, gates, S0, C):
 
 def linear_attention(q, k, v, *, g=None, scale=None, initial_state=None,
                      output_final_state=False, chunk_size=64, interpret=False, group=None,
-                     backend=None):
+                     backend=None, slab=None):
     """(Gated) linear attention by the Pallas chunk kernels; see the module docstring.
     ``group``: chunks per saved state in the backward (default :func:`group_of`);
-    ``backend``: ``"mosaic"`` (TPU), ``"triton"`` (GPU) or None (the target platform's)."""
+    ``backend``: ``"mosaic"`` (TPU), ``"triton"`` (GPU) or None (the target platform's);
+    ``slab``: tokens per slab (:func:`slab_of`, :func:`over_slabs`; 0: none)."""
     fn = "longctx.kernels.linear_attention.linear_attention"
     B, T, H, K, V = check_inputs(fn, q, k, v, initial_state=initial_state,
                                  chunk_size=chunk_size, interpret=interpret)
@@ -419,10 +535,18 @@ def linear_attention(q, k, v, *, g=None, scale=None, initial_state=None,
     if g is not None and g.shape not in ((B, T, H), (B, T, H, K)):
         raise ValueError(f"g must be [B, T, H] or [B, T, H, K]; got {g.shape=}")
     C = chunk_of(walk, chunk_size, T, K, V, interpret, q.dtype)
+    L = slab_of(slab, B, T, H, K, V, C)
+    if L < T:
+        def run(xs, S):
+            return linear_attention(*xs[:3], g=xs[3], scale=scale, initial_state=S,
+                                    output_final_state=True, chunk_size=chunk_size,
+                                    interpret=interpret, group=group, backend=backend, slab=0)
+
+        o, S = over_slabs(run, (q, k, v, g), start_state(initial_state, B, H, K, V), L)
+        return o, (S if output_final_state else None)
     scale = K**-0.5 if scale is None else scale
     qr, kr, vr, b, r = prepare_chunks(q * scale, k, v, g, C)
-    S0 = (jnp.zeros((B * H, K, V), jnp.float32) if initial_state is None
-          else initial_state.astype(jnp.float32).reshape(B * H, K, V))
+    S0 = start_state(initial_state, B, H, K, V).reshape(B * H, K, V)
     M = group_of(walk, K, V, C, q.dtype, qr.shape[1] // C, group)
     o, S = _gla(qr, kr, vr, pack_gates(b, r, C), S0, C, M, walk, bool(interpret))
     o = jnp.moveaxis(o[:, :T].reshape(B, H, T, V), 1, 2).astype(v.dtype)

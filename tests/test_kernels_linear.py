@@ -160,3 +160,31 @@ def test_pallas_triton_walker_matches_recurrent(op, gate, group, v_tile, monkeyp
         np.testing.assert_allclose(a, b, atol=1e-3, rtol=1e-3, err_msg=f"grad {i}")
     with pytest.raises(ValueError, match="backend='cuda' must be one of"):
         pk.linear_attention(q, k, v, interpret=True, backend="cuda")
+
+
+@pytest.mark.parametrize("op,gate", [("linear", "scalar"), ("delta", "per_key")])
+def test_pallas_slabs_match_recurrent(op, gate):
+    """A long sequence runs in slabs (a scan over slabs of 16 tokens, each a checkpoint,
+    the state carried; T = 40: two slabs and a tail of 8): values and every gradient
+    (initial state included) match the recurrent form."""
+    fn, ref, (q, k, v, g, S0) = _kernel_and_reference(op, gate)
+    (_, (o, S)), grads = _value_and_grads(fn, q, k, v, g, S0, chunk_size=8, interpret=True,
+                                          slab=16)
+    (_, (o_ref, S_ref)), grads_ref = _value_and_grads(ref, q, k, v, g, S0, form="recurrent")
+    np.testing.assert_allclose(o, o_ref, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(S, S_ref, atol=1e-5, rtol=1e-5)
+    for i, (a, b) in enumerate(zip(grads, grads_ref)):
+        np.testing.assert_allclose(a, b, atol=1e-3, rtol=1e-3, err_msg=f"grad {i}")
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda q: jnp.sum(fn(
+        q, k, v, g=g, chunk_size=8, interpret=True, slab=16)[0])))(q))
+    assert "scan" in jaxpr and jaxpr.count("pallas_call") >= 4  # slabs: scan and tail
+
+
+def test_pallas_slab_length():
+    """Auto: the longest power of two whose float32 [B*H, slab, max(K, V)] array is within
+    SLAB_BYTES (a multiple of the chunk), never beyond T; explicit slabs must tile chunks."""
+    assert pk.slab_of(None, 1, 1 << 20, 8, 256, 256, 64) == pk.SLAB_BYTES // (4 * 8 * 256)
+    assert pk.slab_of(None, 1, 4096, 8, 256, 256, 64) == 4096
+    assert pk.slab_of(0, 1, 1 << 20, 8, 256, 256, 64) == 1 << 20
+    with pytest.raises(ValueError, match="slab=24 must be None, 0"):
+        pk.slab_of(24, 1, 1024, 8, 64, 64, 16)

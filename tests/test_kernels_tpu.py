@@ -10,7 +10,6 @@ tiles. Skipped where libtpu is not installed.
 """
 
 import importlib.util
-import re
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +18,7 @@ import pytest
 from experiments import bench_kernels
 from longctx import ops, targets
 from longctx.compile import custom_calls
+from longctx.kernels import linear_attention as pk
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="libtpu not installed (pip install -e '.[tpu]')")
@@ -37,21 +37,6 @@ def _compile(op, gate, T, dtype=jnp.bfloat16, *, heads=H, compiled=False):
         return f if compiled else f.as_text()
 
 
-def _vmem_used(hlo):
-    """The VMEM each Mosaic kernel of the program uses, as the TPU compiler reports it: the
-    end of its used scoped range less the offset XLA placed the kernel's range at."""
-    out = []
-    for line in hlo.splitlines():
-        if 'custom_call_target="tpu_custom_call"' not in line:
-            continue
-        offset = re.search(r'"scoped_memory_configs":\[\{"memory_space":"1","offset":"(\d+)"',
-                           line)
-        end = re.search(r'"used_scoped_memory_configs":\[\{"memory_space":"1",'
-                        r'"offset":"\d+","size":"(\d+)"', line)
-        out.append(int(end.group(1)) - int(offset.group(1)))
-    return out
-
-
 @needs_libtpu
 @pytest.mark.parametrize("op", ["linear_attention", "delta_rule"])
 @pytest.mark.parametrize("gate", ["scalar", "per_key"])
@@ -60,8 +45,9 @@ def test_pallas_kernels_compile_for_tpu(op, gate):
     calls = custom_calls(hlo)
     mosaic = {name: n for name, n in calls.items() if name.startswith("tpu_custom_call")}
     assert sum(mosaic.values()) == 2, calls  # the forward kernel and the backward kernel
-    used = _vmem_used(hlo)
-    assert len(used) == 2 and max(used) < 8 * 2**20, used  # one chunk's blocks, not T's
+    kernels = bench_kernels.mosaic_kernels(hlo)
+    assert sorted(kernels) == sorted(bench_kernels.MOSAIC_KERNELS), kernels
+    assert max(u for u, _ in kernels.values()) < 8 * 2**20, kernels  # a chunk's blocks, not T's
 
 
 @needs_libtpu
@@ -69,10 +55,11 @@ def test_pallas_kernel_vmem_is_flat_in_length():
     """The VMEM the compiler allots does not follow T (the grid tiles the sequence): from
     8K to 1M tokens (128x) it stays within 1.5x (the compiler's own choices vary a
     little with the grid's extent) and under 2 MiB."""
-    short, long = (_vmem_used(_compile("linear_attention", "scalar", T, jnp.float32))
-                   for T in (8192, 1 << 20))
-    assert len(short) == len(long) == 2, (short, long)
-    assert max(long) < 2 * 2**20 and all(b <= 1.5 * a for a, b in zip(short, long)), (short, long)
+    short, long = (bench_kernels.mosaic_kernels(
+        _compile("linear_attention", "scalar", T, jnp.float32)) for T in (8192, 1 << 20))
+    assert sorted(short) == sorted(long) == sorted(bench_kernels.MOSAIC_KERNELS), (short, long)
+    assert all(long[k][0] < 2 * 2**20 and long[k][0] <= 1.5 * short[k][0] for k in short), \
+        (short, long)
 
 
 @needs_libtpu
@@ -107,3 +94,19 @@ def test_pallas_kernel_hbm_is_a_small_multiple_of_the_inputs():
     bound = (3 + 3 + 2 + 1.5) * Q + 12 * B * T * heads
     temp = compiled.memory_analysis().temp_size_in_bytes
     assert temp <= bound, (temp / Q, bound / Q)
+
+
+@needs_libtpu
+def test_pallas_slabs_keep_hbm_flat_beyond_a_slab():
+    """Past a slab (``SLAB_BYTES``: 64K tokens at 8 heads of head_dim 128) the program grows
+    by what the sequence itself needs, ``o`` and its cotangent (``2 Q`` per 256K tokens, Q
+    the bytes of one of q, k, v), not by whole-sequence copies: each slab is sliced in the
+    inputs' own layout (a layout constraint), so XLA cannot hoist the kernels' ``[B*H, T,
+    K]`` transposes out of the slab loop into copies of all of q, k, v and the gates
+    (measured: 4 Q per 256K tokens without the constraint, 1 Q with it)."""
+    T, heads = 1 << 18, 8
+    assert pk.slab_of(None, B, T, heads, K, K, 16) < T
+    temps = [_compile("linear_attention", "per_key", t, jnp.bfloat16, heads=heads,
+                      compiled=True).memory_analysis().temp_size_in_bytes for t in (T, 2 * T)]
+    Q = B * T * heads * K * 2
+    assert temps[1] - temps[0] <= 2 * Q, [t / Q for t in temps]
