@@ -31,12 +31,16 @@ as a multiple of the bytes of q, k, v), and the compile seconds (the whole fwd+b
 dominate its time). For a GPU target (``--target h100``) the row shows the two Pallas
 Triton calls' launch (grid, warps, stages) instead of VMEM: the compiled program keeps
 no shared-memory figure (XLA sizes it in its own codegen and reports it only when it is
-too much, as the compiler's error). No timings: nothing runs.
+too much, as the compiler's error). No timings: nothing runs. A refusal whose arguments
+and their gradients alone exceed the chip's memory says so (no implementation fits it).
+Past a slab (``longctx.kernels.linear_attention.slab_of``) the kernels run once more per
+slab (the backward's recompute); the row checks each named kernel is there.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import time
 
@@ -214,6 +218,8 @@ def compile_one(op, gate, T, K, dtype, mesh, heads=8, chunk_size=None):
     """Compile ``op`` fwd+bwd (``form="pallas"``) under ``mesh``: a result dict."""
     B, H = 1, heads
     step, args = fwd_bwd(op, gate, T, K, dtype, heads=heads, chunk_size=chunk_size)
+    # the floor of any implementation: the arguments and their gradients (the outputs)
+    io = 2 * sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in args)
     t0 = time.perf_counter()
     try:
         with jax.set_mesh(mesh):
@@ -221,9 +227,11 @@ def compile_one(op, gate, T, K, dtype, mesh, heads=8, chunk_size=None):
             hlo = compiled.as_text()
     except Exception as e:  # noqa: BLE001 -- the row reports the compiler's message
         msg = " ".join(str(e).split())
-        return {"ok": False, "seconds": time.perf_counter() - t0, "error": msg[:240]}
+        return {"ok": False, "seconds": time.perf_counter() - t0, "error": msg[:240],
+                "io": io}
     mem = compiled.memory_analysis()
     return {"ok": True, "seconds": time.perf_counter() - t0, "mosaic": mosaic_kernels(hlo),
+            "io": io,
             "triton": _triton_launches(hlo),
             "temp": mem.temp_size_in_bytes if mem is not None else None,
             "inputs": 3 * B * T * H * K * jnp.dtype(dtype).itemsize}
@@ -252,7 +260,11 @@ def compile_table(args):
                 for dt in args.dtypes:
                     r = compile_one(op, gate, T, K, jnp.dtype(dt), mesh, heads=args.compile_heads)
                     if not r["ok"]:
-                        cells = [f"no: {r['error']}", "-", "-", "-"]
+                        floor = (f" (its arguments and their gradients alone are "
+                                 f"{r['io'] / 2**30:.1f} GiB: more than the chip's "
+                                 f"{target.chip.memory_bytes / 2**30:.1f} GiB)"
+                                 if target.chip and r["io"] > target.chip.memory_bytes else "")
+                        cells = [f"no: {r['error']}{floor}", "-", "-", "-"]
                     else:
                         hbm = (f"{r['temp'] / 2**30:.2f} GiB ({r['temp'] / r['inputs']:.1f}x)"
                                if r["temp"] is not None else "not reported")

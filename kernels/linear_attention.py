@@ -38,6 +38,12 @@ walking the group backwards. q, k, v travel in their own dtype (bfloat16 stays
 bfloat16 in HBM) and are cast to float32 on chip. :func:`chunk_reference` is the same
 chunk math in plain JAX (a ``lax.scan`` over chunks).
 
+Long sequences run in slabs (:func:`over_slabs`): past ``slab`` tokens (default
+:func:`slab_of`: 256 MiB per float32 ``[B*H, slab, max(K, V, 128)]`` array) a scan over slabs
+carries the state, and its backward recomputes a slab's forward before the slab's
+backward, so the XLA-side work around the kernels (layout copies, gate cumsums, the delta
+rule's WY factors, the GPU walker's partial sums) is a slab's worth, not the sequence's.
+
 Hardware: one chunk math, two walkers: the TPU grid of :mod:`longctx.kernels.chunk_grid`
 (Mosaic) and the GPU loop of :mod:`longctx.kernels.chunk_triton` (Triton), picked by the
 target platform (``backend=``); both run anywhere with ``interpret=True``
@@ -147,17 +153,18 @@ def chunk_of(walker, chunk_size: int, T: int, K: int, V: int, interpret: bool,
 # Slabs: the XLA-side work of a long sequence, a slab at a time.
 # ----------------------------------------------------------------------------
 
-# Bytes of one float32 [B*H, slab, max(K, V)] array: the slab length's budget (256 MiB).
+# Bytes of one float32 [B*H, slab, max(K, V, 128)] array: the slab length's budget (256 MiB).
 SLAB_BYTES = 1 << 28
 
 
 def slab_of(slab, B: int, T: int, H: int, K: int, V: int, C: int) -> int:
     """Tokens per slab: ``slab`` (a positive multiple of ``C``; 0: one slab, the whole
     sequence) or, for None, the longest power of two (a multiple of ``C``, at least ``C``)
-    whose float32 ``[B*H, slab, max(K, V)]`` arrays are at most ``SLAB_BYTES``. The result
-    is ``T`` when the sequence fits one slab."""
+    whose float32 ``[B*H, slab, max(K, V, 128)]`` arrays are at most ``SLAB_BYTES`` (128:
+    TPU HBM pads a narrower minor dim to 128 lanes). The result is ``T`` when the sequence
+    fits one slab."""
     if slab is None:
-        L = max(1, SLAB_BYTES // (4 * B * H * max(K, V)))
+        L = max(1, SLAB_BYTES // (4 * B * H * max(K, V, 128)))
         L = max(C, (1 << (L.bit_length() - 1)) // C * C)
     elif isinstance(slab, bool) or not isinstance(slab, int) or slab < 0 or slab % C:
         raise ValueError(f"{slab=} must be None, 0 (no slabs) or a positive multiple of the "

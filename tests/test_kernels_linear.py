@@ -181,9 +181,11 @@ def test_pallas_slabs_match_recurrent(op, gate):
 
 
 def test_pallas_slab_length():
-    """Auto: the longest power of two whose float32 [B*H, slab, max(K, V)] array is within
-    SLAB_BYTES (a multiple of the chunk), never beyond T; explicit slabs must tile chunks."""
+    """Auto: the longest power of two whose float32 [B*H, slab, max(K, V, 128)] array is
+    within SLAB_BYTES (a multiple of the chunk), never beyond T; explicit slabs must tile
+    chunks."""
     assert pk.slab_of(None, 1, 1 << 20, 8, 256, 256, 64) == pk.SLAB_BYTES // (4 * 8 * 256)
+    assert pk.slab_of(None, 1, 1 << 20, 8, 64, 64, 64) == pk.SLAB_BYTES // (4 * 8 * 128)
     assert pk.slab_of(None, 1, 4096, 8, 256, 256, 64) == 4096
     assert pk.slab_of(0, 1, 1 << 20, 8, 256, 256, 64) == 1 << 20
     with pytest.raises(ValueError, match="slab=24 must be None, 0"):
