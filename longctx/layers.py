@@ -30,6 +30,31 @@ def param(rngs: nnx.Rngs, shape, axes, *, std=None, value=None) -> nnx.Param:
     return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
+@jax.custom_vjp
+def grads_together(*xs):
+    """The identity on ``xs``; in the backward pass their cotangents leave together.
+
+    The cotangents pass one ``optimization_barrier``, so none of them is usable before
+    all are computed. Tie a layer's input to its weights (``x, w = grads_together(x,
+    w)``) and the input's cotangent, which the layers before it wait for, comes only
+    after the weights' gradients. Without it XLA may schedule a weight gradient after
+    the backward of the layers before, keeping the activations it reads alive through
+    them (a block's feed-forward inputs through the whole mixer's backward).
+    """
+    return xs
+
+
+def _grads_together_fwd(*xs):
+    return xs, None
+
+
+def _grads_together_bwd(_, cts):
+    return tuple(jax.lax.optimization_barrier(tuple(cts)))
+
+
+grads_together.defvjp(_grads_together_fwd, _grads_together_bwd)
+
+
 class RMSNorm(nnx.Module):
     """x / rms(x) * scale (Zhang & Sennrich 2019), computed in float32."""
 
@@ -55,10 +80,12 @@ class SwiGLU(nnx.Module):
 
     def __call__(self, x):  # [B, S, E] -> [B, S, E]
         dt = self.dtype
-        x = x.astype(dt)
-        gate = jnp.einsum("bse,em->bsm", x, self.w_gate[...].astype(dt))
-        up = jnp.einsum("bse,em->bsm", x, self.w_up[...].astype(dt))
-        return jnp.einsum("bsm,me->bse", jax.nn.silu(gate) * up, self.w_down[...].astype(dt))
+        # the input's cotangent waits for the weights' gradients (see grads_together)
+        x, w_gate, w_up, w_down = grads_together(
+            x.astype(dt), *(w[...].astype(dt) for w in (self.w_gate, self.w_up, self.w_down)))
+        gate = jnp.einsum("bse,em->bsm", x, w_gate)
+        up = jnp.einsum("bse,em->bsm", x, w_up)
+        return jnp.einsum("bsm,me->bse", jax.nn.silu(gate) * up, w_down)
 
 
 class Embed(nnx.Module):

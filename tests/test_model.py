@@ -297,3 +297,25 @@ def test_conv_taps_do_not_cross_documents():
     a, _ = model(tok, segment_ids=seg)
     b, _ = model(tok.at[:, 4].set((tok[:, 4] + 3) % 256), segment_ids=seg)
     np.testing.assert_allclose(a[:, 6:], b[:, 6:], atol=1e-6)  # document 2 untouched
+
+
+def test_grads_together_is_the_identity_whose_cotangents_pass_one_barrier():
+    """layers.grads_together: values and gradients unchanged; in the backward the
+    cotangents of all its inputs come out of one optimization_barrier (so a layer's input
+    cotangent cannot be used before its weights' gradients exist)."""
+    from longctx.layers import grads_together
+
+    x, w = jnp.arange(6.0).reshape(2, 3), jnp.arange(12.0).reshape(3, 4) / 7
+
+    def f(x, w, tie):
+        if tie:
+            x, w = grads_together(x, w)
+        return jnp.sum(jnp.tanh(x @ w) ** 2)
+
+    np.testing.assert_array_equal(grads_together(x, w)[1], w)
+    g, g0 = (jax.grad(f, argnums=(0, 1))(x, w, tie) for tie in (True, False))
+    for a, b in zip(g, g0):
+        np.testing.assert_array_equal(a, b)
+    bwd = jax.make_jaxpr(jax.grad(f, argnums=(0, 1)), static_argnums=2)(x, w, True)
+    barriers = [e for e in bwd.jaxpr.eqns if e.primitive.name == "optimization_barrier"]
+    assert len(barriers) == 1 and len(barriers[0].invars) == 2
