@@ -57,6 +57,7 @@ the zero initial state changes nothing.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -67,8 +68,21 @@ from longctx.backends.base import Mixer, MixerDims
 from longctx.backends.linear import ops as linear_ops
 from longctx.backends.linear.config import DELTA_VARIANTS, RWKV_VARIANTS, LinearConfig
 from longctx.backends.linear.rwkv_mixer import RWKVMixer
-from longctx.layers import DTYPES, causal_conv, param
+from longctx.layers import DTYPES, causal_conv, grads_together, param
 from longctx.parallel import context, context_linear
+
+# Nested checkpoints in the stateless (training) call: the layer runs as
+#   remat(features + recurrence, with remat(features) inside) -> remat(readout)
+# so its backward keeps only the sections' boundaries (the input x, the recurrence's
+# output o) plus one section's inside at a time. Under the block's `remat: full` the
+# backward recomputes the block, then holds its intermediates all at once: with the
+# layer's many elementwise stages (short convs, SiLU, L2 norms, gates, output norm and
+# gate) that is several [B, S, H, K] copies more than exact attention keeps, and the
+# recurrence's chunked inputs through the whole feed-forward backward. Recomputation
+# only: outputs and gradients are unchanged (tests/test_linear_mixer.py), at the price
+# of one more forward of the features and the recurrence per layer in the backward.
+# Measured on the 1B on a v5p-8: docs/results/frontier_targets.md.
+REMAT_SECTIONS = True
 
 FEATURE_MAPS = {  # the fixed ones of longctx.backends.linear.config.FEATURE_MAPS (+ hedgehog)
     "identity": lambda x: x,
@@ -225,38 +239,21 @@ class LinearAttention(Mixer):
                              "v": jnp.zeros((B, W - 1, H, V), dtype)}
         return state
 
-    def __call__(self, x, *, positions, state=None, segment_ids=None):
-        del positions  # order enters through the recurrence (see the module docstring)
+    def _features(self, x, tails, seg_ext):
+        """Projections -> short conv -> feature map (-> L2 norm) and the gates:
+        ``(q, k, v, beta, g, new conv tails)`` (see the module docstring)."""
         lin, dt = self.lin, self.dtype
-        x = x.astype(dt)
         B, S, _ = x.shape
         W = lin.conv_size
-        new_state = None if state is None else {}
-        seg_ext = reset = None  # document ids with the carried ones in front; reset gate
-        if segment_ids is not None:
-            seg = segment_ids.astype(jnp.int32)
-            prev = state["seg"] if state is not None else jnp.full(
-                (B, max(W - 1, 1)), -1, jnp.int32)  # no state: nothing before to mask
-            seg_ext = jnp.concatenate([prev, seg], axis=1)  # [B, max(W-1, 1) + S]
-            first = seg != seg_ext[:, -S - 1:-1]  # first token of a document
-            if state is None:
-                first = first.at[:, 0].set(False)
-            reset = jnp.where(first, -jnp.inf, 0.0)[:, :, None]  # [B, S, 1] log-gate
-            seg_ext = seg_ext[:, -(W - 1 + S):] if W else None
-        if state is not None:
-            ids = jnp.zeros((B, S), jnp.int32) if segment_ids is None else segment_ids
-            new_state["seg"] = jnp.concatenate(
-                [state["seg"], ids.astype(jnp.int32)], axis=1)[:, -state["seg"].shape[1]:]
         q = jnp.einsum("bse,ehk->bshk", x, self.wq[...].astype(dt))  # [B, S, H, K]
         k = jnp.einsum("bse,ehk->bshk", x, self.wk[...].astype(dt))  # [B, S, H, K]
         v = jnp.einsum("bse,ehv->bshv", x, self.wv[...].astype(dt))  # [B, S, H, V]
+        new_tails = None
         if W:
-            tails = state["conv"] if state is not None else self.init_state(B, dt)["conv"]
             q, tq = causal_conv(q, self.conv_q[...], tails["q"], seg_ext)
             k, tk = causal_conv(k, self.conv_k[...], tails["k"], seg_ext)
             v, tv = causal_conv(v, self.conv_v[...], tails["v"], seg_ext)
-            if state is not None:
-                new_state["conv"] = {"q": tq, "k": tk, "v": tv}
+            new_tails = {"q": tq, "k": tk, "v": tv}
         if self.feature_map == "hedgehog":  # learned: [B, S, H, 2K]
             q, k = hedgehog(q, self.hedgehog_q[...]), hedgehog(k, self.hedgehog_k[...])
         else:
@@ -284,6 +281,14 @@ class LinearAttention(Mixer):
                 dt_ = jax.nn.softplus(jnp.einsum("bsr,rhk->bshk", low, self.w_gate2[...])
                                       + self.dt_bias[...])
                 g = -jnp.exp(self.a_log[...])[:, None] * dt_  # [B, S, H, K]
+        return q, k, v, beta, g, new_tails
+
+    def _mix(self, x, *, tails, seg_ext, reset, state, remat):
+        """:meth:`_features` (through ``remat``) then the recurrence:
+        ``(o [B, S, H, V(+1)], final state or None, new conv tails)``."""
+        lin = self.lin
+        B, S, _ = x.shape
+        q, k, v, beta, g, new_tails = remat(self._features)(x, tails, seg_ext)
         if reset is not None:  # -inf at the first token of each document: a hard reset
             H = self.n_heads
             g = (jnp.broadcast_to(reset, (B, S, H)) if g is None
@@ -307,6 +312,12 @@ class LinearAttention(Mixer):
             o, S_new = ops.delta_rule(q, k, v, beta, **kw)
         else:
             o, S_new = ops.linear_attention(q, k, v, **kw)
+        return o, S_new, new_tails
+
+    def _readout(self, o, x):
+        """The recurrence's output ``o [B, S, H, V(+1)]`` -> (normaliser) -> per-head
+        RMSNorm -> swish output gate -> output projection ``[B, S, E]``."""
+        lin, dt = self.lin, self.dtype
         o = o.astype(jnp.float32)  # [B, S, H, V(+1)]
         if lin.normalize:
             o = o[..., :-1] / (o[..., -1:] + linear_ops.NORMALIZE_EPS)
@@ -314,9 +325,48 @@ class LinearAttention(Mixer):
             o = o * jax.lax.rsqrt(jnp.mean(o * o, axis=-1, keepdims=True) + 1e-6)
             o = o * self.norm_scale[...]
         o = o.astype(dt)
+        wo = self.wo[...].astype(dt)
         if self.w_out_gate is not None:  # swish output gate (as in GLA and RetNet)
-            o = o * jax.nn.silu(jnp.einsum("bse,ehv->bshv", x, self.w_out_gate[...].astype(dt)))
-        y = jnp.einsum("bshv,hve->bse", o, self.wo[...].astype(dt))
+            # the cotangents of o and x wait for the weights' gradients (grads_together)
+            o, x, w_gate, wo = grads_together(o, x, self.w_out_gate[...].astype(dt), wo)
+            o = o * jax.nn.silu(jnp.einsum("bse,ehv->bshv", x, w_gate))
+        else:
+            o, wo = grads_together(o, wo)
+        return jnp.einsum("bshv,hve->bse", o, wo)
+
+    def __call__(self, x, *, positions, state=None, segment_ids=None):
+        del positions  # order enters through the recurrence (see the module docstring)
+        lin, dt = self.lin, self.dtype
+        x = x.astype(dt)
+        B, S, _ = x.shape
+        W = lin.conv_size
+        new_state = None if state is None else {}
+        seg_ext = reset = None  # document ids with the carried ones in front; reset gate
+        if segment_ids is not None:
+            seg = segment_ids.astype(jnp.int32)
+            prev = state["seg"] if state is not None else jnp.full(
+                (B, max(W - 1, 1)), -1, jnp.int32)  # no state: nothing before to mask
+            seg_ext = jnp.concatenate([prev, seg], axis=1)  # [B, max(W-1, 1) + S]
+            first = seg != seg_ext[:, -S - 1:-1]  # first token of a document
+            if state is None:
+                first = first.at[:, 0].set(False)
+            reset = jnp.where(first, -jnp.inf, 0.0)[:, :, None]  # [B, S, 1] log-gate
+            seg_ext = seg_ext[:, -(W - 1 + S):] if W else None
+        if state is not None:
+            ids = jnp.zeros((B, S), jnp.int32) if segment_ids is None else segment_ids
+            new_state["seg"] = jnp.concatenate(
+                [state["seg"], ids.astype(jnp.int32)], axis=1)[:, -state["seg"].shape[1]:]
+        tails = None
+        if W:
+            tails = state["conv"] if state is not None else self.init_state(B, dt)["conv"]
+        # without a state (training): nested checkpoints, see REMAT_SECTIONS
+        remat = jax.checkpoint if state is None and REMAT_SECTIONS else (lambda f: f)
+        o, S_new, new_tails = remat(functools.partial(
+            self._mix, tails=tails, seg_ext=seg_ext, reset=reset, state=state,
+            remat=remat))(x)
+        y = remat(self._readout)(o, x)
         if state is not None:
             new_state["S"] = S_new
+            if W:
+                new_state["conv"] = new_tails
         return y, new_state
