@@ -19,7 +19,7 @@ are then bf16, as exact attention's are, and every product still runs in float32
   ``[K, K] x [K, V]`` matmul per chunk for the delta rules; unrolled), then the
   inter-chunk output ``q_eff S_n`` of those chunks at once; a ``lax.scan`` over
   the steps carries the state (one checkpoint per step, ``CHECKPOINT_STEPS``).
-  ``CHUNKS_PER_STEP`` is by the platform compiled for (8 on CPU, 16 on GPU / TPU:
+  ``CHUNKS_PER_STEP`` is by the platform compiled for (8 on CPU, GPU and TPU:
   bounded, so that a step's intermediates never span the sequence); a platform not
   listed runs every chunk in one step. Scratch memory is linear in ``T`` either way.
 * :func:`chunk_scan`: the previous sequential chunk form: one ``lax.scan`` step
@@ -49,11 +49,13 @@ DIAGONAL_SCAN = "scan"
 # all chunks in one step keeps them for the whole sequence, several times the scratch of 8
 # chunks per step (it made gated DeltaNet need far more memory than exact attention on a
 # TPU). Steps are checkpointed, so what lives across steps is only their start states:
-# scratch per token is flat in T and close to 8 per step at 16 (tests/test_linear_attention.py
-# checks both). CPU: 8 (a step's working set must stay in cache); GPU / TPU: 16, the most
-# that keeps the scratch of 8 while a step still batches B x H x 16 chunk matmuls. The
-# fused fast path on accelerators is the Pallas kernels.
-CHUNKS_PER_STEP = {"cpu": 8, "gpu": 16, "tpu": 16}
+# scratch per token is flat in T (tests/test_linear_attention.py checks it). CPU: 8 (a
+# step's working set must stay in cache). GPU / TPU: 8 as well: a step's backward scratch
+# (several float32 [B, H, G, C, C] and [B, H, G, K, V]) is live at the peak of the layer's
+# backward, which at 16 it set in the 1B's compile for a v5p (gated DeltaNet at 8K, 0.13
+# GiB per chip more than at 8: docs/results/frontier_targets.md); a step still batches
+# B x H x 8 chunk matmuls. The fused fast path on accelerators is the Pallas kernels.
+CHUNKS_PER_STEP = {"cpu": 8, "gpu": 8, "tpu": 8}
 # Checkpoint each step (the backward recomputes its blocks from the step's inputs and
 # start state) instead of storing the blocks' residuals: faster on CPU (less memory
 # traffic), scratch linear in T either way. A single step is never checkpointed.
