@@ -64,6 +64,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from longctx import targets
 from longctx.backends.base import Mixer, MixerDims
 from longctx.backends.linear import ops as linear_ops
 from longctx.backends.linear.config import DELTA_VARIANTS, RWKV_VARIANTS, LinearConfig
@@ -71,7 +72,8 @@ from longctx.backends.linear.rwkv_mixer import RWKVMixer
 from longctx.layers import DTYPES, causal_conv, grads_together, param
 from longctx.parallel import context, context_linear
 
-# Nested checkpoints in the stateless (training) call: the layer runs as
+# Nested checkpoints in the stateless (training) call, by the platform compiled for: the
+# layer runs as
 #   remat(features + recurrence, with remat(features) inside) -> remat(readout)
 # so its backward keeps only the sections' boundaries (the input x, the recurrence's
 # output o) plus one section's inside at a time. Under the block's `remat: full` the
@@ -81,8 +83,11 @@ from longctx.parallel import context, context_linear
 # recurrence's chunked inputs through the whole feed-forward backward. Recomputation
 # only: outputs and gradients are unchanged (tests/test_linear_mixer.py), at the price
 # of one more forward of the features and the recurrence per layer in the backward.
-# Measured on the 1B on a v5p-8: docs/results/frontier_targets.md.
-REMAT_SECTIONS = True
+# GPU / TPU: on (HBM is what bounds the context; the 1B's gated DeltaNet on a v5p-8 at
+# 8K: 6.67 -> 5.82 GiB per chip, docs/results/frontier_targets.md). CPU: off (host
+# memory is rarely the bound there and the CPU sweep's step time is the measure; the
+# extra forward would cost it). A platform not listed: on.
+REMAT_SECTIONS = {"cpu": False, "gpu": True, "tpu": True}
 
 FEATURE_MAPS = {  # the fixed ones of longctx.backends.linear.config.FEATURE_MAPS (+ hedgehog)
     "identity": lambda x: x,
@@ -360,7 +365,8 @@ class LinearAttention(Mixer):
         if W:
             tails = state["conv"] if state is not None else self.init_state(B, dt)["conv"]
         # without a state (training): nested checkpoints, see REMAT_SECTIONS
-        remat = jax.checkpoint if state is None and REMAT_SECTIONS else (lambda f: f)
+        nested = state is None and REMAT_SECTIONS.get(targets.platform(), True)
+        remat = jax.checkpoint if nested else (lambda f: f)
         o, S_new, new_tails = remat(functools.partial(
             self._mix, tails=tails, seg_ext=seg_ext, reset=reset, state=state,
             remat=remat))(x)
