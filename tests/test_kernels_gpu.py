@@ -29,9 +29,9 @@ B, H, K = 1, 2, 64
 
 def _triton_kernels(op, gate, T):
     devs = targets.devices(targets.parse("h100"))
-    step, args = bench_kernels.fwd_bwd(op, gate, T, K, jnp.bfloat16, heads=H, batch=B)
     mesh = jax.make_mesh((1,), ("x",), devices=devs[:1],
                          axis_types=(jax.sharding.AxisType.Auto,))
+    step, args = bench_kernels.fwd_bwd(op, gate, T, K, jnp.bfloat16, mesh, heads=H, batch=B)
     with jax.set_mesh(mesh):
         assert targets.platform() == "gpu"
         hlo = step.lower(*args).compile().as_text()

@@ -190,3 +190,14 @@ def test_pallas_slab_length():
     assert pk.slab_of(0, 1, 1 << 20, 8, 256, 256, 64) == 1 << 20
     with pytest.raises(ValueError, match="slab=24 must be None, 0"):
         pk.slab_of(24, 1, 1024, 8, 64, 64, 16)
+
+
+def test_bench_kernels_timing_rows_run_on_cpu(capsys):
+    """The bench's timed path (`python -m experiments.bench_kernels`, no --target) runs end
+    to end on CPU: each linear kernel's row in interpret mode, labelled as not a speed
+    measurement (its fwd+bwd builder once shadowed by the compile table's broke it)."""
+    from experiments import bench_kernels
+
+    bench_kernels.main(["--lengths", "32", "--repeats", "1", "--heads", "1", "--only", "linear"])
+    rows = [r for r in capsys.readouterr().out.splitlines() if "pallas vs chunk" in r]
+    assert len(rows) == 4 and all("INTERPRET MODE" in r for r in rows), rows

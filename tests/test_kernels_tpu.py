@@ -28,9 +28,9 @@ B, H, K = 1, 1, 128
 
 def _compile(op, gate, T, dtype=jnp.bfloat16, *, heads=H, compiled=False):
     devs = targets.devices(targets.parse("v5p-8"))
-    step, args = bench_kernels.fwd_bwd(op, gate, T, K, dtype, heads=heads, batch=B)
     mesh = jax.make_mesh((1,), ("x",), devices=devs[:1],
                          axis_types=(jax.sharding.AxisType.Auto,))
+    step, args = bench_kernels.fwd_bwd(op, gate, T, K, dtype, mesh, heads=heads, batch=B)
     with jax.set_mesh(mesh):
         assert targets.platform() == "tpu"
         f = step.lower(*args).compile()
