@@ -201,12 +201,15 @@ def fwd_bwd(op, gate, T, K, dtype, mesh, *, heads=8, chunk_size=None, batch=1):
     gradient of every float input (q, k, v, the gate, beta), and its abstract arguments;
     the caller lowers it under ``mesh`` (this bench, tests/test_kernels_*.py).
 
-    The arguments and their gradients are pinned to the row-major layout, replicated over
-    ``mesh``: the layout a model's projections hand the op (inside one program XLA lays
-    out the producer to suit its consumer). Left to the device default, TPU lays out a
-    ``[B, T, H, 64]`` argument with T minor (a 64-wide minor dim would take 128 lanes) and
-    the program pays a relayout of q, k, v and of their gradients: 4.13 against 1.50 GiB
-    of temporaries at 256K tokens, 8 heads, bf16, scalar gate, on v5p."""
+    The ``[B, T, H, K]`` arguments (q, k, v, per-key gates) and their gradients are pinned
+    to the row-major layout, replicated over ``mesh``: the layout the op slices (inside a
+    model's program XLA lays out the projections that produce them to suit). Left to the
+    device default, TPU lays out ``[B, T, H, 64]`` with T minor (a 64-wide minor dim would
+    take 128 lanes) and the program pays a relayout of q, k, v and of their gradients
+    (4.13 against 1.66 GiB of temporaries at 256K tokens, 8 heads, bf16, scalar gate, on
+    v5p). The ``[B, T, H]`` gates and beta keep the device default (T minor, dense):
+    row-major they would take 128 lanes for their 8 heads, 16x their bytes (on v5e at 1M
+    tokens, head_dim 64, that alone made the scalar gate's program not fit)."""
     C = chunk_size or (16 if gate == "per_key" else 64)
     B, H = batch, heads
     sd = jax.ShapeDtypeStruct
@@ -223,7 +226,8 @@ def fwd_bwd(op, gate, T, K, dtype, mesh, *, heads=8, chunk_size=None, batch=1):
             o, _ = linear.delta_rule(q, k, v, beta, g=g, chunk_size=C, form="pallas")
         return jnp.sum(o.astype(jnp.float32) ** 2)
 
-    fmt = [Format(Layout(tuple(range(len(a.shape)))), NamedSharding(mesh, P())) for a in args]
+    rep = NamedSharding(mesh, P())
+    fmt = [Format(Layout(tuple(range(4))), rep) if len(a.shape) == 4 else rep for a in args]
     return jax.jit(jax.grad(loss, argnums=tuple(range(len(args)))), in_shardings=fmt,
                    out_shardings=tuple(fmt)), args
 
