@@ -39,7 +39,7 @@ bfloat16 in HBM) and are cast to float32 on chip. :func:`chunk_reference` is the
 chunk math in plain JAX (a ``lax.scan`` over chunks).
 
 Long sequences run in slabs (:func:`over_slabs`): past ``slab`` tokens (default
-:func:`slab_of`: 256 MiB per float32 ``[B*H, slab, max(K, V, 128)]`` array) a scan over slabs
+:func:`slab_of`: 64 MiB per float32 ``[B*H, slab, max(K, V, 128)]`` array) a scan over slabs
 carries the state, and its backward recomputes a slab's forward before the slab's
 backward, so the XLA-side work around the kernels (layout copies, gate cumsums, the delta
 rule's WY factors, the GPU walker's partial sums) is a slab's worth, not the sequence's.
@@ -153,8 +153,13 @@ def chunk_of(walker, chunk_size: int, T: int, K: int, V: int, interpret: bool,
 # Slabs: the XLA-side work of a long sequence, a slab at a time.
 # ----------------------------------------------------------------------------
 
-# Bytes of one float32 [B*H, slab, max(K, V, 128)] array: the slab length's budget (256 MiB).
-SLAB_BYTES = 1 << 28
+# Bytes of one float32 [B*H, slab, max(K, V, 128)] array: the slab length's budget (64 MiB;
+# 16K tokens at 8 heads of head_dim 128). XLA's side of a slab (the delta rule's WY factors
+# and their autodiff: about ten such arrays) is what remains above the sequence-long o and
+# its cotangent, so the budget sets the op's HBM: the delta rule at 1M tokens, head_dim 128,
+# bf16, on v5p took 5.35 / 4.08 / 3.43 GiB of temporaries at 256 / 128 / 64 MiB (only at
+# 64 MiB does it fit a 16 GB v5e chip). A slab costs a scan step and a saved state.
+SLAB_BYTES = 1 << 26
 
 
 def slab_of(slab, B: int, T: int, H: int, K: int, V: int, C: int) -> int:

@@ -98,7 +98,7 @@ def test_pallas_kernel_hbm_is_a_small_multiple_of_the_inputs():
 
 @needs_libtpu
 def test_pallas_slabs_keep_hbm_flat_beyond_a_slab():
-    """Past a slab (``SLAB_BYTES``: 64K tokens at 8 heads of head_dim 128) the program grows
+    """Past a slab (``SLAB_BYTES``: 16K tokens at 8 heads of head_dim 128) the program grows
     by what the sequence itself needs, ``o`` and its cotangent (``2 Q`` per 256K tokens, Q
     the bytes of one of q, k, v), not by whole-sequence copies: each slab is sliced in the
     inputs' own layout (a layout constraint), so XLA cannot hoist the kernels' ``[B*H, T,
