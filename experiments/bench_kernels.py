@@ -206,10 +206,9 @@ def fwd_bwd(op, gate, T, K, dtype, mesh, *, heads=8, chunk_size=None, batch=1):
     model's program XLA lays out the projections that produce them to suit). Left to the
     device default, TPU lays out ``[B, T, H, 64]`` with T minor (a 64-wide minor dim would
     take 128 lanes) and the program pays a relayout of q, k, v and of their gradients
-    (4.13 against 1.66 GiB of temporaries at 256K tokens, 8 heads, bf16, scalar gate, on
-    v5p). The ``[B, T, H]`` gates and beta keep the device default (T minor, dense):
-    row-major they would take 128 lanes for their 8 heads, 16x their bytes (on v5e at 1M
-    tokens, head_dim 64, that alone made the scalar gate's program not fit)."""
+    (docs/results/kernels_tpu.md, "Slabs"). The ``[B, T, H]`` gates and beta keep the
+    device default (T minor, dense): row-major they would take 128 lanes for their 8
+    heads, 16x their bytes."""
     C = chunk_size or (16 if gate == "per_key" else 64)
     B, H = batch, heads
     sd = jax.ShapeDtypeStruct

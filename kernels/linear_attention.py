@@ -156,9 +156,8 @@ def chunk_of(walker, chunk_size: int, T: int, K: int, V: int, interpret: bool,
 # Bytes of one float32 [B*H, slab, max(K, V, 128)] array: the slab length's budget (64 MiB;
 # 16K tokens at 8 heads of head_dim 128). XLA's side of a slab (the delta rule's WY factors
 # and their autodiff: about ten such arrays) is what remains above the sequence-long o and
-# its cotangent, so the budget sets the op's HBM: the delta rule at 1M tokens, head_dim 128,
-# bf16, on v5p took 5.35 / 4.08 / 3.43 GiB of temporaries at 256 / 128 / 64 MiB (only at
-# 64 MiB does it fit a 16 GB v5e chip). A slab costs a scan step and a saved state.
+# its cotangent, so the budget sets the op's HBM (measured per budget in
+# docs/results/kernels_tpu.md, "Slabs"). A slab costs a scan step and a saved state.
 SLAB_BYTES = 1 << 26
 
 

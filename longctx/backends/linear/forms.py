@@ -52,8 +52,8 @@ DIAGONAL_SCAN = "scan"
 # scratch per token is flat in T (tests/test_linear_attention.py checks it). CPU: 8 (a
 # step's working set must stay in cache). GPU / TPU: 8 as well: a step's backward scratch
 # (several float32 [B, H, G, C, C] and [B, H, G, K, V]) is live at the peak of the layer's
-# backward, which at 16 it set in the 1B's compile for a v5p (gated DeltaNet at 8K, 0.13
-# GiB per chip more than at 8: docs/results/frontier_targets.md); a step still batches
+# backward, which at 16 it set in the 1B's compile for a v5p (gated DeltaNet at 8K:
+# docs/results/frontier_targets.md); a step still batches
 # B x H x 8 chunk matmuls. The fused fast path on accelerators is the Pallas kernels.
 CHUNKS_PER_STEP = {"cpu": 8, "gpu": 8, "tpu": 8}
 # Checkpoint each step (the backward recomputes its blocks from the step's inputs and

@@ -83,8 +83,8 @@ from longctx.parallel import context, context_linear
 # recurrence's chunked inputs through the whole feed-forward backward. Recomputation
 # only: outputs and gradients are unchanged (tests/test_linear_mixer.py), at the price
 # of one more forward of the features and the recurrence per layer in the backward.
-# GPU / TPU: on (HBM is what bounds the context; the 1B's gated DeltaNet on a v5p-8 at
-# 8K: 6.67 -> 5.82 GiB per chip, docs/results/frontier_targets.md). CPU: off (host
+# GPU / TPU: on (HBM is what bounds the context; the 1B on a v5p-8:
+# docs/results/frontier_targets.md). CPU: off (host
 # memory is rarely the bound there and the CPU sweep's step time is the measure; the
 # extra forward would cost it). A platform not listed: on.
 REMAT_SECTIONS = {"cpu": False, "gpu": True, "tpu": True}
